@@ -1,0 +1,105 @@
+"""Gateway settings: one pydantic-settings object per process, env prefix `FEDPERSONA_`.
+
+Built by `Settings()` in a command's `run()` or by a test, then passed down; nothing here runs
+at import time. Engine (vLLM) settings are nested as `engine` (`FEDPERSONA_ENGINE__URL`, ...)
+and owned by `service.engine_config`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.engine_config import EngineSettings
+
+logger = logging.getLogger(__name__)
+
+# Values that must never guard an admin API outside development.
+_KNOWN_DEFAULT_KEYS = frozenset({"", "changethis", "change-me", "changeme", "admin", "secret"})
+MIN_ADMIN_KEY_LENGTH = 24
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FEDPERSONA_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    environment: Literal["development", "production"] = Field(
+        default="development",
+        description="'production' refuses a missing, default or short admin key.",
+    )
+    home: Path = Field(default=Path(".fedpersona"), description="root of all fedpersona state")
+    store_dir: Path | None = Field(default=None, description="adapter store; default <home>/store")
+    registry_path: Path | None = Field(
+        default=None, description="users and key hashes; default <home>/registry.sqlite"
+    )
+    runs_dir: Path | None = Field(default=None, description="round records; default <home>/runs")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    admin_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="Bearer key for /admin; empty disables the admin API (development only).",
+    )
+
+    personal_alias: str = Field(
+        default="personal", min_length=1, description="model name meaning 'my own adapter'"
+    )
+    adapter_max_rank: int = Field(
+        default=16, ge=1, description="largest LoRA rank the store accepts"
+    )
+
+    rate_limit_rpm: float = Field(
+        default=120.0, ge=0, description="sustained requests per minute per user; 0 disables"
+    )
+    rate_limit_burst: int = Field(default=20, ge=1, description="bucket size per user")
+
+    max_bytes_per_token: int = Field(
+        default=64,
+        ge=1,
+        description="upper bound on bytes one token covers; prompts longer than "
+        "max_model_len * this are refused without asking the engine",
+    )
+
+    proxy_tuning: bool = Field(default=False, description="send proxy experts to vLLM")
+    proxy_alpha_default: float = Field(default=1.0, description="alpha for new users")
+
+    shutdown_grace_s: float = Field(default=20.0, ge=0, description="drain time on SIGTERM")
+
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @model_validator(mode="after")
+    def _refuse_weak_admin_key(self) -> Settings:
+        key = self.admin_key.get_secret_value()
+        weak = key.strip().lower() in _KNOWN_DEFAULT_KEYS or len(key) < MIN_ADMIN_KEY_LENGTH
+        if weak and self.environment != "development":
+            raise ValueError(
+                "admin_key: refusing an empty, default or short (< "
+                f"{MIN_ADMIN_KEY_LENGTH} chars) admin key outside development; set "
+                "FEDPERSONA_ADMIN_KEY to a random secret (e.g. `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`)"
+            )
+        return self
+
+    @property
+    def admin_enabled(self) -> bool:
+        return bool(self.admin_key.get_secret_value())
+
+    @property
+    def store_path(self) -> Path:
+        return self.store_dir or self.home / "store"
+
+    @property
+    def registry_file(self) -> Path:
+        return self.registry_path or self.home / "registry.sqlite"
+
+    @property
+    def runs_path(self) -> Path:
+        return self.runs_dir or self.home / "runs"
