@@ -134,6 +134,20 @@ class EngineUnavailable(GatewayError):
         super().__init__(message, retry_after=retry_after)
 
 
+class AdapterLoadFailed(GatewayError):
+    """The caller's current adapter could not be loaded into the engine (bad files, engine
+    refused it). Raised by `service.adapter_manager.AdapterManager`; the cause is logged, not
+    shown, since it names server-side paths."""
+
+    status = 500
+    type = "server_error"
+    code = "adapter_load_failed"
+    default_message = (
+        "Your personalized model could not be loaded by the inference engine; "
+        "the operator has to publish a working adapter."
+    )
+
+
 class EngineRequestError(Exception):
     """The engine answered a request with an error status. Raised by `EngineClient`.
 
