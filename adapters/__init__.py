@@ -1,0 +1,32 @@
+"""The adapter store: the contract between the federated trainer and the serving gateway.
+
+Imports neither `trainer` nor `service`. See `docs/contracts.md` ("Adapters") for the API and
+`adapters/store.py` for the on-disk layout and its crash-safety argument.
+"""
+
+from adapters.compose import compose
+from adapters.errors import AdapterError, InvalidAdapter, InvalidName, NotFound, StoreCorrupt
+from adapters.lora import LoraAdapter, load_lora, save_lora
+from adapters.names import Slot, SlotKind, validate_adapter_name, validate_user_id
+from adapters.store import AdapterStore, Version
+from adapters.validation import validate_adapter, validate_adapter_dir
+
+__all__ = [
+    "AdapterError",
+    "AdapterStore",
+    "InvalidAdapter",
+    "InvalidName",
+    "LoraAdapter",
+    "NotFound",
+    "Slot",
+    "SlotKind",
+    "StoreCorrupt",
+    "Version",
+    "compose",
+    "load_lora",
+    "save_lora",
+    "validate_adapter",
+    "validate_adapter_dir",
+    "validate_adapter_name",
+    "validate_user_id",
+]

@@ -1,0 +1,420 @@
+"""The adapter store: immutable, content-addressed adapter versions per slot, published atomically.
+
+Layout below the store root (one directory tree; on Kubernetes a ReadWriteMany volume):
+
+    slots/<slot path>/versions/<id>/    one version: adapter_config.json,
+                                        adapter_model.safetensors (a PEFT dir vLLM loads as is)
+                                        and version.json (slot, id, seq, created_at, base_model,
+                                        rank, target_modules, file hashes, publisher metadata)
+    slots/<slot path>/current.json      {"version": "<id>"}: the version to serve
+    .staging/<slot key>/<random>/       versions being written (slot key: path with "/" -> ".")
+    .trash/                             versions being deleted by retention
+    .locks/<slot key>.lock              one flock per slot, held by its publisher
+
+A version id is the first 16 hex digits of a SHA-256 over the adapter files' names and bytes,
+so publishing the same content twice gives the same id (the second publish only makes it
+current again; its metadata is the first one's). A version directory never changes after
+publish.
+
+Publishing (under the slot's lock): copy the files into a fresh staging directory, validate
+the staged copy, hash it, write version.json, fsync every file and the directory, rename it to
+`versions/<id>` (atomic), fsync `versions/`, then write `current.json` to a temporary file,
+fsync it, `os.replace` it over the old one and fsync the slot directory. A crash at any step
+leaves either the old `current.json` pointing at a complete old version, or the new one
+pointing at a complete new version; staging leftovers are removed the next time the store is
+opened (only for slots whose lock nobody holds).
+
+Retention keeps the current version plus the newest others, `keep_versions` in all. Deleting
+renames the version into `.trash/` first, so a reader sees a version either whole or not at
+all; readers (the gateway handing a path to vLLM) must load a version promptly after reading
+`current()`, and retry with `current()` if it has gone (only versions at least
+`keep_versions` publishes old can go).
+
+Locks are `fcntl.flock`, which works between processes on one machine and on most local
+filesystems; on network filesystems without flock support run one publisher per slot.
+Test hook: if the environment variable `FEDPERSONA_STORE_TEST_STEP_DELAY` is set to a number
+of seconds, publishing sleeps that long between its steps so that crash tests can kill a
+publisher inside each window. It is read at each step and is never set in production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import InvalidAdapter, InvalidName, NotFound, StoreCorrupt
+from adapters.lora import ADAPTER_FILES, LoraAdapter, save_lora
+from adapters.names import Slot
+from adapters.validation import validate_adapter_dir
+
+logger = logging.getLogger(__name__)
+
+STEP_DELAY_ENV = "FEDPERSONA_STORE_TEST_STEP_DELAY"
+VERSION_FILE = "version.json"
+CURRENT_FILE = "current.json"
+ID_LENGTH = 16
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Version:
+    """One published, immutable adapter version. `path` is a PEFT directory vLLM can load."""
+
+    slot: Slot
+    id: str
+    path: Path
+    created_at: datetime
+    base_model: str
+    rank: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+    target_modules: tuple[str, ...] = ()
+    seq: int = 0  # publish order within the slot (1, 2, ...)
+
+
+def content_id(files: dict[str, bytes]) -> str:
+    """The version id of a set of files: SHA-256 over (name, length, bytes), sorted by name."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        data = files[name]
+        digest.update(name.encode("utf-8") + b"\0" + len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.hexdigest()[:ID_LENGTH]
+
+
+class AdapterStore:
+    """Publish and read adapter versions below `root` (created if missing)."""
+
+    def __init__(self, root: str | Path, *, max_rank: int = 16, keep_versions: int = 5) -> None:
+        if max_rank < 1:
+            raise ValueError(f"max_rank must be at least 1, got {max_rank}")
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
+        self.root = Path(root)
+        self.max_rank = max_rank
+        self.keep_versions = keep_versions
+        self._slots = self.root / "slots"
+        self._staging = self.root / ".staging"
+        self._trash = self.root / ".trash"
+        self._locks = self.root / ".locks"
+        for directory in (self._slots, self._staging, self._trash, self._locks):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._recover()
+
+    # ----------------------------------------------------------------------------- reading
+
+    def current(self, slot: Slot) -> Version | None:
+        """The version `slot` serves now, or None if nothing was ever published there."""
+        manifest = self._slot_dir(slot) / CURRENT_FILE
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            version_id = data["version"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreCorrupt(f"{manifest}: unreadable manifest: {e}") from e
+        try:
+            return self.get(slot, version_id)
+        except NotFound as e:
+            raise StoreCorrupt(f"{manifest}: points at missing version {version_id!r}") from e
+
+    def get(self, slot: Slot, version_id: str) -> Version:
+        """The version `version_id` of `slot`; raises `NotFound` (or `InvalidName`)."""
+        if not (
+            isinstance(version_id, str)
+            and len(version_id) == ID_LENGTH
+            and all(c in "0123456789abcdef" for c in version_id)
+        ):
+            raise InvalidName(f"invalid version id {version_id!r}: expected {ID_LENGTH} hex digits")
+        path = self._slot_dir(slot) / "versions" / version_id
+        try:
+            data = json.loads((path / VERSION_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise NotFound(f"slot {slot.path} has no version {version_id}") from e
+        except (OSError, ValueError) as e:
+            raise StoreCorrupt(f"{path / VERSION_FILE}: unreadable: {e}") from e
+        return _version_from_json(slot, path, data)
+
+    def versions(self, slot: Slot) -> list[Version]:
+        """All retained versions of `slot`, oldest first (at most `keep_versions`)."""
+        directory = self._slot_dir(slot) / "versions"
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in directory.iterdir():
+                with contextlib.suppress(NotFound, InvalidName):  # deleted meanwhile / foreign
+                    found.append(self.get(slot, entry.name))
+        return sorted(found, key=lambda v: v.seq)
+
+    def slots(self) -> list[Slot]:
+        """Every slot that has a current version, sorted by path."""
+        found = []
+        for manifest in self._slots.rglob(CURRENT_FILE):
+            relative = manifest.parent.relative_to(self._slots).as_posix()
+            try:
+                found.append(Slot.parse(relative))
+            except InvalidName:
+                logger.warning("ignoring unexpected directory %s in the store", manifest.parent)
+        return sorted(found, key=lambda s: s.path)
+
+    def users(self) -> list[str]:
+        """Users that have at least one published slot, sorted."""
+        return sorted({s.user for s in self.slots() if s.user is not None})
+
+    # ----------------------------------------------------------------------------- publishing
+
+    def publish(
+        self,
+        slot: Slot,
+        src_dir: str | Path,
+        *,
+        base_model: str,
+        metadata: dict[str, Any] | None = None,
+    ) -> Version:
+        """Publish the PEFT directory `src_dir` as the new current version of `slot`.
+
+        Only adapter_config.json and adapter_model.safetensors are copied. The staged copy is
+        validated (`validate_adapter_dir` with this store's `max_rank` and `base_model`) before
+        anything becomes visible; on `InvalidAdapter` the store is unchanged.
+        """
+        src = Path(src_dir)
+        if not src.is_dir():
+            raise InvalidAdapter(f"{src}: not a directory")
+
+        def copy_files(staging: Path) -> None:
+            for name in ADAPTER_FILES:
+                try:
+                    data = (src / name).read_bytes()
+                except FileNotFoundError as e:
+                    raise InvalidAdapter(f"{src / name}: missing (a PEFT adapter needs it)") from e
+                (staging / name).write_bytes(data)
+
+        return self._publish(slot, copy_files, base_model=base_model, metadata=metadata)
+
+    def publish_lora(
+        self, slot: Slot, adapter: LoraAdapter, *, metadata: dict[str, Any] | None = None
+    ) -> Version:
+        """Write `adapter` as PEFT files and publish them (base model: `adapter.base_model`)."""
+        return self._publish(
+            slot,
+            lambda staging: save_lora(adapter, staging),
+            base_model=adapter.base_model,
+            metadata=metadata,
+        )
+
+    def _publish(
+        self,
+        slot: Slot,
+        write_files: Callable[[Path], object],
+        *,
+        base_model: str,
+        metadata: dict[str, Any] | None,
+    ) -> Version:
+        metadata = dict(metadata or {})
+        try:
+            json.dumps(metadata, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise InvalidAdapter(f"publish metadata must be JSON-serializable: {e}") from e
+        slot_dir = self._slot_dir(slot)
+        with self._lock(slot):
+            staging = self._staging / _slot_key(slot) / uuid.uuid4().hex
+            staging.mkdir(parents=True)
+            try:
+                version = self._stage_and_commit(
+                    slot, staging, write_files, base_model=base_model, metadata=metadata
+                )
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            _step("version committed")
+            if self._current_id(slot) != version.id:
+                _write_atomic(slot_dir / CURRENT_FILE, {"version": version.id})
+                _step("current swapped")
+            self._apply_retention(slot, keep=version.id)
+        logger.info("published %s@%s", slot.path, version.id)
+        return version
+
+    def _stage_and_commit(
+        self,
+        slot: Slot,
+        staging: Path,
+        write_files: Callable[[Path], object],
+        *,
+        base_model: str,
+        metadata: dict[str, Any],
+    ) -> Version:
+        write_files(staging)
+        _step("files written")
+        adapter = validate_adapter_dir(staging, max_rank=self.max_rank, base_model=base_model)
+        files = {name: (staging / name).read_bytes() for name in ADAPTER_FILES}
+        version_id = content_id(files)
+        target = self._slot_dir(slot) / "versions" / version_id
+        if (target / VERSION_FILE).is_file():
+            return self.get(slot, version_id)
+        existing = self.versions(slot)
+        record = {
+            "format": _FORMAT,
+            "slot": slot.path,
+            "id": version_id,
+            "seq": max((v.seq for v in existing), default=0) + 1,
+            "created_at": datetime.now(UTC).isoformat(),
+            "base_model": adapter.base_model,
+            "rank": adapter.r,
+            "lora_alpha": adapter.alpha,
+            "target_modules": list(adapter.target_modules),
+            "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+            "metadata": metadata,
+        }
+        (staging / VERSION_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        for name in (*ADAPTER_FILES, VERSION_FILE):
+            _fsync_file(staging / name)
+        _fsync_dir(staging)
+        _step("staging synced")
+        _ensure_dir(target.parent)
+        os.rename(staging, target)
+        _fsync_dir(target.parent)
+        return _version_from_json(slot, target, record)
+
+    # ----------------------------------------------------------------------------- retention
+
+    def _apply_retention(self, slot: Slot, *, keep: str) -> None:
+        versions = self.versions(slot)
+        kept = {keep}
+        for version in reversed(versions):
+            if len(kept) >= self.keep_versions:
+                break
+            kept.add(version.id)
+        doomed = [v for v in versions if v.id not in kept]
+        for version in doomed:
+            grave = self._trash / f"{_slot_key(slot)}.{version.id}.{uuid.uuid4().hex}"
+            os.rename(version.path, grave)
+            _step("version moved to trash")
+            shutil.rmtree(grave, ignore_errors=True)
+            logger.info("retention removed %s@%s", slot.path, version.id)
+        if doomed:
+            _fsync_dir(self._slot_dir(slot) / "versions")
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _slot_dir(self, slot: Slot) -> Path:
+        if not isinstance(slot, Slot):
+            raise InvalidName(f"expected a Slot, got {type(slot).__name__}")
+        return self._slots / slot.path
+
+    def _current_id(self, slot: Slot) -> str | None:
+        current = self.current(slot)
+        return current.id if current else None
+
+    @contextlib.contextmanager
+    def _lock(self, slot: Slot, *, blocking: bool = True) -> Iterator[bool]:
+        path = self._locks / f"{_slot_key(slot)}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _recover(self) -> None:
+        """Remove what crashed publishers left behind (staging dirs, temp manifests, trash)."""
+        for entry in list(self._staging.iterdir()):
+            try:
+                slot = Slot.parse(entry.name.replace(".", "/"))
+            except InvalidName:
+                logger.warning("ignoring unexpected entry %s in staging", entry)
+                continue
+            with self._lock(slot, blocking=False) as acquired:
+                if not acquired:
+                    continue  # a live publisher owns it
+                for leftover in list(entry.iterdir()):
+                    logger.info("removing stale staging directory %s", leftover)
+                    shutil.rmtree(leftover, ignore_errors=True)
+                for temp in self._slot_dir(slot).glob(f".{CURRENT_FILE}.*.tmp"):
+                    temp.unlink(missing_ok=True)
+        for grave in list(self._trash.iterdir()):
+            shutil.rmtree(grave, ignore_errors=True)
+
+
+def _slot_key(slot: Slot) -> str:
+    return slot.path.replace("/", ".")
+
+
+def _version_from_json(slot: Slot, path: Path, data: dict[str, Any]) -> Version:
+    try:
+        return Version(
+            slot=slot,
+            id=str(data["id"]),
+            path=path,
+            created_at=datetime.fromisoformat(data["created_at"]),
+            base_model=str(data["base_model"]),
+            rank=int(data["rank"]),
+            metadata=dict(data.get("metadata") or {}),
+            target_modules=tuple(data.get("target_modules") or ()),
+            seq=int(data.get("seq", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreCorrupt(f"{path / VERSION_FILE}: malformed: {e}") from e
+
+
+def _step(name: str) -> None:
+    delay = os.environ.get(STEP_DELAY_ENV)
+    if delay:
+        logger.debug("test hook: sleeping %s s after %s", delay, name)
+        time.sleep(float(delay))
+
+
+def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _step("manifest written")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _ensure_dir(path: Path) -> None:
+    """Create `path` (and parents) durably: each new entry's parent directory is fsynced."""
+    if path.is_dir():
+        return
+    _ensure_dir(path.parent)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir()
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
