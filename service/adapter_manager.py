@@ -193,7 +193,7 @@ class AdapterManager:
 
     async def _load(self, user: str, name: str, version: Version) -> _Loaded:
         """Load `name` (caller holds its lock and found it absent)."""
-        await self._make_room()
+        await self._make_room(user)
         generation = self._generation
         started = time.perf_counter()
         try:
@@ -219,8 +219,12 @@ class AdapterManager:
         logger.info("loaded adapter %s in %.3f s (%d loaded)", name, elapsed, len(self._loaded))
         return entry
 
-    async def _make_room(self) -> None:
-        """Evict idle adapters, least recently used first, until one more fits."""
+    async def _make_room(self, user: str) -> None:
+        """Evict idle adapters until one more fits: first the version `user` is leaving, then
+        the least recently used."""
+        previous = self._loaded.get(self._newest.get(user, ""))
+        if len(self._loaded) >= self._max_loaded and previous is not None and previous.refs == 0:
+            await self._unload(previous, evicted=False)
         while len(self._loaded) >= self._max_loaded:
             victim = next((e for e in self._loaded.values() if e.refs == 0), None)
             if victim is None:
