@@ -189,5 +189,12 @@ class EngineRequestError(Exception):
         return UpstreamError()
 
 
+class EngineStartFailed(RuntimeError):
+    """The supervised vLLM server could not be started (or restarted). Raised by
+    `service.supervisor.EngineSupervisor.wait_ready` to the command that started the gateway;
+    never shown to API clients (they see `EngineUnavailable`). The message ends with the last
+    lines of vLLM's log."""
+
+
 class RoundBusyError(Conflict):
     default_message = "A training round is already running."
