@@ -73,7 +73,7 @@ class EngineSettings(BaseModel):
         default=None, description="small base model dir; set: enable the FedPT logits processor"
     )
     proxy_processor: str = Field(
-        default="service.proxy_processor:ProxyTuningLogitsProcessor",
+        default="service.proxy_tuning.processor:ProxyTuningLogitsProcessor",
         description="module:Class of the FedPT vLLM logits processor",
     )
     ready_timeout_s: float = Field(default=600.0, gt=0)
