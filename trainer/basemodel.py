@@ -334,6 +334,10 @@ def _build_into(staging: Path, recipe: Recipe, corpus: str, *, progress: bool) -
             "recipe": dataclasses.asdict(recipe),
         }
         (target / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        # transformers writes the weights through a private (0600) temp file; the serving
+        # process may run as another user.
+        for path in target.iterdir():
+            path.chmod(0o644)
 
 
 def _lr_at(step: int, recipe: Recipe) -> float:
