@@ -1,0 +1,146 @@
+"""The vLLM launch builder and `fedpersona engine`: the exact command line and environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service import engine_cmd
+from service.engine_config import EngineSettings, build_launch, engine_argv, model_name
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    model = tmp_path / "models" / "large"
+    model.mkdir(parents=True)
+    (model / "fedpersona.json").write_text(json.dumps({"name": "fedpersona-tiny-large"}))
+    return tmp_path
+
+
+def test_argv_has_every_flag_vllm_needs(home: Path) -> None:
+    settings = EngineSettings(port=9123, max_loras=2, max_cpu_loras=4, max_lora_rank=32)
+    launch = build_launch(settings, home=home, python="/venv/bin/python")
+    argv = launch.argv
+    assert argv[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert flag(argv, "--model") == str((home / "models" / "large").resolve())
+    assert flag(argv, "--served-model-name") == "fedpersona-tiny-large"
+    assert "--enable-lora" in argv
+    assert flag(argv, "--max-loras") == "2"
+    assert flag(argv, "--max-cpu-loras") == "4"
+    assert flag(argv, "--max-lora-rank") == "32"
+    assert flag(argv, "--max-model-len") == "1024"
+    assert flag(argv, "--dtype") == "float32"
+    assert (flag(argv, "--host"), flag(argv, "--port")) == ("127.0.0.1", "9123")
+    assert "--logits-processors" not in argv
+    assert launch.base_url == "http://127.0.0.1:9123"
+    assert launch.served_model_name == "fedpersona-tiny-large"
+
+
+def test_env_enables_runtime_lora_and_disables_resolver_plugins(home: Path) -> None:
+    launch = build_launch(EngineSettings(kv_cache_gib=3), home=home)
+    assert launch.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert launch.env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert launch.env["HF_HUB_OFFLINE"] == "1" and launch.env["TRANSFORMERS_OFFLINE"] == "1"
+    # An allow-list naming nothing: vLLM loads no general plugin, so the filesystem and HF
+    # resolvers (which turn a client's model name into a path) are never registered.
+    assert launch.env["VLLM_PLUGINS"] == ""
+    parent = {
+        "PATH": "/bin",
+        "VLLM_LORA_RESOLVER_CACHE_DIR": "/",
+        "VLLM_LORA_RESOLVER_HF_REPO_LIST": "x/y",
+        "VLLM_PLUGINS": "lora_filesystem_resolver",
+    }
+    env = launch.environ(parent)
+    assert "VLLM_LORA_RESOLVER_CACHE_DIR" not in env
+    assert "VLLM_LORA_RESOLVER_HF_REPO_LIST" not in env
+    assert env["VLLM_PLUGINS"] == "" and env["PATH"] == "/bin"
+
+
+def test_proxy_small_model_adds_logits_processor_and_env(home: Path) -> None:
+    settings = EngineSettings(proxy_small_model=home / "models" / "small")
+    launch = build_launch(settings, home=home, store_dir=home / "elsewhere")
+    assert (
+        flag(launch.argv, "--logits-processors")
+        == "service.proxy_tuning.processor:ProxyTuningLogitsProcessor"
+    )
+    assert launch.env["FEDPERSONA_PROXY_SMALL_MODEL"] == str(home / "models" / "small")
+    assert launch.env["FEDPERSONA_STORE"] == str((home / "elsewhere").resolve())
+
+
+def test_explicit_name_and_extra_args(home: Path) -> None:
+    settings = EngineSettings(served_model_name="big", extra_args=["--max-num-seqs", "8"])
+    argv = engine_argv(settings, model_dir=home, served_model_name="big", python="py")
+    assert flag(argv, "--served-model-name") == "big"
+    assert argv[-2:] == ["--max-num-seqs", "8"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_lora_rank", 12, "max_lora_rank must be one of"),
+        ("extra_args", ["--port=1"], "extra_args may not set --port"),
+        ("extra_args", ["--enable-lora"], "may not set --enable-lora"),
+        ("proxy_processor", "no_colon", "module:Class"),
+        ("max_loras", 0, "greater than or equal to 1"),
+    ],
+)
+def test_invalid_settings_are_refused(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        EngineSettings.model_validate({field: value})
+
+
+def test_cpu_cache_must_hold_the_slots() -> None:
+    with pytest.raises(ValidationError, match="max_cpu_loras must be >= max_loras"):
+        EngineSettings(max_loras=8, max_cpu_loras=4)
+
+
+def test_external_url_means_not_supervised() -> None:
+    assert EngineSettings().supervised
+    settings = EngineSettings(url="http://vllm:8000/")
+    assert not settings.supervised and settings.base_url == "http://vllm:8000"
+    assert EngineSettings(host="0.0.0.0", port=81).base_url == "http://127.0.0.1:81"
+
+
+def test_model_name_falls_back_to_dir_name_and_refuses_garbage(tmp_path: Path) -> None:
+    assert model_name(tmp_path) == tmp_path.name
+    (tmp_path / "fedpersona.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"fedpersona\.json"):
+        model_name(tmp_path)
+
+
+def test_engine_command_prints_the_launch(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FEDPERSONA_ENGINE__MAX_LORAS", "3")
+    monkeypatch.setenv("FEDPERSONA_ENGINE__MAX_CPU_LORAS", "9")
+    parser = argparse.ArgumentParser()
+    engine_cmd.add_arguments(parser)
+    args = parser.parse_args(["--home", str(home), "--host", "0.0.0.0", "--port", "8001", "--json"])
+    assert engine_cmd.run(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert flag(out["argv"], "--max-loras") == "3"
+    assert flag(out["argv"], "--max-cpu-loras") == "9"
+    assert (flag(out["argv"], "--host"), flag(out["argv"], "--port")) == ("0.0.0.0", "8001")
+    assert out["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+    args = parser.parse_args(["--home", str(home)])
+    engine_cmd.run(args)
+    line = capsys.readouterr().out
+    assert (
+        line.startswith("HF_HUB_OFFLINE=1 ") and "--served-model-name fedpersona-tiny-large" in line
+    )
+
+
+def test_engine_command_refuses_bad_override(home: Path) -> None:
+    parser = argparse.ArgumentParser()
+    engine_cmd.add_arguments(parser)
+    with pytest.raises(ValidationError):
+        engine_cmd.run(parser.parse_args(["--home", str(home), "--port", "0"]))
