@@ -197,10 +197,18 @@ class AdapterManager:
         generation = self._generation
         started = time.perf_counter()
         try:
-            if name in self._stale:
+            try:
+                if name in self._stale:
+                    await self._engine.load_lora(name, str(version.path), replace=True)
+                else:
+                    await self._engine.load_lora(name, str(version.path))
+            except EngineRequestError as e:
+                if e.status != 400 or name in self._stale:
+                    raise
+                # vLLM refuses a name it already holds with a 400: registered by a previous
+                # gateway process (vLLM kept running) or another replica. Version names are
+                # content hashes, so loading the same files in place is safe.
                 await self._engine.load_lora(name, str(version.path), replace=True)
-            else:
-                await self._engine.load_lora(name, str(version.path))
         except EngineRequestError as e:
             logger.error(
                 "engine refused adapter %s from %s: %s %s", name, version.path, e.status, e.message

@@ -337,3 +337,20 @@ def test_metrics_count_loads_unloads_evictions(store: AdapterStore) -> None:
 def test_rejects_nonpositive_capacity(store: AdapterStore) -> None:
     with pytest.raises(ValueError, match="max_loaded"):
         manager(store, RecordingEngine(), max_loaded=0)
+
+
+def test_name_left_registered_by_a_previous_gateway_is_loaded_in_place(
+    store: AdapterStore,
+) -> None:
+    engine = RecordingEngine()
+    v = publish(store, "alice", 1)
+    name = adapter_name("alice", v.id)
+    engine.registered[name] = "/from/an/earlier/gateway/process"
+
+    async def main() -> str | None:
+        async with manager(store, engine).use("alice") as got:
+            return got
+
+    assert run(main()) == name
+    assert engine.calls == [("load", name), ("load!", name)]
+    assert engine.registered[name] == str(v.path)
