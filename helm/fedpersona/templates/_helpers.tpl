@@ -86,7 +86,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- with include "fedpersona.registrySecretName" . }}
 {{- $names = append $names . }}
 {{- end }}
-{{- if $names }}
+{{- if $names -}}
 imagePullSecrets:
 {{- range $names | uniq }}
   - name: {{ . }}
@@ -164,7 +164,7 @@ service.engine_config.engine_argv (tests/helm compares the two): the chart's GPU
 as the engine's extra args, after the flags the engine owns.
 */}}
 {{- define "fedpersona.vllmArgs" -}}
-{{- $v := .Values.vllm }}
+{{- $v := .Values.vllm -}}
 - --model
 - {{ include "fedpersona.modelDir" . | quote }}
 - --served-model-name
@@ -231,6 +231,11 @@ as the engine's extra args, after the flags the engine owns.
 {{- if and .Values.roundSchedule.enabled (not .Values.trainer.enabled) }}
 {{- fail "roundSchedule.enabled needs trainer.enabled" }}
 {{- end }}
+{{- /* Mirrors service.settings: production refuses a short admin key (MIN_ADMIN_KEY_LENGTH). */}}
+{{- $key := .Values.auth.adminKey }}
+{{- if and $key (not .Values.auth.existingSecret) (eq .Values.gateway.environment "production") (lt (len $key) 24) }}
+{{- fail "auth.adminKey must be at least 24 characters in production (leave it empty to generate one)" }}
+{{- end }}
 {{- $pdb := .Values.gateway.podDisruptionBudget }}
 {{- if and $pdb.enabled (hasKey $pdb "minAvailable") (hasKey $pdb "maxUnavailable") }}
 {{- fail "gateway.podDisruptionBudget: set minAvailable or maxUnavailable, not both" }}
@@ -290,7 +295,7 @@ The vLLM server's environment. Same variables and values as service.engine_confi
 {{/* The trainer's `fedpersona` arguments: round controller API + Flower SuperLink. */}}
 {{- define "fedpersona.trainerArgs" -}}
 {{- $t := .Values.trainer }}
-{{- $sl := $t.superlink }}
+{{- $sl := $t.superlink -}}
 - trainer
 - --home
 - {{ .Values.persistence.mountPath | quote }}

@@ -1,0 +1,120 @@
+"""Render the fedpersona chart with the real `helm` binary and pick objects out of the output.
+
+Test helpers only: no assertions live here. `render` raises `HelmFailed` (with helm's stderr)
+when helm refuses the values, so tests can assert on the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "fedpersona"
+EXAMPLES = sorted((CHART / "examples").glob("values-*.yaml"))
+INSTALLER = REPO / "scripts" / "install_helm.sh"
+# Kubernetes version rendered for and validated against (kubernetes-validate bundles its schemas;
+# helm 4.1 is built against the 1.35 client).
+KUBE_VERSION = "1.35.0"
+RELEASE = "fp"
+NAMESPACE = "llm"
+
+
+class HelmFailed(Exception):
+    def __init__(self, args: list[str], stderr: str) -> None:
+        super().__init__(f"helm {' '.join(args)} failed:\n{stderr}")
+        self.stderr = stderr
+
+
+def run_helm(helm: Path, args: list[str]) -> str:
+    proc = subprocess.run(
+        [str(helm), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if proc.returncode != 0:
+        raise HelmFailed(args, proc.stderr + proc.stdout)
+    return proc.stdout
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The objects of one `helm template` run."""
+
+    text: str
+    docs: list[dict[str, Any]]
+
+    def kinds(self) -> list[str]:
+        return [d["kind"] for d in self.docs]
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        return [d for d in self.docs if d["kind"] == kind]
+
+    def find(self, kind: str, component: str) -> dict[str, Any] | None:
+        found = [
+            d
+            for d in self.all(kind)
+            if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component
+        ]
+        if len(found) > 1:
+            raise LookupError(f"{len(found)} {kind} objects for component {component!r}")
+        return found[0] if found else None
+
+    def get(self, kind: str, component: str) -> dict[str, Any]:
+        found = self.find(kind, component)
+        if found is None:
+            raise LookupError(f"no {kind} for component {component!r} in {self.kinds()}")
+        return found
+
+    def named(self, kind: str, name: str) -> dict[str, Any] | None:
+        return next((d for d in self.all(kind) if d["metadata"]["name"] == name), None)
+
+    def pod_spec(self, component: str, kind: str = "Deployment") -> dict[str, Any]:
+        obj = self.get(kind, component)
+        if kind == "CronJob":
+            return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+        return obj["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+    def container(self, component: str, kind: str = "Deployment") -> dict[str, Any]:
+        containers = self.pod_spec(component, kind)["containers"]
+        if len(containers) != 1:
+            raise LookupError(f"{component} has {len(containers)} containers")
+        return containers[0]  # type: ignore[no-any-return]
+
+
+def render(
+    helm: Path,
+    *,
+    files: Iterable[Path] = (),
+    values: Mapping[str, Any] | None = None,
+) -> Rendered:
+    """`helm template` the chart with value files, then `values` on top (as a -f file)."""
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    args += ["--kube-version", KUBE_VERSION]
+    for f in files:
+        args += ["-f", str(f)]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=True) as extra:
+        if values:
+            json.dump(values, extra)  # JSON is YAML; keeps types exact
+            extra.flush()
+            args += ["-f", extra.name]
+        text = run_helm(helm, args)
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    return Rendered(text=text, docs=docs)
+
+
+def env_map(container: Mapping[str, Any]) -> dict[str, Any]:
+    """A container's env as name -> value (plain) or name -> valueFrom (dict)."""
+    out: dict[str, Any] = {}
+    for item in container.get("env", []):
+        out[item["name"]] = item["value"] if "value" in item else item["valueFrom"]
+    return out
+
+
+def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())

@@ -1,0 +1,86 @@
+"""The pinned helm installs offline-capably, lints the chart strictly, and the chart's
+values.schema.json refuses bad values before anything renders."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helmchart import CHART, EXAMPLES, INSTALLER, HelmFailed, render, run_helm
+
+pytestmark = pytest.mark.helm
+
+VALUE_FILES = [None, *EXAMPLES]
+
+
+def _ids(f: Path | None) -> str:
+    return "defaults" if f is None else f.stem
+
+
+def test_installer_is_idempotent_and_pins_the_version(helm_bin: Path) -> None:
+    start = time.monotonic()
+    proc = subprocess.run(
+        ["bash", str(INSTALLER)], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert time.monotonic() - start < 10, "a second install should reuse the binary"
+    assert Path(proc.stdout.strip()) == helm_bin
+    assert run_helm(helm_bin, ["version", "--template", "{{.Version}}"]) == "v4.1.4"
+
+
+@pytest.mark.parametrize("values_file", VALUE_FILES, ids=_ids)
+def test_lint_strict(helm_bin: Path, values_file: Path | None) -> None:
+    args = ["lint", "--strict", str(CHART)]
+    if values_file is not None:
+        args += ["-f", str(values_file)]
+    out = run_helm(helm_bin, args)
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"gateway": {"replicas": -1}}, "/gateway/replicas"),
+        ({"vllm": {"replicas": -2}}, "/vllm/replicas"),
+        ({"gatway": {"replicas": 1}}, "gatway"),  # typo at the top level
+        ({"vllm": {"maxLoraRanks": 16}}, "maxLoraRanks"),  # typo one level down
+        ({"gateway": {"service": {"prot": 80}}}, "prot"),  # and deeper
+        ({"vllm": {"maxLoraRank": 12}}, "/vllm/maxLoraRank"),  # vLLM has no rank 12
+        ({"vllm": {"dtype": "fp8-ish"}}, "/vllm/dtype"),
+        ({"vllm": {"gpuMemoryUtilization": 1.5}}, "/vllm/gpuMemoryUtilization"),
+        ({"vllm": {"externalUrl": "vllm:8000"}}, "/vllm/externalUrl"),
+        ({"gateway": {"port": 70000}}, "/gateway/port"),
+        ({"persistence": {"accessModes": ["ReadWriteSometimes"]}}, "/persistence/accessModes"),
+        ({"proxyTuning": {"processor": "no-colon"}}, "/proxyTuning/processor"),
+        ({"gateway": {"environment": "staging"}}, "/gateway/environment"),
+    ],
+)
+def test_schema_rejects_bad_values(helm_bin: Path, values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(HelmFailed) as err:
+        render(helm_bin, values=values)
+    assert complaint in err.value.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"vllm": {"maxLoras": 8, "maxCpuLoras": 4}}, "maxCpuLoras must be >= vllm.maxLoras"),
+        ({"vllm": {"extraArgs": ["--max-lora-rank=64"]}}, "may not set --max-lora-rank"),
+        ({"vllm": {"drainSeconds": 60, "terminationGracePeriodSeconds": 60}}, "drainSeconds"),
+        ({"gateway": {"shutdownGraceSeconds": 40}}, "gateway.terminationGracePeriodSeconds"),
+        ({"vllm": {"enabled": False}}, "vllm.externalUrl is required"),
+        ({"auth": {"adminKey": "too-short"}}, "at least 24 characters"),
+        ({"trainer": {"superlink": {"tls": {"enabled": True}}}}, "tls.existingSecret"),
+        ({"model": {"init": {"enabled": True}}}, "copyFrom or model.init.command"),
+        ({"gateway": {"podDisruptionBudget": {"minAvailable": 1}}}, "not both"),
+        ({"registryCredentials": {"create": True}}, "registryCredentials.server is required"),
+    ],
+)
+def test_render_refuses_inconsistent_values(
+    helm_bin: Path, values: dict[str, Any], complaint: str
+) -> None:
+    with pytest.raises(HelmFailed) as err:
+        render(helm_bin, values=values)
+    assert complaint in err.value.stderr
