@@ -120,7 +120,7 @@ class FakeEngine:
             yield piece
         yield b"data: [DONE]"
 
-    async def load_lora(self, name: str, path: str) -> None:
+    async def load_lora(self, name: str, path: str, *, replace: bool = False) -> None:
         if self.down:
             raise EngineUnavailable("fake engine is down")
         self.load_calls.append((name, path))

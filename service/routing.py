@@ -1,0 +1,96 @@
+"""Which model a request may use: alias resolution and tenant isolation, as pure functions.
+
+A caller names either the personal alias (default `personal`: "my own adapter") or the base
+model's served name. Nothing else is accepted: not another user's alias, not a versioned engine
+name (`u-<user>-<id>`), not a path. Matching is exact string equality, with no case folding or
+Unicode normalization, so look-alike names cannot match. Every refusal is the same
+`ModelNotFound`, so a caller cannot probe which users or adapters exist.
+
+No I/O here: the store and the engine are consulted by `service.chat` once the route is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from service.errors import ModelNotFound, PromptTooLong
+
+
+class ModelKind(StrEnum):
+    PERSONAL = "personal"
+    BASE = "base"
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    kind: ModelKind
+    public_name: str  # what the client asked for, written back into every response
+
+
+def resolve_model(requested: str, *, alias: str, base_model: str) -> ModelRoute:
+    if requested == alias:
+        return ModelRoute(ModelKind.PERSONAL, alias)
+    if requested == base_model:
+        return ModelRoute(ModelKind.BASE, base_model)
+    raise ModelNotFound()
+
+
+def visible_models(*, alias: str, base_model: str) -> list[str]:
+    """Model ids a user may use, in the order `/v1/models` lists them."""
+    return [alias, base_model]
+
+
+def engine_adapter_prefix(user: str) -> str:
+    """Every vLLM adapter name of `user` starts with this (contract: `u-<user>-<version id>`)."""
+    return f"u-{user}-"
+
+
+def check_engine_name(user: str, engine_name: str) -> str:
+    """Defence in depth: refuse to forward a name that is not `user`'s own adapter.
+
+    User ids may contain `-` (`u-al-` is a prefix of user `al-ice`'s names), so the whole rest
+    must be exactly one 16-hex version id.
+    """
+    prefix = engine_adapter_prefix(user)
+    version = engine_name[len(prefix) :]
+    if not engine_name.startswith(prefix) or len(version) != 16 or not _is_hex(version):
+        raise RuntimeError(f"adapter manager returned {engine_name!r} for user {user!r}")
+    return engine_name
+
+
+def _is_hex(value: str) -> bool:
+    return all(c in "0123456789abcdef" for c in value)
+
+
+def proxy_xargs(*, slot_path: str, version_id: str, alpha: float) -> dict[str, str | float]:
+    """The `vllm_xargs` that switch the FedPT logits processor on (contract: proxy tuning)."""
+    return {"fedpersona_expert": f"{slot_path}@{version_id}", "fedpersona_alpha": float(alpha)}
+
+
+def check_prompt_fits(
+    *,
+    prompt_bytes: int,
+    max_output_tokens: int | None,
+    max_model_len: int,
+    max_bytes_per_token: int,
+) -> None:
+    """Refuse requests that cannot fit whatever the tokenizer does; the engine checks exactly.
+
+    A prompt of `b` bytes has at least `ceil(b / max_bytes_per_token)` tokens, so this only
+    refuses what is certainly too long and never a request vLLM would have served.
+    """
+    if max_output_tokens is not None and max_output_tokens >= max_model_len:
+        raise PromptTooLong(
+            f"max_tokens={max_output_tokens} leaves no room for the prompt: the model's "
+            f"context length is {max_model_len} tokens.",
+            param="max_tokens",
+        )
+    min_prompt_tokens = -(-prompt_bytes // max_bytes_per_token)
+    if min_prompt_tokens + (max_output_tokens or 0) > max_model_len:
+        raise PromptTooLong(
+            f"The prompt has at least {min_prompt_tokens} tokens, more than the model's "
+            f"context length of {max_model_len} tokens allows"
+            + (f" with max_tokens={max_output_tokens}." if max_output_tokens else "."),
+            param="messages",
+        )
