@@ -1,0 +1,88 @@
+"""A numpy stand-in for a PFTT-like `Method`, for fast tests of the Flower plumbing.
+
+Global: one LoRA on `q_proj` (averaged). Personal: one LoRA on `v_proj` per user (kept in the
+client state, never uploaded). Training is "add a user-specific constant", so every aggregate
+and every served adapter can be computed by hand in a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adapters import LoraAdapter, compose
+from trainer.basemodel import ModelInfo
+from trainer.methods.base import ClientUpdate, Params, TrainConfig
+
+GLOBAL_MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
+PERSONAL_MODULE = "base_model.model.model.layers.0.self_attn.v_proj"
+RANK = 2
+DIM = 8
+
+
+def keys(module: str) -> tuple[str, str]:
+    return f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+
+
+def user_value(silo: Path) -> float:
+    """A constant per user, derived from the silo's example count."""
+    return float(len((silo / "train.jsonl").read_text().splitlines()))
+
+
+@dataclass
+class ToyMethod:
+    name: str = "pftt"
+    aggregations: int = 0  # rounds aggregated by this (server-side) instance
+
+    def init_global(self, *, base_model: ModelInfo, seed: int) -> Params:
+        a, b = keys(GLOBAL_MODULE)
+        return {a: np.full((RANK, DIM), 0.5, np.float32), b: np.zeros((DIM, RANK), np.float32)}
+
+    def client_update(
+        self,
+        *,
+        base_model: ModelInfo,
+        silo: Path,
+        global_params: Params,
+        state: Params,
+        config: TrainConfig,
+        round_idx: int,
+    ) -> ClientUpdate:
+        value = user_value(silo)
+        upload = {k: v + np.float32(value) for k, v in global_params.items()}
+        pa, pb = keys(PERSONAL_MODULE)
+        previous = state.get(pb, np.zeros((DIM, RANK), np.float32))
+        new_state = {pa: np.full((RANK, DIM), 1.0, np.float32), pb: previous + np.float32(value)}
+        served = self.served_adapter(base_model=base_model, global_params=upload, state=new_state)
+        return ClientUpdate(
+            upload=upload,
+            num_examples=int(value),
+            metrics={"train_loss": 1.0 / round_idx + value},
+            state=new_state,
+            served=served,
+        )
+
+    def aggregate(self, *, previous: Params, results: list[tuple[Params, int]]) -> Params:
+        self.aggregations += 1
+        total = sum(n for _, n in results)
+        return {k: sum(p[k] * (n / total) for p, n in results).astype(np.float32) for k in previous}
+
+    def served_adapter(
+        self, *, base_model: ModelInfo, global_params: Params, state: Params
+    ) -> LoraAdapter:
+        personal = {k: v for k, v in state.items() if PERSONAL_MODULE in k}
+        glob = _adapter(global_params, base_model.name)
+        if not personal:
+            return glob
+        return compose(glob, _adapter(personal, base_model.name))
+
+
+def _adapter(params: Params, base: str) -> LoraAdapter:
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in params.items() if ".lora_" in k}
+    targets = tuple(sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors}))
+    return LoraAdapter(
+        r=RANK, alpha=float(RANK), target_modules=targets, base_model=base, tensors=tensors
+    )
