@@ -2,16 +2,19 @@
 
 `micro_models` builds the MICRO base models once and caches them on disk under
 `<repo>/.cache/models/` keyed by the recipe hash, so later sessions (and parallel ones: the build
-is locked and renamed into place) reuse them in milliseconds.
+is locked and renamed into place) reuse them in milliseconds. torch and transformers are imported
+only when a test asks for the fixture.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from trainer.basemodel import MICRO, ModelPair, build_models
+if TYPE_CHECKING:
+    from trainer.basemodel import ModelPair
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CACHE = REPO / ".cache" / "models"
@@ -20,4 +23,6 @@ MODEL_CACHE = REPO / ".cache" / "models"
 @pytest.fixture(scope="session")
 def micro_models() -> ModelPair:
     """The MICRO large + small Llama pair (Hugging Face dirs with tokenizer and chat template)."""
+    from trainer.basemodel import MICRO, build_models
+
     return build_models(MODEL_CACHE / f"micro-{MICRO.hash()}", MICRO, progress=False)
