@@ -189,16 +189,57 @@ as the engine's extra args, after the flags the engine owns.
 - --logits-processors
 - {{ .Values.proxyTuning.processor | quote }}
 {{- end }}
+{{- range include "fedpersona.vllmExtraArgs" . | fromJsonArray }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The engine's extra args (JSON list): GPU sizing from the values, then vllm.extraArgs. */}}
+{{- define "fedpersona.vllmExtraArgs" -}}
+{{- $v := .Values.vllm }}
+{{- $args := list }}
 {{- if gt (int $v.gpus) 0 }}
-- --gpu-memory-utilization
-- {{ $v.gpuMemoryUtilization | toString | quote }}
+{{- $args = concat $args (list "--gpu-memory-utilization" (toString $v.gpuMemoryUtilization)) }}
 {{- if gt (int $v.gpus) 1 }}
-- --tensor-parallel-size
-- {{ $v.gpus | int | quote }}
+{{- $args = concat $args (list "--tensor-parallel-size" (toString (int $v.gpus))) }}
 {{- end }}
 {{- end }}
 {{- range $v.extraArgs }}
-- {{ . | quote }}
+{{- $args = append $args (toString .) }}
+{{- end }}
+{{- toJson $args }}
+{{- end }}
+
+{{/*
+The engine settings (service.engine_config.EngineSettings, env FEDPERSONA_ENGINE__...) that
+match the vLLM flags above. The gateway reads them; on the vLLM container they make
+`fedpersona engine --exec` start exactly the command the chart renders (tests/helm checks it).
+*/}}
+{{- define "fedpersona.engineSettingsEnv" -}}
+{{- $v := .Values.vllm -}}
+- name: FEDPERSONA_ENGINE__MODEL_DIR
+  value: {{ include "fedpersona.modelDir" . | quote }}
+- name: FEDPERSONA_ENGINE__SERVED_MODEL_NAME
+  value: {{ .Values.model.name | quote }}
+- name: FEDPERSONA_ENGINE__MAX_LORAS
+  value: {{ $v.maxLoras | int | quote }}
+- name: FEDPERSONA_ENGINE__MAX_CPU_LORAS
+  value: {{ $v.maxCpuLoras | int | quote }}
+- name: FEDPERSONA_ENGINE__MAX_LORA_RANK
+  value: {{ $v.maxLoraRank | int | quote }}
+- name: FEDPERSONA_ENGINE__MAX_MODEL_LEN
+  value: {{ $v.maxModelLen | int | quote }}
+- name: FEDPERSONA_ENGINE__DTYPE
+  value: {{ $v.dtype | quote }}
+- name: FEDPERSONA_ENGINE__KV_CACHE_GIB
+  value: {{ $v.cpuKvCacheGiB | int | quote }}
+- name: FEDPERSONA_ENGINE__EXTRA_ARGS
+  value: {{ include "fedpersona.vllmExtraArgs" . | quote }}
+{{- if .Values.proxyTuning.enabled }}
+- name: FEDPERSONA_ENGINE__PROXY_SMALL_MODEL
+  value: {{ include "fedpersona.smallModelDir" . | quote }}
+- name: FEDPERSONA_ENGINE__PROXY_PROCESSOR
+  value: {{ .Values.proxyTuning.processor | quote }}
 {{- end }}
 {{- end }}
 
