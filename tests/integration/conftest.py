@@ -1,0 +1,245 @@
+"""The ONE real vLLM server of a test session, and a real gateway in front of it.
+
+`vllm_server` (session scope) starts vLLM on the `micro_models` large model through
+`EngineSupervisor`, the same code path `fedpersona serve` uses, with `max_loras=2` and
+`max_cpu_loras=4` so that adapter eviction happens with a handful of users. Every test that
+needs a real engine shares it (marker `vllm`); adapters are content-named, so tests cannot see
+each other's.
+
+`gateway` (module scope) runs the full app (`service.app.create_app`) under uvicorn on a free
+port in a thread, with its own home (store, registry) and an `AdapterManager` loading into the
+shared server. Tests talk to it with the official `openai` SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+import uvicorn
+
+from adapters import AdapterStore, LoraAdapter, Slot, Version
+from service.adapter_manager import AdapterManager
+from service.app import create_app
+from service.engine import EngineClient
+from service.engine_config import EngineSettings, build_launch
+from service.errors import EngineStartFailed
+from service.registry import Registry
+from service.settings import Settings
+from service.supervisor import EngineSupervisor
+
+T = TypeVar("T")
+ADMIN_KEY = "integration-admin-key-0123456789"
+MAX_MODEL_LEN = 256
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread, for async objects that outlive one test."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@dataclass
+class VllmServer:
+    base_url: str
+    model: str  # served name of the base model
+    model_dir: Path
+    supervisor: EngineSupervisor
+    loop: LoopThread
+    ready_s: float
+
+    def direct(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A chat completion straight from vLLM (no gateway)."""
+        import httpx
+
+        response = httpx.post(f"{self.base_url}/v1/chat/completions", json=body, timeout=120)
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def registered(self) -> list[str]:
+        import httpx
+
+        response = httpx.get(f"{self.base_url}/v1/models", timeout=30)
+        response.raise_for_status()
+        return [card["id"] for card in response.json()["data"]]
+
+
+@pytest.fixture(scope="session")
+def vllm_server(
+    micro_models: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VllmServer]:
+    home = tmp_path_factory.mktemp("vllm-home")
+    settings = EngineSettings(
+        model_dir=micro_models.large.path,
+        served_model_name=micro_models.large.name,
+        port=free_port(),
+        max_loras=2,
+        max_cpu_loras=4,
+        max_lora_rank=16,
+        max_model_len=MAX_MODEL_LEN,
+        kv_cache_gib=1,
+    )
+    launch = build_launch(settings, home=home)
+    supervisor = EngineSupervisor(launch, log_path=home / "logs" / "vllm.log", max_restarts=2)
+    loop = LoopThread("vllm-supervisor")
+    started = time.monotonic()
+    loop.run(supervisor.start())
+    try:
+        loop.run(supervisor.wait_ready(timeout=900))
+    except (EngineStartFailed, TimeoutError) as e:
+        loop.run(supervisor.stop())
+        loop.close()
+        pytest.fail(f"vLLM did not start: {e}")
+    server = VllmServer(
+        base_url=launch.base_url,
+        model=launch.served_model_name,
+        model_dir=micro_models.large.path,
+        supervisor=supervisor,
+        loop=loop,
+        ready_s=time.monotonic() - started,
+    )
+    print(f"\nvLLM ready in {server.ready_s:.1f} s at {server.base_url}")
+    try:
+        yield server
+    finally:
+        loop.run(supervisor.stop(5.0), timeout=60)
+        loop.close()
+
+
+def random_lora(model_dir: Path, base_model: str, seed: int, *, r: int = 8) -> LoraAdapter:
+    """A LoRA on every attention and MLP projection with weights large enough that greedy
+    answers visibly differ from the base model's and from other seeds'."""
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    q_out = config["num_attention_heads"] * config["head_dim"]
+    kv_out = config["num_key_value_heads"] * config["head_dim"]
+    shapes = {
+        "self_attn.q_proj": (hidden, q_out),
+        "self_attn.k_proj": (hidden, kv_out),
+        "self_attn.v_proj": (hidden, kv_out),
+        "self_attn.o_proj": (q_out, hidden),
+        "mlp.gate_proj": (hidden, inter),
+        "mlp.up_proj": (hidden, inter),
+        "mlp.down_proj": (inter, hidden),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, (fan_in, fan_out) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) / fan_in**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * 0.5
+    targets = tuple(sorted({m.split(".")[1] for m in shapes}))
+    return LoraAdapter(
+        r=r, alpha=float(2 * r), target_modules=targets, base_model=base_model, tensors=tensors
+    )
+
+
+@dataclass
+class GatewayUnderTest:
+    url: str  # OpenAI base URL, .../v1
+    root: str
+    store: AdapterStore
+    registry: Registry
+    manager: AdapterManager
+    engine: EngineClient
+    vllm: VllmServer
+    keys: dict[str, str]
+
+    def publish(self, user: str, seed: int) -> Version:
+        adapter = random_lora(self.vllm.model_dir, self.vllm.model, seed)
+        return self.store.publish_lora(Slot.user_served(user), adapter, metadata={"seed": seed})
+
+
+USERS = ("alice", "bob", "carol", "dave", "erin", "frank")
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayUnderTest]:
+    home = tmp_path_factory.mktemp("gateway-home")
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        home=home,
+        admin_key=ADMIN_KEY,
+        rate_limit_rpm=0,
+        engine={
+            "url": vllm_server.base_url,
+            "served_model_name": vllm_server.model,
+            "max_model_len": MAX_MODEL_LEN,
+            "max_loras": 2,
+            "max_cpu_loras": 4,
+        },
+    )
+    store = AdapterStore(settings.store_path, max_rank=settings.adapter_max_rank)
+    registry = Registry(settings.registry_file)
+    keys = {}
+    for user in USERS:
+        registry.create_user(user)
+        keys[user] = registry.issue_key(user).api_key
+    engine = EngineClient(settings.engine.base_url, gate=vllm_server.supervisor.check_available)
+    manager = AdapterManager(store=store, engine=engine, max_loaded=4)
+    vllm_server.supervisor.on_restart(manager.reset)
+    app = create_app(
+        settings,
+        engine=engine,
+        adapters=manager,
+        store=store,
+        registry=registry,
+        base_model=vllm_server.model,
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the gateway did not start")
+        time.sleep(0.05)
+    root = f"http://127.0.0.1:{port}"
+    try:
+        yield GatewayUnderTest(
+            url=f"{root}/v1",
+            root=root,
+            store=store,
+            registry=registry,
+            manager=manager,
+            engine=engine,
+            vllm=vllm_server,
+            keys=keys,
+        )
+    finally:
+        server.should_exit = True
+        thread.join(30)
