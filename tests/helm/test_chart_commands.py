@@ -1,0 +1,301 @@
+"""The chart's containers run the project's real commands, checked by running them as plain
+processes here (there is no container runtime): the vLLM flags are exactly what
+`fedpersona engine` builds, the gateway's environment is read by the real `Settings`, every
+`fedpersona` command line parses with the real CLI, the Dockerfiles' entry points agree, and the
+round-schedule job and the model-init step do what they say."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from helmchart import EXAMPLES, REPO, Rendered, env_map, render
+
+from service.engine_config import EngineSettings
+from service.settings import Settings
+
+pytestmark = pytest.mark.helm
+
+FEDPERSONA = Path(sys.executable).parent / "fedpersona"
+ADMIN_KEY = "k" * 32
+
+ENGINE_CASES: list[tuple[str, list[Path], dict[str, Any] | None]] = [
+    ("defaults", [], None),
+    *[(f.stem, [f], None) for f in EXAMPLES if "external" not in f.name],
+    (
+        "proxy-tp2-extra",
+        [],
+        {
+            "proxyTuning": {"enabled": True},
+            "vllm": {"gpus": 2, "extraArgs": ["--enable-prefix-caching", "--seed=3"]},
+        },
+    ),
+]
+CASE_IDS = [c[0] for c in ENGINE_CASES]
+
+
+def plain_env(container: dict[str, Any], **extra: str) -> dict[str, str]:
+    """The process environment for running a container's command here: this machine's env
+    without any FEDPERSONA_ variable, plus the container's literal values and `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDPERSONA_")}
+    env.update({k: v for k, v in env_map(container).items() if isinstance(v, str)})
+    env.update(extra)
+    return env
+
+
+def fedpersona(args: list[str], env: dict[str, str]) -> str:
+    proc = subprocess.run(
+        [str(FEDPERSONA), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, f"fedpersona {' '.join(args)} failed:\n{proc.stderr}"
+    return proc.stdout
+
+
+# ---- vLLM: the chart's command is `fedpersona engine`'s command ------------------------------
+
+
+@pytest.mark.parametrize(("name", "files", "values"), ENGINE_CASES, ids=CASE_IDS)
+def test_vllm_container_runs_what_fedpersona_engine_builds(
+    helm_bin: Path, name: str, files: list[Path], values: dict[str, Any] | None
+) -> None:
+    container = render(helm_bin, files=files, values=values).container("vllm")
+    launch = json.loads(fedpersona(["engine", "--json"], plain_env(container)))
+    # Same module, same flags, same order (argv[0] is this machine's python).
+    assert launch["argv"][1:] == container["command"][1:] + container["args"]
+    env = env_map(container)
+    for key, value in launch["env"].items():
+        assert env.get(key) == value, f"{name}: vLLM env {key}"
+
+
+def test_default_processor_is_the_engines_and_exists(helm_bin: Path) -> None:
+    container = render(helm_bin, values={"proxyTuning": {"enabled": True}}).container("vllm")
+    processor = container["args"][container["args"].index("--logits-processors") + 1]
+    assert processor == EngineSettings().proxy_processor
+    module, _, cls = processor.partition(":")
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None, module
+    tree = ast.parse(Path(spec.origin).read_text())
+    assert cls in {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+
+
+# ---- gateway: its environment is what the real Settings read ---------------------------------
+
+
+def _known_setting(name: str) -> bool:
+    field = name.removeprefix("FEDPERSONA_").lower()
+    top, _, nested = field.partition("__")
+    if top not in Settings.model_fields:
+        return False
+    return not nested or (top == "engine" and nested in EngineSettings.model_fields)
+
+
+@pytest.mark.parametrize(("name", "files", "values"), ENGINE_CASES, ids=CASE_IDS)
+def test_gateway_env_is_read_by_the_real_settings(
+    helm_bin: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    files: list[Path],
+    values: dict[str, Any] | None,
+) -> None:
+    rendered = render(helm_bin, files=files, values=values)
+    gateway = rendered.container("gateway")
+    names = [n for n in env_map(gateway) if n.startswith("FEDPERSONA_")]
+    # pydantic-settings ignores unknown names: a typo would be silently dropped.
+    assert [n for n in names if not _known_setting(n)] == []
+
+    for key in list(os.environ):
+        if key.startswith("FEDPERSONA_"):
+            monkeypatch.delenv(key)
+    for key, value in plain_env(gateway, FEDPERSONA_ADMIN_KEY=ADMIN_KEY).items():
+        if key.startswith("FEDPERSONA_"):
+            monkeypatch.setenv(key, value)
+    settings = Settings()
+    port = int(gateway["ports"][0]["containerPort"])
+    assert (settings.host, settings.port, settings.home) == ("0.0.0.0", port, Path("/data"))
+    assert settings.admin_enabled
+    assert settings.adapter_max_rank == settings.engine.max_lora_rank
+
+    # The gateway's picture of the engine is the engine the chart runs.
+    vllm = rendered.container("vllm")
+    for key in list(os.environ):
+        if key.startswith("FEDPERSONA_"):
+            monkeypatch.delenv(key)
+    for key, value in env_map(vllm).items():
+        if key.startswith("FEDPERSONA_ENGINE__"):
+            monkeypatch.setenv(key, value)
+    engine = EngineSettings.model_validate(Settings(environment="development").engine)
+    ignore = {"url", "host", "port"}
+    assert settings.engine.model_dump(exclude=ignore) == engine.model_dump(exclude=ignore)
+    service = rendered.get("Service", "vllm")
+    assert settings.engine.url == (
+        f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    )
+
+
+# ---- every `fedpersona` command line in the chart and the images parses ---------------------
+
+
+def _parse(argv: list[str]) -> Any:
+    from service.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def test_chart_command_lines_parse_with_the_real_cli(helm_bin: Path) -> None:
+    dev = next(f for f in EXAMPLES if "cpu-dev" in f.name)
+    rendered = render(helm_bin, files=[dev])
+    gateway = rendered.container("gateway")
+    assert gateway["command"] == ["fedpersona"]
+    args = _parse(gateway["args"])
+    assert args.command == "serve"
+
+    trainer = rendered.container("trainer")
+    assert trainer["command"] == ["fedpersona"]
+    assert _parse(trainer["args"]).command == "trainer"
+
+    (init,) = rendered.pod_spec("vllm")["initContainers"]
+    assert init["command"][0] == "fedpersona"
+    assert _parse(init["command"][1:]).command == "models"
+
+
+def dockerfile_exec_form(path: Path, instruction: str) -> list[str]:
+    """The JSON (exec) form of the last ENTRYPOINT/CMD of a Dockerfile."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith(instruction + " ")]
+    assert lines, f"{path.name} has no {instruction}"
+    value = json.loads(lines[-1][len(instruction) + 1 :])
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return value
+
+
+def dockerfile_user(path: Path) -> str:
+    users = [ln.split()[1] for ln in path.read_text().splitlines() if ln.startswith("USER ")]
+    assert users, f"{path.name} sets no USER"
+    return users[-1]
+
+
+def test_dockerfiles_run_the_chart_commands(helm_bin: Path) -> None:
+    rendered = render(helm_bin, values={"roundSchedule": {"enabled": True}})
+    gateway_df = REPO / "docker" / "gateway.Dockerfile"
+    vllm_df = REPO / "docker" / "vllm.Dockerfile"
+
+    entry = dockerfile_exec_form(gateway_df, "ENTRYPOINT")
+    assert entry == rendered.container("gateway")["command"]
+    assert entry == rendered.container("trainer")["command"]
+    cmd = dockerfile_exec_form(gateway_df, "CMD")
+    assert cmd[0] == rendered.container("gateway")["args"][0] == "serve"
+    assert _parse(cmd).command == "serve"
+    # The round schedule's one-liner needs the image's python.
+    assert rendered.container("round-schedule", "CronJob")["command"][0] == "python"
+
+    vllm_entry = dockerfile_exec_form(vllm_df, "ENTRYPOINT")
+    assert vllm_entry == rendered.container("vllm")["command"]
+    launch = json.loads(fedpersona(["engine", "--json"], plain_env(rendered.container("vllm"))))
+    assert launch["argv"][1:3] == vllm_entry[1:]
+
+    for dockerfile in (gateway_df, vllm_df):
+        assert dockerfile_user(dockerfile).split(":")[0] not in {"root", "0"}, dockerfile.name
+
+
+# ---- the round schedule's job, run as a plain process -------------------------------------
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    status = 202
+    seen: list[dict[str, Any]] = []  # noqa: RUF012  (one server per test, reset there)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).seen.append(
+            {"path": self.path, "auth": self.headers["Authorization"], "body": json.loads(body)}
+        )
+        payload = json.dumps({"id": "run-1", "state": "queued"}).encode()
+        self.send_response(type(self).status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def rounds_server() -> Iterator[tuple[str, type[_Recorder]]]:
+    handler = type("Recorder", (_Recorder,), {"seen": [], "status": 202})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _run_job(rendered: Rendered, base_url: str) -> subprocess.CompletedProcess[str]:
+    container = rendered.container("round-schedule", "CronJob")
+    url = urlsplit(env_map(container)["ROUNDS_URL"])
+    env = plain_env(container, FEDPERSONA_ADMIN_KEY=ADMIN_KEY, ROUNDS_URL=base_url + url.path)
+    argv = [sys.executable, *container["command"][1:]]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_round_schedule_job_posts_the_spec_with_the_admin_key(
+    helm_bin: Path, rounds_server: tuple[str, type[_Recorder]]
+) -> None:
+    base_url, recorder = rounds_server
+    spec = {"algorithm": "fedavg", "rounds": 2, "users": ["alice", "bob"]}
+    rendered = render(helm_bin, values={"roundSchedule": {"enabled": True, "round": spec}})
+    proc = _run_job(rendered, base_url)
+    assert proc.returncode == 0, proc.stderr
+    assert recorder.seen == [{"path": "/admin/rounds", "auth": f"Bearer {ADMIN_KEY}", "body": spec}]
+    # The body is a spec the trainer's public interface accepts.
+    from trainer.api import RoundSpec
+
+    assert RoundSpec(**recorder.seen[0]["body"]).rounds == 2
+
+    recorder.status = 409  # a round is already running: the job must fail, not pretend
+    assert _run_job(rendered, base_url).returncode != 0
+
+
+# ---- the model-init step, run as a plain process ------------------------------------------
+
+
+def test_model_init_copies_once_and_never_leaves_half_a_model(
+    helm_bin: Path, tmp_path: Path
+) -> None:
+    rendered = render(helm_bin, values={"model": {"init": {"enabled": True, "copyFrom": "/m"}}})
+    (init,) = rendered.pod_spec("vllm")["initContainers"]
+    source = tmp_path / "image-model"
+    (source / "sub").mkdir(parents=True)
+    (source / "config.json").write_text('{"model_type": "llama"}')
+    (source / "sub" / "weights.bin").write_bytes(b"\x00" * 1024)
+    model_dir = tmp_path / "data" / "models" / "large"
+    env = plain_env(init, MODEL_DIR=str(model_dir), COPY_FROM=str(source))
+
+    first = subprocess.run(init["command"], env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert (model_dir / "config.json").read_text() == '{"model_type": "llama"}'
+    assert (model_dir / "sub" / "weights.bin").stat().st_size == 1024
+    assert not Path(f"{model_dir}.partial").exists()
+
+    (source / "config.json").write_text("changed")  # a present model is never overwritten
+    second = subprocess.run(init["command"], env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0 and "model present" in second.stdout
+    assert (model_dir / "config.json").read_text() == '{"model_type": "llama"}'
+
+    broken = plain_env(init, MODEL_DIR=str(tmp_path / "other"), COPY_FROM=str(tmp_path / "none"))
+    failed = subprocess.run(init["command"], env=broken, capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert not (tmp_path / "other").exists()  # a failed copy leaves no model dir behind
