@@ -41,7 +41,7 @@ from trainer.tokenizer import render_chat, train_tokenizer
 log = logging.getLogger(__name__)
 
 # Bump when the build procedure changes in a way the recipe fields do not capture.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 HEAD_DIM = 64  # the vLLM CPU attention kernels reject smaller heads
 ROLES: tuple[str, ...] = ("large", "small")
 MARKER = "fedpersona.json"
@@ -304,8 +304,14 @@ def _llama_config(
 
 
 def _build_into(staging: Path, recipe: Recipe, corpus: str, *, progress: bool) -> None:
-    tokenizer = train_tokenizer([corpus], vocab_size=recipe.vocab_size)
-    ids = torch.tensor(tokenizer(corpus, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    tokenizer = train_tokenizer(
+        [corpus],
+        vocab_size=recipe.vocab_size,
+        model_max_length=recipe.max_position_embeddings,
+    )
+    # The backend encodes the whole corpus at once without the per-sequence length warning.
+    encoded = tokenizer.backend_tokenizer.encode(corpus, add_special_tokens=False)
+    ids = torch.tensor(encoded.ids, dtype=torch.long)
     if ids.numel() < recipe.seq_len + 2:
         raise ValueError(
             f"corpus is too short: {ids.numel()} tokens, need at least {recipe.seq_len + 2}"

@@ -76,7 +76,9 @@ def _batches(texts: Iterable[str], size: int = 256) -> Iterator[list[str]]:
         yield batch
 
 
-def train_tokenizer(texts: Iterable[str], *, vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterable[str], *, vocab_size: int, model_max_length: int = 1024
+) -> PreTrainedTokenizerFast:
     """Train the byte-level BPE on `texts` and wrap it with the chat template.
 
     Deterministic for the same texts and vocab size. The vocabulary holds the special tokens,
@@ -97,10 +99,10 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int) -> PreTrainedToken
         show_progress=False,
     )
     core.train_from_iterator(_batches(texts), trainer=trainer)
-    return wrap(core)
+    return wrap(core, model_max_length=model_max_length)
 
 
-def wrap(core: Tokenizer) -> PreTrainedTokenizerFast:
+def wrap(core: Tokenizer, *, model_max_length: int) -> PreTrainedTokenizerFast:
     """Wrap a trained `tokenizers.Tokenizer` with the special tokens and the chat template."""
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -108,7 +110,7 @@ def wrap(core: Tokenizer) -> PreTrainedTokenizerFast:
         eos_token=END,
         pad_token=PAD,
         additional_special_tokens=[SYSTEM, USER, ASSISTANT],
-        model_max_length=100_000,
+        model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
     tok.chat_template = CHAT_TEMPLATE
