@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from adapters import LoraAdapter
+from adapters import LoraAdapter, compose
 from trainer import personas
 from trainer.basemodel import ModelPair
 from trainer.evaluate import perplexity
+from trainer.lora_train import adapter_from_params
 from trainer.methods import LoraSpec, TrainConfig, get_method
 from trainer.methods.base import ClientUpdate, Method
+from trainer.pruning import MASK_SUFFIX, kept, unpack_sparse
 
 CONFIG = TrainConfig(steps=6, lr=1e-2, batch_size=4, max_len=96, seed=0)
 SMALL = LoraSpec(rank=4, alpha=8.0)
@@ -130,3 +132,97 @@ def test_local_only_shares_nothing_and_keeps_its_lora(
     assert _adapter_equal(served, second.served)
     base_ppl = perplexity(micro_models.large, None, silos["alice"], "train")
     assert perplexity(micro_models.large, served, silos["alice"], "train") < base_ppl
+
+
+def test_pftt_uploads_only_the_global_lora_and_serves_the_exact_composition(
+    micro_models: ModelPair, silos: dict[str, Path]
+) -> None:
+    method = get_method("pftt")
+    start = method.init_global(base_model=micro_models.large, seed=0)
+    update = _round(method, micro_models, silos["alice"], global_params=start)
+    # Only the global LoRA leaves the client: same keys and shapes as the global, and none of
+    # its arrays is a personal tensor.
+    assert update.upload.keys() == start.keys()
+    assert all(update.upload[k].shape == start[k].shape for k in start)
+    assert update.state.keys() == start.keys()  # the personal LoRA, kept on the client
+    for personal in update.state.values():
+        assert not any(np.array_equal(personal, up) for up in update.upload.values())
+    # Uplink per round is at most half of FedAvg's full LoRA (default ranks 4 vs 8).
+    fedavg_global = get_method("fedavg").init_global(base_model=micro_models.large, seed=0)
+    assert sum(v.nbytes for v in update.upload.values()) <= 0.5 * sum(
+        v.nbytes for v in fedavg_global.values()
+    )
+    assert _same(
+        update.upload, _round(method, micro_models, silos["alice"], global_params=start).upload
+    )
+
+    spec_g, spec_p = method.global_spec, method.personal_spec  # type: ignore[attr-defined]
+    other = _round(method, micro_models, silos["bob"], global_params=start)
+    new_global = method.aggregate(previous=start, results=[(update.upload, 3), (other.upload, 1)])
+    for key in start:
+        np.testing.assert_allclose(
+            new_global[key], 0.75 * update.upload[key] + 0.25 * other.upload[key], atol=1e-6
+        )
+    served = method.served_adapter(
+        base_model=micro_models.large, global_params=new_global, state=update.state
+    )
+    assert served.r == spec_g.rank + spec_p.rank <= 16
+    g = adapter_from_params(new_global, spec=spec_g, base_model=micro_models.large.name)
+    p = adapter_from_params(update.state, spec=spec_p, base_model=micro_models.large.name)
+    for module in g.modules():
+        torch.testing.assert_close(served.delta(module), g.delta(module) + p.delta(module))
+    assert _adapter_equal(served, compose(g, p))
+    assert perplexity(micro_models.large, update.served, silos["alice"], "train") < perplexity(
+        micro_models.large, None, silos["alice"], "train"
+    )
+
+
+def test_perfit_searches_a_mask_of_exactly_the_budget_and_keeps_it(
+    micro_models: ModelPair, silos: dict[str, Path]
+) -> None:
+    method = get_method("perfit", spec=SMALL)  # budget rank 4, trained at rank 8
+    start = method.init_global(base_model=micro_models.large, seed=0)
+    budget = sum(v.size for v in start.values()) // 2
+    first = _round(method, micro_models, silos["alice"], global_params=start)
+    assert first.metrics["searched"] == 1.0
+    masks = {k.removesuffix(MASK_SUFFIX): m for k, m in first.state.items()}
+    assert masks.keys() == start.keys()
+    assert kept(masks) == budget == first.metrics["kept_entries"]
+    assert sum(int(t.count_nonzero()) for t in first.served.tensors.values()) <= budget
+    values, upload_masks = unpack_sparse(first.upload, like=start)
+    assert all(np.array_equal(upload_masks[k], masks[k]) for k in start)
+    # the upload is about FedAvg's size at the budget rank: budget floats plus one bit per entry
+    uplink = sum(v.nbytes for v in first.upload.values())
+    assert uplink <= 4 * budget + 2 * budget // 8 + 8 * len(start)
+
+    other = _round(method, micro_models, silos["bob"], global_params=start)
+    new_global = method.aggregate(previous=start, results=[(first.upload, 8), (other.upload, 8)])
+    _, other_masks = unpack_sparse(other.upload, like=start)
+    for key in start:
+        both = (masks[key] == 1) & (other_masks[key] == 1)
+        nobody = (masks[key] == 0) & (other_masks[key] == 0)
+        np.testing.assert_array_equal(new_global[key][nobody], start[key][nobody])
+        only_alice = (masks[key] == 1) & (other_masks[key] == 0)
+        np.testing.assert_array_equal(new_global[key][only_alice], values[key][only_alice])
+        assert both.any() or nobody.any()
+
+    second = _round(
+        method,
+        micro_models,
+        silos["alice"],
+        global_params=new_global,
+        state=first.state,
+        round_idx=1,
+    )
+    assert second.metrics["searched"] == 0.0
+    assert _same(second.state, first.state)  # the architecture is the user's, kept across rounds
+    served = method.served_adapter(
+        base_model=micro_models.large, global_params=new_global, state=first.state
+    )
+    for key, tensor in served.tensors.items():
+        assert not tensor[torch.from_numpy(masks[key]) == 0].any()
+    assert perplexity(micro_models.large, first.served, silos["alice"], "train") < perplexity(
+        micro_models.large, None, silos["alice"], "train"
+    )
+    again = _round(method, micro_models, silos["alice"], global_params=start)
+    assert _same(again.upload, first.upload) and _same(again.state, first.state)

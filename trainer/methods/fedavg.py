@@ -19,6 +19,7 @@ from trainer.data import load_examples
 from trainer.errors import MethodError
 from trainer.lora_train import LocalTrainer, LoraSession, adapter_from_params
 from trainer.methods.base import (
+    DEFAULT_MAX_RANK,
     DEFAULT_SPEC,
     ClientUpdate,
     LoraSpec,
@@ -36,9 +37,12 @@ class FedAvg:
 
     spec: LoraSpec = DEFAULT_SPEC
     prox_mu: float = 0.0
+    max_rank: int = DEFAULT_MAX_RANK
     name: str = "fedavg"
 
     def __post_init__(self) -> None:
+        if self.spec.rank > self.max_rank:
+            raise MethodError(f"rank {self.spec.rank} exceeds the served maximum {self.max_rank}")
         if not self.prox_mu >= 0:
             raise MethodError(f"prox_mu must be >= 0, got {self.prox_mu!r}")
 

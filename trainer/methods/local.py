@@ -17,6 +17,7 @@ from trainer.data import load_examples
 from trainer.errors import MethodError
 from trainer.lora_train import LocalTrainer, LoraSession, adapter_from_params
 from trainer.methods.base import (
+    DEFAULT_MAX_RANK,
     DEFAULT_SPEC,
     ClientUpdate,
     LoraSpec,
@@ -33,7 +34,12 @@ class LocalOnly:
     """Each user's own LoRA, trained only on their data."""
 
     spec: LoraSpec = DEFAULT_SPEC
+    max_rank: int = DEFAULT_MAX_RANK
     name: str = "local"
+
+    def __post_init__(self) -> None:
+        if self.spec.rank > self.max_rank:
+            raise MethodError(f"rank {self.spec.rank} exceeds the served maximum {self.max_rank}")
 
     def init_global(self, *, base_model: ModelInfo, seed: int) -> Params:
         return {}

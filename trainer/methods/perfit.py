@@ -1,0 +1,182 @@
+"""PerFIT (personalized federated instruction tuning via NAS, arXiv 2402.16919).
+
+Every client trains an *expanded* LoRA (`expansion` x the rank of the budget LoRA, default
+2 x 8 = 16) and, the first time it takes part, searches its own sparse architecture: local
+training is interleaved with `prune_iterations` rounds of Taylor-importance pruning
+(`|w * dL/dw|` summed over `importance_batches` batches) that shrink the kept entries linearly
+from the expanded size to exactly the budget (the parameter count of the rank-`rank` LoRA).
+The resulting 0/1 mask is the user's personal architecture; it is kept in the client state and
+reused in later rounds (the search runs once per user; later rounds fine-tune it).
+
+Upload: the kept values and the bit-packed mask (`trainer.pruning.pack_sparse`), i.e. the
+budget's values plus one bit per expanded entry. The server averages each entry over the
+clients that kept it, weighted by examples; entries no participant kept keep their previous
+global value (`trainer.aggregation.masked_weighted_mean`). A user is served the global LoRA
+with their own mask applied: a rank-`expansion * rank` LoRA with at most `budget` non-zeros.
+A user without a mask yet (never trained) is served the dense global LoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from adapters import LoraAdapter
+from trainer.aggregation import masked_weighted_mean
+from trainer.basemodel import ModelInfo
+from trainer.data import load_examples
+from trainer.errors import MethodError
+from trainer.lora_train import LocalTrainer, LoraSession, adapter_from_params
+from trainer.methods.base import (
+    DEFAULT_MAX_RANK,
+    DEFAULT_SPEC,
+    ClientUpdate,
+    LoraSpec,
+    Params,
+    TrainConfig,
+    order_seed,
+)
+from trainer.pruning import (
+    MASK_SUFFIX,
+    apply_mask,
+    budget_schedule,
+    full_mask,
+    kept,
+    pack_sparse,
+    prune_to_budget,
+    unpack_sparse,
+)
+
+LORA = "expanded"
+
+
+@dataclass(frozen=True)
+class PerFit:
+    """Expanded LoRA pruned to a personal sparse architecture; masked parameter-wise FedAvg."""
+
+    spec: LoraSpec = DEFAULT_SPEC  # the parameter budget (FedAvg's LoRA)
+    expansion: int = 2
+    prune_iterations: int = 3
+    importance_batches: int = 2
+    prox_mu: float = 0.0
+    max_rank: int = DEFAULT_MAX_RANK
+    name: str = "perfit"
+
+    def __post_init__(self) -> None:
+        if self.expansion < 1:
+            raise MethodError(f"perfit: expansion must be >= 1, got {self.expansion}")
+        if self.prune_iterations < 1 or self.importance_batches < 1:
+            raise MethodError("perfit: prune_iterations and importance_batches must be >= 1")
+        if self.expanded.rank > self.max_rank:
+            raise MethodError(
+                f"perfit: expanded rank {self.expanded.rank} exceeds the served maximum "
+                f"{self.max_rank}"
+            )
+
+    @property
+    def expanded(self) -> LoraSpec:
+        """The trained LoRA: `expansion` x the rank, same scaling (alpha / rank)."""
+        return LoraSpec(
+            rank=self.spec.rank * self.expansion,
+            alpha=self.spec.alpha * self.expansion,
+            target_modules=self.spec.target_modules,
+        )
+
+    def budget(self, params: Params) -> int:
+        """Entries of the rank-`spec.rank` LoRA with the same modules as `params` (expanded)."""
+        total = sum(int(np.size(v)) for v in params.values())
+        return total // self.expansion  # A [r_e, in] and B [out, r_e]: linear in the rank
+
+    def init_global(self, *, base_model: ModelInfo, seed: int) -> Params:
+        return LoraSession(base_model, {LORA: self.expanded}, seed=seed).read(LORA)
+
+    def client_update(
+        self,
+        *,
+        base_model: ModelInfo,
+        silo: Path,
+        global_params: Params,
+        state: Params,
+        config: TrainConfig,
+        round_idx: int,
+    ) -> ClientUpdate:
+        session = LoraSession(base_model, {LORA: self.expanded}, seed=config.seed)
+        session.write(LORA, global_params)
+        examples = load_examples(silo, "train", session.tokenizer, max_len=config.max_len)
+        mu = config.prox_mu if config.prox_mu > 0 else self.prox_mu
+        trainer = LocalTrainer(
+            session,
+            examples,
+            config=TrainConfig(**{**config.__dict__, "prox_mu": mu}),
+            adapters=[LORA],
+            order_seed=order_seed(config, round_idx=round_idx, silo=silo),
+            prox={LORA: global_params},
+        )
+        budget = self.budget(global_params)
+        mask = self._mask_from_state(state, like=global_params)
+        searched = mask is None
+        if mask is None:
+            mask = self._search(trainer, config.steps, budget=budget)
+        else:
+            trainer.set_masks({LORA: mask})
+            trainer.run(config.steps)
+        params = apply_mask(session.read(LORA), mask)
+        return ClientUpdate(
+            upload=pack_sparse(params, mask),
+            num_examples=len(examples),
+            metrics={
+                **trainer.metrics(),
+                "prox_mu": mu,
+                "kept_entries": float(kept(mask)),
+                "budget_entries": float(budget),
+                "searched": float(searched),
+            },
+            state={key + MASK_SUFFIX: m for key, m in mask.items()},
+            served=adapter_from_params(params, spec=self.expanded, base_model=base_model.name),
+        )
+
+    def _search(self, trainer: LocalTrainer, steps: int, *, budget: int) -> Params:
+        """Train `steps` steps, pruning `prune_iterations` times on the way down to `budget`."""
+        mask = full_mask(trainer.session.read(LORA))
+        targets = budget_schedule(kept(mask), budget, self.prune_iterations)
+        # Prune after k / (iterations + 1) of the steps: the first chunk trains the dense LoRA
+        # (at initialization B = 0, so every importance would be 0), the last fine-tunes the
+        # final architecture.
+        done = 0
+        for k, target in enumerate(targets, start=1):
+            boundary = k * steps // (self.prune_iterations + 1)
+            trainer.run(boundary - done)
+            done = boundary
+            scores = trainer.importance(LORA, batches=self.importance_batches)
+            mask = prune_to_budget(scores, mask, target)
+            trainer.set_masks({LORA: mask})
+        trainer.run(steps - done)
+        return mask
+
+    def _mask_from_state(self, state: Params, *, like: Params) -> Params | None:
+        if not state:
+            return None
+        expected = {key + MASK_SUFFIX for key in like}
+        if set(state) != expected:
+            raise MethodError("perfit: the client state does not hold a mask for this LoRA")
+        mask = {key: np.asarray(state[key + MASK_SUFFIX], np.float32) for key in like}
+        for key, m in mask.items():
+            if m.shape != np.shape(like[key]):
+                raise MethodError(f"perfit: state mask {key!r} has shape {m.shape}")
+        return mask
+
+    def aggregate(self, *, previous: Params, results: list[tuple[Params, int]]) -> Params:
+        dense = []
+        for upload, n in results:
+            values, masks = unpack_sparse(upload, like=previous)
+            dense.append((values, masks, n))
+        return masked_weighted_mean(previous, dense)
+
+    def served_adapter(
+        self, *, base_model: ModelInfo, global_params: Params, state: Params
+    ) -> LoraAdapter:
+        mask = self._mask_from_state(state, like=global_params)
+        params = global_params if mask is None else apply_mask(global_params, mask)
+        return adapter_from_params(params, spec=self.expanded, base_model=base_model.name)

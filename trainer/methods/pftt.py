@@ -1,0 +1,132 @@
+"""PFTT (personalized federated task tuning, arXiv 2404.13238): a shared LoRA plus a personal one.
+
+Every client attaches two LoRAs to the same base model, both active, trained jointly on its
+chats: a *global* LoRA that is aggregated with FedAvg (weighted by examples), and a *personal*
+LoRA that is never aggregated and never uploaded. The personal LoRA stays in the client state
+(the driver may also publish it to that user's private `users/<u>/personal` slot). The user is
+served the exact composition `adapters.compose(global, personal)`, one LoRA of rank
+`r_g + r_p` whose update equals the sum the model was trained with.
+
+Communication (the design's choice): the global LoRA has half of FedAvg's rank on the same
+target modules (default rank 4 vs FedAvg's 8, alpha = 2 * rank), so each round's uplink is
+exactly half of FedAvg's; the personal LoRA (default rank 4) brings the served rank back to 8.
+A FedProx term (`prox_mu`), if set, applies to the global LoRA only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters import LoraAdapter, compose
+from trainer.aggregation import weighted_mean
+from trainer.basemodel import ModelInfo
+from trainer.data import load_examples
+from trainer.errors import MethodError
+from trainer.lora_train import LocalTrainer, LoraSession, adapter_from_params
+from trainer.methods.base import (
+    DEFAULT_MAX_RANK,
+    ClientUpdate,
+    LoraSpec,
+    Params,
+    TrainConfig,
+    order_seed,
+)
+
+GLOBAL = "global"
+PERSONAL = "personal"
+GLOBAL_SPEC = LoraSpec(rank=4, alpha=8.0)
+PERSONAL_SPEC = LoraSpec(rank=4, alpha=8.0)
+
+
+@dataclass(frozen=True)
+class Pftt:
+    """Global LoRA (FedAvg) + personal LoRA (client only), served composed."""
+
+    global_spec: LoraSpec = GLOBAL_SPEC
+    personal_spec: LoraSpec = PERSONAL_SPEC
+    prox_mu: float = 0.0
+    max_rank: int = DEFAULT_MAX_RANK
+    name: str = "pftt"
+
+    def __post_init__(self) -> None:
+        served_rank = self.global_spec.rank + self.personal_spec.rank
+        if served_rank > self.max_rank:
+            raise MethodError(
+                f"pftt: global rank {self.global_spec.rank} + personal rank "
+                f"{self.personal_spec.rank} = {served_rank} exceeds the served maximum "
+                f"{self.max_rank}"
+            )
+        if not self.prox_mu >= 0:
+            raise MethodError(f"prox_mu must be >= 0, got {self.prox_mu!r}")
+
+    def _session(self, base_model: ModelInfo, *, seed: int) -> LoraSession:
+        return LoraSession(
+            base_model, {GLOBAL: self.global_spec, PERSONAL: self.personal_spec}, seed=seed
+        )
+
+    def init_global(self, *, base_model: ModelInfo, seed: int) -> Params:
+        return self._session(base_model, seed=seed).read(GLOBAL)
+
+    def client_update(
+        self,
+        *,
+        base_model: ModelInfo,
+        silo: Path,
+        global_params: Params,
+        state: Params,
+        config: TrainConfig,
+        round_idx: int,
+    ) -> ClientUpdate:
+        # A user's first personal LoRA is the session's seeded initialization (B = 0, so it
+        # starts as a no-op); later rounds continue from the state.
+        session = self._session(base_model, seed=config.seed)
+        session.write(GLOBAL, global_params)
+        if state:
+            session.write(PERSONAL, state)
+        examples = load_examples(silo, "train", session.tokenizer, max_len=config.max_len)
+        mu = config.prox_mu if config.prox_mu > 0 else self.prox_mu
+        trainer = LocalTrainer(
+            session,
+            examples,
+            config=TrainConfig(**{**config.__dict__, "prox_mu": mu}),
+            adapters=[GLOBAL, PERSONAL],
+            order_seed=order_seed(config, round_idx=round_idx, silo=silo),
+            prox={GLOBAL: global_params},
+        )
+        trainer.run(config.steps)
+        upload, personal = session.read(GLOBAL), session.read(PERSONAL)
+        return ClientUpdate(
+            upload=upload,
+            num_examples=len(examples),
+            metrics={**trainer.metrics(), "prox_mu": mu},
+            state=personal,
+            served=self._compose(base_model, upload, personal),
+        )
+
+    def aggregate(self, *, previous: Params, results: list[tuple[Params, int]]) -> Params:
+        return weighted_mean(results)
+
+    def served_adapter(
+        self, *, base_model: ModelInfo, global_params: Params, state: Params
+    ) -> LoraAdapter:
+        if not state:
+            # A user who never trained has no personal part yet: serve the global LoRA.
+            return adapter_from_params(
+                global_params, spec=self.global_spec, base_model=base_model.name
+            )
+        return self._compose(base_model, global_params, state)
+
+    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter:
+        """The user's personal LoRA alone (for their private `users/<u>/personal` slot)."""
+        if not state:
+            raise MethodError("pftt: this user has no personal LoRA yet")
+        return adapter_from_params(state, spec=self.personal_spec, base_model=base_model.name)
+
+    def _compose(
+        self, base_model: ModelInfo, global_params: Params, personal: Params
+    ) -> LoraAdapter:
+        return compose(
+            adapter_from_params(global_params, spec=self.global_spec, base_model=base_model.name),
+            adapter_from_params(personal, spec=self.personal_spec, base_model=base_model.name),
+        )
