@@ -73,15 +73,15 @@ def model_info(path: Path) -> ModelInfo:
 
 
 def default_method(config: RunConfig) -> Method:
-
+    """The method a run config names, with its LoRA rank (alpha = 2 * rank)."""
     return _cached_method(config.algorithm, config.rank)
 
 
 @lru_cache(maxsize=4)
 def _cached_method(algorithm: str, rank: int) -> Method:
-    from trainer.methods import get_method
+    from trainer.methods import LoraSpec, get_method
 
-    return get_method(algorithm, rank=rank)
+    return get_method(algorithm, spec=LoraSpec(rank=rank, alpha=2.0 * rank))
 
 
 def train_config(config: RunConfig, *, round_idx: int, user: str) -> TrainConfig:
@@ -202,11 +202,7 @@ def run_client(
     states.save(update.state)
     store = AdapterStore(node.store, max_rank=config.max_rank)
     personal_version = publish_personal(
-        store,
-        user=node.user,
-        state=update.state,
-        alpha=getattr(method, "personal_alpha", None),
-        base_model=base.name,
+        store, method, user=node.user, base_model=base, state=update.state
     )
     metrics = MetricRecord({NUM_EXAMPLES: int(update.num_examples)})
     for key, value in update.metrics.items():

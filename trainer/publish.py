@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from adapters import AdapterStore, LoraAdapter, Slot, load_lora, save_lora, validate_adapter_dir
 from trainer.basemodel import ModelInfo
 from trainer.errors import PublishError
 from trainer.methods.base import Method, Params
+from trainer.pruning import MASK_SUFFIX, unpack_sparse
 from trainer.strategy import Participant, Published
 
 log = logging.getLogger(__name__)
@@ -51,30 +51,29 @@ def adapter_to_params(adapter: LoraAdapter) -> Params:
     return {k: t.detach().cpu().numpy().astype(np.float32) for k, t in adapter.tensors.items()}
 
 
-def params_to_adapter(
-    params: Params, *, alpha: float | None, base_model: str
-) -> LoraAdapter | None:
-    """A LoraAdapter holding exactly the LoRA tensors of `params` (None if it has none).
+def personal_adapter(method: Method, *, base_model: ModelInfo, state: Params) -> LoraAdapter | None:
+    """The personal LoRA a client publishes to its private slot, or None if it keeps none.
 
-    The rank is read from the shapes; `alpha=None` means `alpha = r` (scaling 1).
+    A method that keeps a personal LoRA next to a global one says how to serve it alone
+    (`personal_adapter`, e.g. PFTT). A method whose whole state is a LoRA (local-only) is served
+    that LoRA with no global part. State that is not a LoRA (PerFIT's masks) is not published:
+    the server learns those masks from the upload itself.
     """
-    tensors = {
-        k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in lora_params(params).items()
-    }
-    if not tensors:
+    if not state or lora_params(state).keys() != state.keys():
         return None
-    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(_LORA_SUFFIXES[0])}
-    if len(ranks) != 1:
-        raise PublishError(f"personal LoRA has mixed ranks {sorted(ranks)}")
-    rank = ranks.pop()
-    targets = tuple(sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors}))
-    return LoraAdapter(
-        r=rank,
-        alpha=float(alpha if alpha is not None else rank),
-        target_modules=targets,
-        base_model=base_model,
-        tensors=tensors,
-    )
+    alone = getattr(method, "personal_adapter", None)
+    if callable(alone):
+        adapter: LoraAdapter = alone(base_model=base_model, state=state)
+        return adapter
+    return method.served_adapter(base_model=base_model, global_params={}, state=state)
+
+
+def masks_from_upload(upload: Params, *, like: Params) -> Params:
+    """The `<key>.mask` state a sparse upload (PerFIT, `trainer.pruning`) reveals, else {}."""
+    if not like or not any(k.endswith(MASK_SUFFIX) for k in upload):
+        return {}
+    _, masks = unpack_sparse(upload, like=like)
+    return {key + MASK_SUFFIX: mask for key, mask in masks.items()}
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ class RoundPublisher:
                     self._write(Slot.global_adapter(self.algorithm), adapter, meta, staging)
                 )
             for p in sorted(participants, key=lambda p: p.user):
-                state = {**p.upload, **self._personal_state(p)}
+                state = {**masks_from_upload(p.upload, like=new_global), **self._personal_state(p)}
                 adapter = self.method.served_adapter(
                     base_model=self.base_model, global_params=new_global, state=state
                 )
@@ -187,13 +186,14 @@ class RoundPublisher:
 
 
 def publish_personal(
-    store: AdapterStore, *, user: str, state: Params, alpha: float | None, base_model: str
+    store: AdapterStore, method: Method, *, user: str, base_model: ModelInfo, state: Params
 ) -> str | None:
-    """The client's own publish of its personal LoRA (from its state) to `users/<u>/personal`.
+    """The client's own publish of its personal LoRA to `users/<u>/personal`; the version id.
 
-    Returns the version id, or None when the method keeps no personal LoRA.
+    None when the method keeps no personal LoRA. On a real device this is an authenticated
+    upload to the store service, not a filesystem write; the server only ever reads it.
     """
-    adapter = params_to_adapter(state, alpha=alpha, base_model=base_model)
+    adapter = personal_adapter(method, base_model=base_model, state=state)
     if adapter is None:
         return None
     version = store.publish_lora(Slot.user_personal(user), adapter, metadata={"user": user})

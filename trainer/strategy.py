@@ -248,3 +248,10 @@ def _weighted_loss(clients: list[ClientRound]) -> float | None:
         return None
     total = sum(n for _, n in pairs)
     return float(sum(loss * n for loss, n in pairs) / total)
+
+
+def _last_line(reason: str, limit: int = 300) -> str:
+    """The gist of a client's error (Flower sends the whole remote traceback)."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    gist = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
+    return gist[-limit:]

@@ -79,6 +79,9 @@ class ToyMethod:
             return glob
         return compose(glob, _adapter(personal, base_model.name))
 
+    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter:
+        return _adapter(state, base_model.name)
+
 
 def _adapter(params: Params, base: str) -> LoraAdapter:
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in params.items() if ".lora_" in k}
