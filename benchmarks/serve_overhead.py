@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,18 +100,19 @@ def gateway_main(config_path: str) -> None:
     from service.settings import Settings
 
     config = json.loads(Path(config_path).read_text())
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        home=Path(config["home"]),
-        admin_key=ADMIN_KEY,
-        rate_limit_rpm=0,
-        engine={
-            "url": config["engine_url"],
-            "served_model_name": config["model"],
-            "max_model_len": config["max_model_len"],
-            "max_cpu_loras": config["max_cpu_loras"],
-            "max_loras": config["max_loras"],
-        },
+    settings = Settings.model_validate(
+        {
+            "home": Path(config["home"]),
+            "admin_key": ADMIN_KEY,
+            "rate_limit_rpm": 0,
+            "engine": {
+                "url": config["engine_url"],
+                "served_model_name": config["model"],
+                "max_model_len": config["max_model_len"],
+                "max_cpu_loras": config["max_cpu_loras"],
+                "max_loras": config["max_loras"],
+            },
+        }
     )
     uvicorn.run(
         create_app(settings),
@@ -157,7 +159,7 @@ async def one_stream(
 
 
 async def run_round(
-    *, url: str, jobs: list[tuple[str | None, dict[str, Any]]], concurrency: int
+    *, url: str, jobs: Sequence[tuple[str | None, dict[str, Any]]], concurrency: int
 ) -> tuple[list[Sample], float]:
     queue: asyncio.Queue[tuple[str | None, dict[str, Any]]] = asyncio.Queue()
     for job in jobs:

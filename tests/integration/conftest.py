@@ -106,8 +106,13 @@ def vllm_server(
         max_lora_rank=16,
         max_model_len=MAX_MODEL_LEN,
         kv_cache_gib=1,
+        # FedPT: the proxy-tuning logits processor runs in the shared server too (requests
+        # without an expert are untouched); tests/integration/test_proxy_tuning.py uses it.
+        proxy_small_model=micro_models.small.path,
     )
     launch = build_launch(settings, home=home)
+    # The processor's debug counters (live request states, KV bytes, failures) land here.
+    launch.env["FEDPERSONA_PROXY_STATS_FILE"] = str(home / "proxy-stats.json")
     supervisor = EngineSupervisor(launch, log_path=home / "logs" / "vllm.log", max_restarts=2)
     loop = LoopThread("vllm-supervisor")
     started = time.monotonic()
@@ -187,18 +192,19 @@ def gateway(
     vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayUnderTest]:
     home = tmp_path_factory.mktemp("gateway-home")
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        home=home,
-        admin_key=ADMIN_KEY,
-        rate_limit_rpm=0,
-        engine={
-            "url": vllm_server.base_url,
-            "served_model_name": vllm_server.model,
-            "max_model_len": MAX_MODEL_LEN,
-            "max_loras": 2,
-            "max_cpu_loras": 4,
-        },
+    settings = Settings.model_validate(
+        {
+            "home": home,
+            "admin_key": ADMIN_KEY,
+            "rate_limit_rpm": 0,
+            "engine": {
+                "url": vllm_server.base_url,
+                "served_model_name": vllm_server.model,
+                "max_model_len": MAX_MODEL_LEN,
+                "max_loras": 2,
+                "max_cpu_loras": 4,
+            },
+        }
     )
     store = AdapterStore(settings.store_path, max_rank=settings.adapter_max_rank)
     registry = Registry(settings.registry_file)
