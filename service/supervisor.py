@@ -10,6 +10,15 @@ While the engine is not `READY` the gateway answers 503 with `Retry-After`:
 restart vLLM has lost every runtime-loaded adapter; listeners registered with `on_restart`
 (the `AdapterManager.reset`) are told before traffic resumes.
 
+Wiring (what `fedpersona serve` does without `--engine-url`):
+
+    supervisor = supervisor_for(settings.engine, home=settings.home, store_dir=settings.store_path)
+    engine = EngineClient(supervisor.launch.base_url, gate=supervisor.check_available)
+    manager = AdapterManager(store=store, engine=engine, max_loaded=..., metrics=metrics)
+    supervisor.on_restart(manager.reset)
+    await supervisor.start(); await supervisor.wait_ready()        # startup
+    await supervisor.stop(grace_s, wait_idle=engine.wait_idle)      # shutdown
+
 This module does not know the OpenAI API or adapters; it knows processes and `/health`.
 """
 
@@ -30,7 +39,7 @@ from pathlib import Path
 
 import httpx
 
-from service.engine_config import EngineLaunch
+from service.engine_config import EngineLaunch, EngineSettings, build_launch
 from service.errors import EngineStartFailed, EngineUnavailable
 
 logger = logging.getLogger(__name__)
@@ -340,3 +349,20 @@ async def _healthy(client: httpx.AsyncClient) -> bool:
 def _last_line(path: Path) -> str:
     lines: deque[str] = deque(log_tail(path, 5).splitlines(), maxlen=1)
     return lines[0][-160:] if lines else ""
+
+
+def supervisor_for(
+    settings: EngineSettings,
+    *,
+    home: Path,
+    store_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> EngineSupervisor:
+    """A supervisor for the engine `settings` describe, logging to `<home>/logs/vllm.log`."""
+    launch = build_launch(settings, home=home, store_dir=store_dir)
+    return EngineSupervisor(
+        launch,
+        log_path=home / "logs" / "vllm.log",
+        ready_timeout_s=settings.ready_timeout_s,
+        progress=progress,
+    )

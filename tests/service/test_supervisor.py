@@ -235,3 +235,15 @@ def test_log_tail_of_missing_file_is_empty(tmp_path: Path) -> None:
     assert log_tail(tmp_path / "nope.log") == ""
     (tmp_path / "a.log").write_text("".join(f"line {i}\n" for i in range(100)))
     assert log_tail(tmp_path / "a.log", 3) == "line 97\nline 98\nline 99"
+
+
+def test_supervisor_for_settings_logs_under_home(tmp_path: Path) -> None:
+    from service.engine_config import EngineSettings
+    from service.supervisor import supervisor_for
+
+    settings = EngineSettings(model_dir=tmp_path, served_model_name="m", port=9, ready_timeout_s=7)
+    sup = supervisor_for(settings, home=tmp_path)
+    assert sup.log_path == tmp_path / "logs" / "vllm.log"
+    assert sup.launch.base_url == "http://127.0.0.1:9"
+    assert sup._ready_timeout_s == 7
+    assert sup.state is EngineState.STOPPED
