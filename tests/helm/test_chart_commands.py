@@ -6,6 +6,7 @@ round-schedule job and the model-init step do what they say."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib.util
 import json
@@ -65,17 +66,47 @@ def fedpersona(args: list[str], env: dict[str, str]) -> str:
 # ---- vLLM: the chart's command is `fedpersona engine`'s command ------------------------------
 
 
+def _engine_launch(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """What `fedpersona engine` builds in a process with this container's environment."""
+    from service import engine_cmd
+
+    for key in list(os.environ):
+        if key.startswith("FEDPERSONA_"):
+            monkeypatch.delenv(key)
+    for key, value in plain_env(container).items():
+        if key.startswith("FEDPERSONA_"):
+            monkeypatch.setenv(key, value)
+    parser = argparse.ArgumentParser()
+    engine_cmd.add_arguments(parser)
+    return engine_cmd.launch_from_args(parser.parse_args(["--json"]))
+
+
 @pytest.mark.parametrize(("name", "files", "values"), ENGINE_CASES, ids=CASE_IDS)
-def test_vllm_container_runs_what_fedpersona_engine_builds(
-    helm_bin: Path, name: str, files: list[Path], values: dict[str, Any] | None
+def test_vllm_container_runs_what_the_engine_launcher_builds(
+    helm_bin: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    files: list[Path],
+    values: dict[str, Any] | None,
 ) -> None:
     container = render(helm_bin, files=files, values=values).container("vllm")
-    launch = json.loads(fedpersona(["engine", "--json"], plain_env(container)))
+    launch = _engine_launch(container, monkeypatch)
     # Same module, same flags, same order (argv[0] is this machine's python).
-    assert launch["argv"][1:] == container["command"][1:] + container["args"]
+    assert launch.argv[1:] == container["command"][1:] + container["args"]
     env = env_map(container)
-    for key, value in launch["env"].items():
+    for key, value in launch.env.items():
         assert env.get(key) == value, f"{name}: vLLM env {key}"
+
+
+def test_fedpersona_engine_process_prints_the_chart_command(helm_bin: Path) -> None:
+    """The same, through the real `fedpersona engine` command run as a process."""
+    prod = next(f for f in EXAMPLES if "gpu-production" in f.name)
+    container = render(helm_bin, files=[prod]).container("vllm")
+    launch = json.loads(fedpersona(["engine", "--json"], plain_env(container)))
+    assert launch["argv"][1:] == container["command"][1:] + container["args"]
+    assert "--logits-processors" in launch["argv"] and "--enable-prefix-caching" in launch["argv"]
+    env = env_map(container)
+    assert {k: env.get(k) for k in launch["env"]} == launch["env"]
 
 
 def test_default_processor_is_the_engines_and_exists(helm_bin: Path) -> None:
@@ -184,7 +215,9 @@ def dockerfile_user(path: Path) -> str:
     return users[-1]
 
 
-def test_dockerfiles_run_the_chart_commands(helm_bin: Path) -> None:
+def test_dockerfiles_run_the_chart_commands(
+    helm_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rendered = render(helm_bin, values={"roundSchedule": {"enabled": True}})
     gateway_df = REPO / "docker" / "gateway.Dockerfile"
     vllm_df = REPO / "docker" / "vllm.Dockerfile"
@@ -200,8 +233,8 @@ def test_dockerfiles_run_the_chart_commands(helm_bin: Path) -> None:
 
     vllm_entry = dockerfile_exec_form(vllm_df, "ENTRYPOINT")
     assert vllm_entry == rendered.container("vllm")["command"]
-    launch = json.loads(fedpersona(["engine", "--json"], plain_env(rendered.container("vllm"))))
-    assert launch["argv"][1:3] == vllm_entry[1:]
+    launch = _engine_launch(rendered.container("vllm"), monkeypatch)
+    assert launch.argv[1:3] == vllm_entry[1:]
 
     for dockerfile in (gateway_df, vllm_df):
         assert dockerfile_user(dockerfile).split(":")[0] not in {"root", "0"}, dockerfile.name
