@@ -24,7 +24,9 @@ leaves either the old `current.json` pointing at a complete old version, or the 
 pointing at a complete new version; staging leftovers are removed the next time the store is
 opened (only for slots whose lock nobody holds).
 
-Retention keeps the current version plus the newest others, `keep_versions` in all. Deleting
+Retention keeps the current version plus the newest others, `keep_versions` in all; it runs
+before and after each publish, so a publisher killed after committing its version but before
+swapping the manifest leaves at most one version more than that. Deleting
 renames the version into `.trash/` first, so a reader sees a version either whole or not at
 all; readers (the gateway handing a path to vLLM) must load a version promptly after reading
 `current()`, and retry with `current()` if it has gone (only versions at least
@@ -227,6 +229,11 @@ class AdapterStore:
             raise InvalidAdapter(f"publish metadata must be JSON-serializable: {e}") from e
         slot_dir = self._slot_dir(slot)
         with self._lock(slot):
+            # Trim first too: publishers killed between commit and manifest swap leave extra
+            # versions behind, and this bounds them to one at any time.
+            previous = self._current_id(slot)
+            if previous is not None:
+                self._apply_retention(slot, keep=previous)
             staging = self._staging / _slot_key(slot) / uuid.uuid4().hex
             staging.mkdir(parents=True)
             try:
@@ -236,7 +243,7 @@ class AdapterStore:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             _step("version committed")
-            if self._current_id(slot) != version.id:
+            if previous != version.id:
                 _write_atomic(slot_dir / CURRENT_FILE, {"version": version.id})
                 _step("current swapped")
             self._apply_retention(slot, keep=version.id)
@@ -280,6 +287,9 @@ class AdapterStore:
         _fsync_dir(staging)
         _step("staging synced")
         _ensure_dir(target.parent)
+        if target.exists():  # no version.json: not made by publish (renames are atomic)
+            logger.warning("replacing incomplete version directory %s", target)
+            self._discard(slot, target)
         os.rename(staging, target)
         _fsync_dir(target.parent)
         return _version_from_json(slot, target, record)
@@ -295,13 +305,17 @@ class AdapterStore:
             kept.add(version.id)
         doomed = [v for v in versions if v.id not in kept]
         for version in doomed:
-            grave = self._trash / f"{_slot_key(slot)}.{version.id}.{uuid.uuid4().hex}"
-            os.rename(version.path, grave)
-            _step("version moved to trash")
-            shutil.rmtree(grave, ignore_errors=True)
+            self._discard(slot, version.path)
             logger.info("retention removed %s@%s", slot.path, version.id)
         if doomed:
             _fsync_dir(self._slot_dir(slot) / "versions")
+
+    def _discard(self, slot: Slot, path: Path) -> None:
+        """Delete a version directory so that readers see it whole or not at all."""
+        grave = self._trash / f"{_slot_key(slot)}.{path.name}.{uuid.uuid4().hex}"
+        os.rename(path, grave)
+        _step("version moved to trash")
+        shutil.rmtree(grave, ignore_errors=True)
 
     # ----------------------------------------------------------------------------- internals
 

@@ -319,3 +319,16 @@ def test_store_arguments_are_checked(tmp_path: Path) -> None:
         AdapterStore(tmp_path, max_rank=0)
     with pytest.raises(InvalidName):
         AdapterStore(tmp_path).current("users/alice/served")  # type: ignore[arg-type]
+
+
+def test_an_incomplete_version_directory_is_replaced(tmp_path: Path) -> None:
+    adapter = make_adapter(seed=1, r=1)
+    src = save_lora(adapter, tmp_path / "src")
+    damaged = tmp_path / "store" / "slots" / ALICE.path / "versions" / content_id(files_of(src))
+    damaged.mkdir(parents=True)
+    (damaged / FILES[0]).write_text("{")  # e.g. someone copied a version by hand, partly
+    store = AdapterStore(tmp_path / "store")
+    assert store.versions(ALICE) == []
+    version = store.publish(ALICE, src, base_model=BASE)
+    assert version.path == damaged
+    validate_adapter_dir(version.path, max_rank=16, base_model=BASE)
