@@ -9,6 +9,7 @@ FastAPI's 422 for a malformed body becomes a 400 like OpenAI's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -59,7 +60,10 @@ def create_app(
     rounds_controller: Any | None = None,
     base_model: str | None = None,
     metrics: Metrics | None = None,
+    supervisor: Any | None = None,
 ) -> FastAPI:
+    """Build the gateway. With a `supervisor` (embedded mode) the app starts vLLM when it starts
+    and stops it, after requests in flight, when it shuts down."""
     base_model = base_model or resolve_base_model(settings)
     if base_model == settings.personal_alias:
         raise ValueError(f"the personal alias {settings.personal_alias!r} equals the base model")
@@ -68,7 +72,6 @@ def create_app(
     registry = registry or Registry(
         settings.registry_file, default_alpha=settings.proxy_alpha_default
     )
-    owns_engine = engine is None
     if engine is None:
         from service.engine import EngineClient
 
@@ -109,16 +112,30 @@ def create_app(
         base_model=base_model,
         created=int(time.time()),
         rounds=rounds_controller,
+        supervisor=supervisor,
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        close = getattr(adapters, "aclose", None)
-        if close is not None:
-            await close()
-        if owns_engine:
-            await engine.aclose()
+        watcher: asyncio.Task[None] | None = None
+        if supervisor is not None:
+            reset = getattr(adapters, "reset", None)
+            if reset is not None:
+                supervisor.on_restart(reset)
+            await supervisor.start()
+            watcher = asyncio.create_task(_report_engine_start(supervisor))
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if supervisor is not None:
+                wait_idle = getattr(engine, "wait_idle", None)
+                await supervisor.stop(settings.shutdown_grace_s, wait_idle=wait_idle)
+            close = getattr(adapters, "aclose", None)
+            if close is not None:
+                await close()
+            await engine.aclose()  # the app owns the engine client it was given
 
     app = FastAPI(
         title="fedpersona gateway",
@@ -131,6 +148,16 @@ def create_app(
         app.include_router(router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+async def _report_engine_start(supervisor: Any) -> None:
+    """Log when the supervised engine is ready, or loudly why it never will be."""
+    try:
+        await supervisor.wait_ready()
+    except Exception as e:  # EngineStartFailed, or anything the supervisor raised
+        logger.error("the inference engine could not start: %s", e)
+        return
+    logger.info("inference engine ready at %s", supervisor.launch.base_url)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

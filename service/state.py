@@ -45,6 +45,7 @@ class Services:
     base_model: str
     created: int  # unix time, reported as the models' `created`
     rounds: Any | None = None  # trainer.api.RoundController (or a fake); None: no round API
+    supervisor: Any | None = None  # service.supervisor.EngineSupervisor in embedded mode
 
 
 def get_services(request: Request) -> Services:

@@ -18,9 +18,14 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/health", response_model=None)
+async def health(services: ServicesDep) -> JSONResponse:
+    # Liveness: fails only when restarting this process is the cure, i.e. the supervised engine
+    # gave up for good. A starting or restarting engine is a readiness matter.
+    supervisor = services.supervisor
+    if supervisor is not None and str(supervisor.state) == "failed":
+        return JSONResponse({"status": "engine failed"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready", response_model=None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from service.auth import LimitedUser
 from service.errors import ModelNotFound
@@ -23,8 +23,16 @@ async def list_models(_: LimitedUser, services: ServicesDep) -> ModelList:
     return ModelList(data=_cards(services))
 
 
-@router.get("/v1/models/{model:path}")
-async def get_model(model: str, _: LimitedUser, services: ServicesDep) -> ModelCard:
+_DETAIL_PREFIX = "/v1/models/"
+
+
+@router.get(_DETAIL_PREFIX + "{model:path}")
+async def get_model(request: Request, _: LimitedUser, services: ServicesDep) -> ModelCard:
+    model: str = request.path_params["model"]
+    # The route pattern ends in `$`, which also matches before a trailing newline: the path
+    # parameter of ".../personal\n" is "personal". Only an exact path names a model.
+    if not request.scope["path"].endswith("/" + model):
+        raise ModelNotFound()
     for card in _cards(services):
         if card.id == model:
             return card

@@ -1,0 +1,127 @@
+"""`fedpersona serve`: run the gateway with uvicorn, and by default the vLLM engine it fronts.
+
+Without `--engine-url` (and `FEDPERSONA_ENGINE__URL`) the gateway supervises its own vLLM child
+on loopback (`service.supervisor`), started and stopped by the app's lifespan; with a URL it
+talks to a separately run engine (the Helm chart's layout). The trainer's round controller is
+wired in when `trainer.api` is importable, so `/admin/rounds` works.
+
+Shutdown on SIGTERM/SIGINT: uvicorn stops accepting connections and lets requests in flight
+(streams included) finish for up to `FEDPERSONA_SHUTDOWN_GRACE_S`; then the lifespan drains and
+stops vLLM (SIGTERM, then SIGKILL of its process group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", type=Path, help="fedpersona home (env FEDPERSONA_HOME)")
+    parser.add_argument("--host", help="address the gateway listens on (env FEDPERSONA_HOST)")
+    parser.add_argument("--port", type=int, help="gateway port (env FEDPERSONA_PORT)")
+    parser.add_argument(
+        "--engine-url",
+        help="use a running vLLM server at this URL instead of starting one "
+        "(env FEDPERSONA_ENGINE__URL)",
+    )
+    parser.add_argument(
+        "--no-rounds", action="store_true", help="do not offer /admin/rounds (no trainer here)"
+    )
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for field in ("home", "host", "port"):
+        value = getattr(args, field, None)
+        if value is not None:
+            overrides[field] = value
+    settings = Settings(**overrides)
+    if getattr(args, "engine_url", None):
+        engine = settings.engine.model_copy(update={"url": args.engine_url})
+        settings = settings.model_copy(update={"engine": engine})
+    return settings
+
+
+def build_supervisor(settings: Settings) -> Any:
+    """The embedded engine's supervisor (None when an engine URL is configured)."""
+    if not settings.engine.supervised:
+        return None
+    from service.engine_config import build_launch
+    from service.supervisor import EngineSupervisor
+
+    launch = build_launch(settings.engine, home=settings.home, store_dir=settings.store_path)
+    return EngineSupervisor(
+        launch,
+        log_path=settings.home / "logs" / "vllm.log",
+        ready_timeout_s=settings.engine.ready_timeout_s,
+        progress=lambda message: logger.info("engine: %s", message),
+    )
+
+
+def build_round_controller(settings: Settings) -> Any:
+    """`trainer.api.RoundController` for this home, or None if the trainer is not installed."""
+    try:
+        from trainer.api import RoundController
+    except ImportError as e:
+        logger.warning("round API disabled: trainer.api is not importable (%s)", e)
+        return None
+    return RoundController(home=settings.home)
+
+
+def build_app(settings: Settings, *, rounds: bool = True) -> Any:
+    from service.engine import EngineClient
+
+    supervisor = build_supervisor(settings)
+    engine = EngineClient(
+        supervisor.launch.base_url if supervisor is not None else settings.engine.base_url,
+        request_timeout_s=settings.engine.request_timeout_s,
+        gate=supervisor.check_available if supervisor is not None else None,
+    )
+    base_model = supervisor.launch.served_model_name if supervisor is not None else None
+    return create_app(
+        settings,
+        engine=engine,
+        supervisor=supervisor,
+        base_model=base_model,
+        rounds_controller=build_round_controller(settings) if rounds else None,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = build_settings(args)
+    except ValidationError as e:
+        logger.error("invalid settings:\n%s", e)
+        return 2
+    try:
+        app = build_app(settings, rounds=not args.no_rounds)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    logger.info(
+        "gateway on http://%s:%d (engine: %s)",
+        settings.host,
+        settings.port,
+        "supervised" if settings.engine.supervised else settings.engine.url,
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep the root logging set up by `fedpersona`
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        proxy_headers=False,  # identity comes from API keys only, never from headers
+    )
+    uvicorn.Server(config).run()
+    return 0
