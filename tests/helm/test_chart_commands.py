@@ -190,6 +190,9 @@ def test_chart_command_lines_parse_with_the_real_cli(helm_bin: Path) -> None:
     assert gateway["command"] == ["fedpersona"]
     args = _parse(gateway["args"])
     assert args.command == "serve"
+    # Rounds belong to the trainer pod, never to each gateway replica.
+    assert args.no_rounds is True
+    assert args.engine_url == env_map(gateway)["FEDPERSONA_ENGINE__URL"]
 
     trainer = rendered.container("trainer")
     assert trainer["command"] == ["fedpersona"]
