@@ -26,11 +26,11 @@ class RunConfig:
 
     run_id: str
     algorithm: str
-    rounds: int
     home: Path
     store: Path
     base_model: Path
     runs_dir: Path
+    rounds: int = 1
     users: tuple[str, ...] = ()
     local_steps: int = 8
     lr: float = 2e-3

@@ -27,6 +27,12 @@ def keys(module: str) -> tuple[str, str]:
     return f"{module}.lora_A.weight", f"{module}.lora_B.weight"
 
 
+def personal_state(value: float) -> Params:
+    """A personal LoRA state of the toy whose every entry is `value`."""
+    a, b = keys(PERSONAL_MODULE)
+    return {a: np.full((RANK, DIM), value, np.float32), b: np.full((DIM, RANK), value, np.float32)}
+
+
 def user_value(silo: Path) -> float:
     """A constant per user, derived from the silo's example count."""
     return float(len((silo / "train.jsonl").read_text().splitlines()))
