@@ -1,0 +1,274 @@
+"""The vLLM V1 logits processor of FedPT: `logits += alpha * (expert(x) - small_base(x))`.
+
+Loaded by vLLM with `--logits-processors service.proxy_tuning.processor:ProxyTuningLogitsProcessor`
+(the engine supervisor adds it when `EngineSettings.proxy_small_model` is set, and passes
+`FEDPERSONA_PROXY_SMALL_MODEL` and `FEDPERSONA_STORE`). Per request, the gateway sets
+`vllm_xargs = {"fedpersona_expert": "<slot path>@<version id>", "fedpersona_alpha": 1.0}`;
+requests without `fedpersona_expert` get exactly the logits they would get without the processor.
+
+Failure behaviour (what the gateway sees):
+- A malformed expert name or alpha, or an expert that is not in the store, is invalid, or was
+  trained on another base model, is refused by `validate_params` in vLLM's frontend before the
+  request is scheduled: HTTP 400 with our message (an `errors.ProxyTuningError`). Only that
+  request fails.
+- If loading still fails inside the engine (e.g. the files vanished after validation, or the
+  LoRA does not fit the small model's shapes), the request is ended at once: its row is forced
+  to the end-of-sequence token, so it completes with no text (`completion_tokens == 0`); the
+  error is logged and counted in `failures`. The engine and all other requests keep going.
+- A small model whose tokenizer differs from the large model's stops the engine at start-up
+  (`IncompatibleModels`).
+
+The small models' logits cover the shared tokenizer's `vocab` tokens; vLLM's logits may be wider
+(padding), and columns past `vocab` are left alone.
+
+Debug counters: with `FEDPERSONA_PROXY_STATS_FILE` set, `stats()` is written there as JSON
+after every batch change (atomically: temp file and rename), so tests can see that state is
+freed when requests finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import (
+    BatchUpdate,
+    LogitsProcessor,
+    MoveDirectionality,
+)
+
+from adapters import AdapterStore
+from service.proxy_tuning.decoder import advance
+from service.proxy_tuning.errors import ProxyTuningError
+from service.proxy_tuning.experts import (
+    ExpertLibrary,
+    ExpertRef,
+    ExpertRequest,
+    check_shared_tokenizer,
+    load_small_model,
+    model_name,
+)
+from service.proxy_tuning.settings import ProxySettings
+from service.proxy_tuning.state import RequestState, RequestTable
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def _frontend_library() -> tuple[ExpertLibrary, float]:
+    """The check-only library of vLLM's frontend process (built on the first request)."""
+    settings = ProxySettings()  # type: ignore[call-arg]  # fields come from the environment
+    library = ExpertLibrary(
+        store=AdapterStore(settings.store, max_rank=settings.proxy_max_rank),
+        base=None,
+        base_name=model_name(settings.proxy_small_model),
+        capacity=1,
+        max_rank=settings.proxy_max_rank,
+    )
+    return library, settings.proxy_max_alpha
+
+
+class ProxyTuningLogitsProcessor(LogitsProcessor):
+    """Adds `alpha * (expert - small_base)` to the logits of requests that name an expert."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        extra = sampling_params.extra_args
+        if not extra or extra.get("fedpersona_expert") is None:
+            return
+        library, max_alpha = _frontend_library()
+        request = ExpertRequest.from_extra_args(extra, max_alpha=max_alpha)
+        if request is not None:
+            library.check(request.ref)
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+        settings = ProxySettings()  # type: ignore[call-arg]  # fields come from the environment
+        model_config = vllm_config.model_config
+        self._vocab = check_shared_tokenizer(
+            large_tokenizer=model_config.tokenizer, small_model=settings.proxy_small_model
+        )
+        base = load_small_model(settings.proxy_small_model, device=device)
+        small_vocab = int(base.config.vocab_size)
+        large_vocab = int(model_config.get_vocab_size())
+        if min(small_vocab, large_vocab) < self._vocab:
+            raise ProxyTuningError(
+                f"the tokenizer has {self._vocab} tokens but the small model's vocabulary is "
+                f"{small_vocab} and the large model's {large_vocab}"
+            )
+        self._base = base
+        self._max_alpha = settings.proxy_max_alpha
+        self._library = ExpertLibrary(
+            store=AdapterStore(settings.store, max_rank=settings.proxy_max_rank),
+            base=base,
+            base_name=model_name(settings.proxy_small_model),
+            capacity=settings.proxy_max_experts,
+            max_rank=settings.proxy_max_rank,
+        )
+        self._eos = (
+            getattr(base.generation_config, "eos_token_id", None) or base.config.eos_token_id
+        )
+        self._table = RequestTable()
+        self._failures = 0
+        self._stats_file = settings.proxy_stats_file
+        logger.info(
+            "proxy tuning on: small model %s, store %s, vocab %d",
+            settings.proxy_small_model,
+            settings.store,
+            self._vocab,
+        )
+        self._write_stats()
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    # ---------------------------------------------------------------------- batch bookkeeping
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        self._table.update(
+            batch_size=batch_update.batch_size,
+            removed=batch_update.removed,
+            added=[
+                (row, self._new_state(params, prompt, output))
+                for row, params, prompt, output in batch_update.added
+            ],
+            moved=[
+                (src, dst, direction == MoveDirectionality.SWAP)
+                for src, dst, direction in batch_update.moved
+            ],
+        )
+        self._write_stats()
+
+    def _new_state(
+        self, params: SamplingParams, prompt: list[int] | None, output: list[int]
+    ) -> RequestState | None:
+        try:
+            request = ExpertRequest.from_extra_args(params.extra_args, max_alpha=self._max_alpha)
+        except ProxyTuningError as e:
+            # validate_params refuses these in the frontend; reaching here means a caller
+            # bypassed it (e.g. the offline LLM API): end the request rather than the engine.
+            return self._failed_state(str(e), prompt, output)
+        if request is None:
+            return None
+        if prompt is None:
+            return self._failed_state("proxy tuning needs the prompt's token ids", (), output)
+        return RequestState(
+            expert_key=request.ref, alpha=request.alpha, prompt=prompt, output=output
+        )
+
+    def _failed_state(
+        self, reason: str, prompt: Sequence[int] | None, output: list[int]
+    ) -> RequestState:
+        state = RequestState(expert_key=None, alpha=0.0, prompt=prompt or (), output=output)
+        self._fail(state, reason)
+        return state
+
+    def _fail(self, state: RequestState, reason: str) -> None:
+        logger.error("proxy tuning failed for a request, ending it: %s", reason)
+        state.error = reason
+        state.release()
+        self._failures += 1
+
+    # ---------------------------------------------------------------------- the logits
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self._table.rows:
+            return logits
+        active: list[tuple[int, RequestState]] = []
+        failed: list[int] = []
+        for row, state in sorted(self._table.rows.items()):
+            if row >= logits.shape[0]:
+                continue
+            if state.error is None and state.expert is None:
+                self._resolve(state)
+            if state.error is None:
+                active.append((row, state))
+            else:
+                failed.append(row)
+        if active:
+            self._add_offsets(logits, active)
+            failed += [row for row, state in active if state.error is not None]
+        if failed and self._eos is not None:
+            logits[failed] = float("-inf")
+            logits[failed, self._eos] = 0.0
+        return logits
+
+    def _resolve(self, state: RequestState) -> None:
+        ref = state.expert_key
+        assert isinstance(ref, ExpertRef)
+        try:
+            state.expert = self._library.get(ref)
+        except ProxyTuningError as e:
+            self._fail(state, str(e))
+
+    def _add_offsets(self, logits: torch.Tensor, active: list[tuple[int, RequestState]]) -> None:
+        """Advance the base model over all active requests (one batch), each expert over its
+        requests (one batch per expert), then add the offsets to the rows in one operation."""
+        states = [state for _, state in active]
+        tokens = [state.tokens() for state in states]
+        advance(self._base, [s.base for s in states], tokens)
+        by_expert: dict[int, list[int]] = {}
+        for i, state in enumerate(states):
+            by_expert.setdefault(id(state.expert), []).append(i)
+        for members in by_expert.values():
+            try:
+                advance(
+                    states[members[0]].expert,
+                    [states[i].tuned for i in members],
+                    [tokens[i] for i in members],
+                )
+            except RuntimeError as e:  # a broken expert ends its own requests only
+                for i in members:
+                    self._fail(states[i], f"expert {states[i].expert_key} failed: {e}")
+        done = [(row, s) for row, s in active if s.error is None]
+        if not done:
+            return
+        n = self._vocab
+        offsets = torch.stack(
+            [
+                s.alpha * (_logits(s.tuned.last_logits)[:n] - _logits(s.base.last_logits)[:n])
+                for _, s in done
+            ]
+        )
+        index = torch.tensor([row for row, _ in done], device=logits.device)
+        logits[index, :n] += offsets.to(device=logits.device, dtype=logits.dtype)
+
+    # ---------------------------------------------------------------------- observability
+
+    def stats(self) -> dict[str, int]:
+        return {
+            **self._table.stats(),
+            "experts_cached": len(self._library),
+            "expert_loads": self._library.loads,
+            "failures": self._failures,
+        }
+
+    def _write_stats(self) -> None:
+        if self._stats_file is None:
+            return
+        path = Path(self._stats_file)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({**self.stats(), "pid": os.getpid()}, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            logger.warning("cannot write proxy stats to %s: %s", path, e)
+
+
+def _logits(t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:
+        raise RuntimeError("a stream was not advanced before its logits were read")
+    return t

@@ -1,0 +1,32 @@
+"""Settings of the proxy-tuning logits processor (env prefix `FEDPERSONA_`).
+
+The engine supervisor (`service.engine_config.engine_env`) passes `FEDPERSONA_PROXY_SMALL_MODEL`
+and `FEDPERSONA_STORE` to the vLLM process; the rest are optional knobs. Built by the processor
+when vLLM constructs it, never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ProxySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEDPERSONA_", extra="ignore")
+
+    proxy_small_model: Path = Field(description="small base model dir (Hugging Face format)")
+    store: Path = Field(description="root of the adapter store holding the experts")
+    proxy_max_experts: int = Field(
+        default=4, ge=1, description="merged experts kept in memory (LRU), besides in-flight ones"
+    )
+    proxy_max_rank: int = Field(default=64, ge=1, description="largest expert LoRA rank accepted")
+    proxy_max_alpha: float = Field(
+        default=10.0, gt=0, description="largest accepted |fedpersona_alpha|"
+    )
+    proxy_stats_file: Path | None = Field(
+        default=None,
+        description="if set, the processor rewrites this JSON file with its counters (live "
+        "requests, KV bytes, loads, failures) whenever the batch changes; for tests and ops",
+    )
