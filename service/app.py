@@ -129,6 +129,10 @@ def create_app(
         finally:
             if watcher is not None:
                 watcher.cancel()
+            close_rounds = getattr(rounds_controller, "close", None)
+            if close_rounds is not None:
+                # Stops a training run in progress: its child would outlive us otherwise.
+                await asyncio.to_thread(close_rounds)
             if supervisor is not None:
                 wait_idle = getattr(engine, "wait_idle", None)
                 await supervisor.stop(settings.shutdown_grace_s, wait_idle=wait_idle)

@@ -3,7 +3,7 @@
 Without `--engine-url` (and `FEDPERSONA_ENGINE__URL`) the gateway supervises its own vLLM child
 on loopback (`service.supervisor`), started and stopped by the app's lifespan; with a URL it
 talks to a separately run engine (the Helm chart's layout). The trainer's round controller is
-wired in when `trainer.api` is importable, so `/admin/rounds` works.
+wired in (unless `--no-rounds`), so `/admin/rounds` starts training runs in child processes.
 
 Shutdown on SIGTERM/SIGINT: uvicorn stops accepting connections and lets requests in flight
 (streams included) finish for up to `FEDPERSONA_SHUTDOWN_GRACE_S`; then the lifespan drains and
@@ -21,6 +21,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.metrics import Metrics
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,14 +70,16 @@ def build_supervisor(settings: Settings) -> Any:
     )
 
 
-def build_round_controller(settings: Settings) -> Any:
-    """`trainer.api.RoundController` for this home, or None if the trainer is not installed."""
-    try:
-        from trainer.api import RoundController
-    except ImportError as e:
-        logger.warning("round API disabled: trainer.api is not importable (%s)", e)
-        return None
-    return RoundController(home=settings.home)
+def build_round_controller(settings: Settings, metrics: Metrics) -> Any:
+    """`trainer.api.RoundController` for this home; its metrics join the gateway's `/metrics`."""
+    from trainer.api import RoundController
+    from trainer.metrics import TrainerMetrics
+
+    return RoundController(
+        settings.home,
+        runs_dir=settings.runs_path,
+        metrics=TrainerMetrics(registry=metrics.registry),
+    )
 
 
 def build_app(settings: Settings, *, rounds: bool = True) -> Any:
@@ -89,12 +92,14 @@ def build_app(settings: Settings, *, rounds: bool = True) -> Any:
         gate=supervisor.check_available if supervisor is not None else None,
     )
     base_model = supervisor.launch.served_model_name if supervisor is not None else None
+    metrics = Metrics()
     return create_app(
         settings,
         engine=engine,
         supervisor=supervisor,
         base_model=base_model,
-        rounds_controller=build_round_controller(settings) if rounds else None,
+        metrics=metrics,
+        rounds_controller=build_round_controller(settings, metrics) if rounds else None,
     )
 
 
