@@ -21,7 +21,7 @@ def client_results(draw: st.DrawFn, *, with_masks: bool) -> list[tuple]:
     weights = draw(
         st.lists(st.integers(0, 50), min_size=k, max_size=k).filter(lambda w: sum(w) > 0)
     )
-    results = []
+    results: list[tuple] = []
     for w in weights:
         values = {
             key: draw(arrays(np.float32, shape, elements=finite)) for key, shape in SHAPES.items()
