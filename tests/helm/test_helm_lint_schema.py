@@ -3,6 +3,7 @@ values.schema.json refuses bad values before anything renders."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -28,6 +29,21 @@ def test_installer_is_idempotent_and_pins_the_version(helm_bin: Path) -> None:
     assert time.monotonic() - start < 10, "a second install should reuse the binary"
     assert Path(proc.stdout.strip()) == helm_bin
     assert run_helm(helm_bin, ["version", "--template", "{{.Version}}"]) == "v4.1.4"
+
+
+@pytest.mark.slow
+def test_installer_replaces_a_wrong_helm_using_the_python_unzip_fallback(tmp_path: Path) -> None:
+    stale = tmp_path / "helm"
+    stale.write_text("#!/bin/sh\necho v0.0.1\n")
+    stale.chmod(0o755)
+    env = {**os.environ, "HELM_INSTALL_DIR": str(tmp_path), "HELM_UNZIP": "python"}
+    proc = subprocess.run(
+        ["bash", str(INSTALLER)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == stale
+    assert run_helm(stale, ["version", "--template", "{{.Version}}"]) == "v4.1.4"
+    assert [p.name for p in tmp_path.iterdir()] == ["helm"]  # no temporary files left
 
 
 @pytest.mark.parametrize("values_file", VALUE_FILES, ids=_ids)
