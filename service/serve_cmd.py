@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,17 @@ def run(args: argparse.Namespace) -> int:
     )
     uvicorn.Server(config).run()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service.serve_cmd`: the same as `fedpersona serve`."""
+    parser = argparse.ArgumentParser(prog="fedpersona serve")
+    add_arguments(parser)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
