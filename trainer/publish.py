@@ -130,8 +130,15 @@ class RoundPublisher:
             "algorithm": self.algorithm,
         }
         staged: list[_Staged] = []
+        # FedPT (trainer/fedpt.py) publishes proxy experts for the small model, not served LoRAs.
+        experts = bool(getattr(self.method, "publishes_experts", False))
         try:
-            if self.algorithm != "local":
+            if experts:
+                adapter = self.method.served_adapter(
+                    base_model=self.base_model, global_params=new_global, state={}
+                )
+                staged.append(self._write(Slot.global_expert(), adapter, meta, staging))
+            elif self.algorithm != "local":
                 adapter = self.method.served_adapter(
                     base_model=self.base_model, global_params=new_global, state={}
                 )
@@ -144,7 +151,8 @@ class RoundPublisher:
                     base_model=self.base_model, global_params=new_global, state=state
                 )
                 user_meta = {**meta, "user": p.user, "personal_version": p.personal_version}
-                staged.append(self._write(Slot.user_served(p.user), adapter, user_meta, staging))
+                slot = Slot.user_expert(p.user) if experts else Slot.user_served(p.user)
+                staged.append(self._write(slot, adapter, user_meta, staging))
         except PublishError:
             raise
         except Exception as e:

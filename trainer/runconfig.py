@@ -86,7 +86,11 @@ class RunConfig:
         kwargs["home"] = home
         for name, default in (
             ("store", home / "store"),
-            ("base_model", home / "models" / "large"),
+            # FedPT tunes the small model (its experts steer the large one at serving time).
+            (
+                "base_model",
+                home / "models" / ("small" if values["algorithm"] == "fedpt" else "large"),
+            ),
             ("runs_dir", home / "runs"),
         ):
             value = kwargs.get(name)

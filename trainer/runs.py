@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adapters import InvalidName, validate_user_id
 from trainer.errors import RunNotFound
 
-Algorithm = Literal["fedavg", "local", "pftt", "perfit"]
-ALGORITHMS: tuple[str, ...] = ("fedavg", "local", "pftt", "perfit")
+Algorithm = Literal["fedavg", "local", "pftt", "perfit", "fedpt"]
+ALGORITHMS: tuple[str, ...] = ("fedavg", "local", "pftt", "perfit", "fedpt")
 
 _RUN_ID = re.compile(r"^r-[0-9]{8}t[0-9]{6}-[0-9a-f]{6}$")
 

@@ -25,6 +25,8 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "local": ("trainer.methods.local", "LocalOnly", {}),
     "pftt": ("trainer.methods.pftt", "Pftt", {}),
     "perfit": ("trainer.methods.perfit", "PerFit", {}),
+    # FedPT: FedAvg on the SMALL model, published as proxy experts (trainer/fedpt.py).
+    "fedpt": ("trainer.fedpt", "FedPT", {}),
 }
 
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
