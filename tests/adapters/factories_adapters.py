@@ -46,6 +46,7 @@ def make_adapter(
     alpha: float | None = None,
     base_model: str = BASE,
     scale: float = 0.05,
+    dtype: torch.dtype = torch.float32,
 ) -> LoraAdapter:
     """A LoRA with random (non-zero) A and B for `targets` in `layers` of the tiny Llama."""
     gen = torch.Generator().manual_seed(seed)
@@ -55,8 +56,10 @@ def make_adapter(
         for target in targets:
             _, fan_in, fan_out = _MODULES[target]
             path = module_path(layer, target)
-            tensors[f"{path}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) * scale
-            tensors[f"{path}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * scale
+            a = torch.randn(r, fan_in, generator=gen, dtype=torch.float64) * scale
+            b = torch.randn(fan_out, r, generator=gen, dtype=torch.float64) * scale
+            tensors[f"{path}.lora_A.weight"] = a.to(dtype)
+            tensors[f"{path}.lora_B.weight"] = b.to(dtype)
     return LoraAdapter(
         r=r,
         alpha=float(2 * r) if alpha is None else alpha,
