@@ -36,6 +36,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from trainer import personas
+from trainer.errors import DataError
 from trainer.tokenizer import render_chat, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,8 @@ def build_models(
     """Build (or reuse from cache) the large and small model of `recipe` under `out_dir`.
 
     `corpus_text` replaces the default persona corpus for both the tokenizer and pretraining.
-    `force` rebuilds even on a cache hit. Raises ValueError for a corpus too short to pretrain on.
+    `force` rebuilds even on a cache hit. Raises `DataError` (a ValueError) for a corpus too
+    short to pretrain on; nothing is written then.
     """
     started = time.monotonic()
     corpus = default_corpus(recipe) if corpus_text is None else corpus_text
@@ -313,7 +315,7 @@ def _build_into(staging: Path, recipe: Recipe, corpus: str, *, progress: bool) -
     encoded = tokenizer.backend_tokenizer.encode(corpus, add_special_tokens=False)
     ids = torch.tensor(encoded.ids, dtype=torch.long)
     if ids.numel() < recipe.seq_len + 2:
-        raise ValueError(
+        raise DataError(
             f"corpus is too short: {ids.numel()} tokens, need at least {recipe.seq_len + 2}"
         )
     with _deterministic_torch(threads=1):

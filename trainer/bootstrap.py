@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from trainer.basemodel import RECIPES, build_models
+    from trainer.errors import DataError
 
     console = Console(stderr=True)
     corpus_text = None
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.json,
             force=args.force,
         )
-    except ValueError as e:
+    except DataError as e:
         console.print(f"[red]cannot build the base models: {e}")
         return 2
     result = summary(pair)

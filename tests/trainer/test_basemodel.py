@@ -22,6 +22,7 @@ from trainer.basemodel import (
     build_models,
     read_marker,
 )
+from trainer.errors import DataError
 from trainer.tokenizer import (
     ASSISTANT,
     BOS,
@@ -118,7 +119,7 @@ def test_corpus_changes_the_models_and_too_short_a_corpus_is_refused(tmp_path: P
     pair = build_models(tmp_path / "c", MICRO, corpus_text=text, progress=False)
     default = build_models(tmp_path / "d", MICRO, progress=False)
     assert pair.large.recipe_hash != default.large.recipe_hash
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(DataError, match="too short"):
         build_models(tmp_path / "e", MICRO, corpus_text="tiny", progress=False)
     assert not (tmp_path / "e" / "large").exists()
 
