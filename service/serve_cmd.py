@@ -21,7 +21,6 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -84,6 +83,8 @@ def build_round_controller(settings: Settings, metrics: Metrics) -> Any:
 
 
 def build_app(settings: Settings, *, rounds: bool = True) -> Any:
+    # Imported here so that bad settings fail fast, before torch and friends load.
+    from service.app import create_app
     from service.engine import EngineClient
 
     supervisor = build_supervisor(settings)
