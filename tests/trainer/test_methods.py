@@ -226,3 +226,22 @@ def test_perfit_searches_a_mask_of_exactly_the_budget_and_keeps_it(
     )
     again = _round(method, micro_models, silos["alice"], global_params=start)
     assert _same(again.upload, first.upload) and _same(again.state, first.state)
+
+
+def test_every_method_takes_the_rank_budget_as_spec() -> None:
+    from trainer.errors import MethodError
+
+    budget = LoraSpec(rank=6, alpha=3.0, target_modules=("q_proj", "v_proj"))
+    for name in ("fedavg", "fedprox", "local", "pftt", "perfit"):
+        get_method(name, spec=budget)
+    pftt = get_method("pftt", spec=budget)
+    assert pftt.global_spec == LoraSpec(rank=3, alpha=1.5, target_modules=("q_proj", "v_proj"))  # type: ignore[attr-defined]
+    assert pftt.personal_spec.rank == 3  # type: ignore[attr-defined]
+    assert get_method("pftt", spec=budget, global_rank=2).global_spec.rank == 2  # type: ignore[attr-defined]
+    assert get_method("perfit", spec=budget).expanded.rank == 12  # type: ignore[attr-defined]
+    with pytest.raises(MethodError, match="exceeds the served maximum"):
+        get_method("perfit", spec=LoraSpec(rank=16, alpha=32.0))
+    with pytest.raises(MethodError, match="exceeds the served maximum"):
+        get_method("pftt", spec=budget, personal_rank=14)
+    with pytest.raises(MethodError, match="exceeds the served maximum"):
+        get_method("fedavg", spec=LoraSpec(rank=32, alpha=64.0))

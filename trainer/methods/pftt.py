@@ -7,9 +7,10 @@ LoRA that is never aggregated and never uploaded. The personal LoRA stays in the
 served the exact composition `adapters.compose(global, personal)`, one LoRA of rank
 `r_g + r_p` whose update equals the sum the model was trained with.
 
-Communication (the design's choice): the global LoRA has half of FedAvg's rank on the same
-target modules (default rank 4 vs FedAvg's 8, alpha = 2 * rank), so each round's uplink is
-exactly half of FedAvg's; the personal LoRA (default rank 4) brings the served rank back to 8.
+Communication (the design's choice): given the rank budget `spec` that FedAvg would use (default
+rank 8), the global LoRA gets half of it on the same target modules (rank 4, same scaling
+alpha / rank), so each round's uplink is half of FedAvg's (for odd ranks a little less); the
+personal LoRA gets the rest, so the served composition has FedAvg's rank (8).
 A FedProx term (`prox_mu`), if set, applies to the global LoRA only.
 """
 
@@ -26,6 +27,7 @@ from trainer.errors import MethodError
 from trainer.lora_train import LocalTrainer, LoraSession, adapter_from_params
 from trainer.methods.base import (
     DEFAULT_MAX_RANK,
+    DEFAULT_SPEC,
     ClientUpdate,
     LoraSpec,
     Params,
@@ -35,21 +37,31 @@ from trainer.methods.base import (
 
 GLOBAL = "global"
 PERSONAL = "personal"
-GLOBAL_SPEC = LoraSpec(rank=4, alpha=8.0)
-PERSONAL_SPEC = LoraSpec(rank=4, alpha=8.0)
 
 
 @dataclass(frozen=True)
 class Pftt:
-    """Global LoRA (FedAvg) + personal LoRA (client only), served composed."""
+    """Global LoRA (FedAvg) + personal LoRA (client only), served composed.
 
-    global_spec: LoraSpec = GLOBAL_SPEC
-    personal_spec: LoraSpec = PERSONAL_SPEC
+    `spec` is the rank budget of the comparison (FedAvg's LoRA, default rank 8): the global LoRA
+    gets `spec.rank // 2` of it and the personal LoRA the rest (override with `global_rank` /
+    `personal_rank`), both on `spec`'s target modules with its scaling `alpha / rank`.
+    """
+
+    spec: LoraSpec = DEFAULT_SPEC
+    global_rank: int | None = None
+    personal_rank: int | None = None
     prox_mu: float = 0.0
     max_rank: int = DEFAULT_MAX_RANK
     name: str = "pftt"
 
     def __post_init__(self) -> None:
+        for field, value in (
+            ("global_rank", self.global_rank),
+            ("personal_rank", self.personal_rank),
+        ):
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise MethodError(f"pftt: {field} must be a positive integer, got {value!r}")
         served_rank = self.global_spec.rank + self.personal_spec.rank
         if served_rank > self.max_rank:
             raise MethodError(
@@ -59,6 +71,18 @@ class Pftt:
             )
         if not self.prox_mu >= 0:
             raise MethodError(f"prox_mu must be >= 0, got {self.prox_mu!r}")
+
+    def _part(self, rank: int) -> LoraSpec:
+        scaling = self.spec.alpha / self.spec.rank
+        return LoraSpec(rank=rank, alpha=scaling * rank, target_modules=self.spec.target_modules)
+
+    @property
+    def global_spec(self) -> LoraSpec:
+        return self._part(self.global_rank or max(1, self.spec.rank // 2))
+
+    @property
+    def personal_spec(self) -> LoraSpec:
+        return self._part(self.personal_rank or max(1, self.spec.rank - self.spec.rank // 2))
 
     def _session(self, base_model: ModelInfo, *, seed: int) -> LoraSession:
         return LoraSession(
