@@ -249,3 +249,20 @@ def test_cli_reports_bad_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[st
     short.write_text("hi")
     assert _run_cli("--home", str(tmp_path), "--recipe", "micro", "--corpus", str(short)) == 2
     assert "too short" in capsys.readouterr().err
+
+
+def _build_in_child(out_dir: str) -> bool:
+    return build_models(Path(out_dir), MICRO, progress=False).cache_hit
+
+
+@pytest.mark.slow
+def test_parallel_builders_do_not_collide(tmp_path: Path) -> None:
+    # Two processes (like two pytest sessions) build into one directory at once: one builds,
+    # the other waits on the lock and finds the cache.
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        hits = pool.map(_build_in_child, [str(tmp_path)] * 2)
+    assert sorted(hits) == [False, True]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "large", "small"]
+    assert read_marker(tmp_path / "large") is not None
