@@ -8,8 +8,9 @@ each user's API key and the `personal` alias. Greedy decoding makes both paths g
 same tokens, so the work is identical.
 
 Reports the throughput ratio (gateway / direct completion tokens per second, target >= 0.95) and
-the added time to first token (p50 of gateway TTFT minus p50 of direct TTFT, target <= 5 ms).
-Prints a table and writes `benchmarks/results/serve_overhead.json` and `.png`.
+the added time to first token (p50 of gateway TTFT minus p50 of direct TTFT, target <= 5 ms)
+under that load, plus the added TTFT of single requests (direct and gateway interleaved one at a
+time: the median of the paired differences), which load noise does not swamp. Prints a table and writes `benchmarks/results/serve_overhead.json` and `.png`.
 
     python benchmarks/serve_overhead.py                       # micro test model, own vLLM
     python benchmarks/serve_overhead.py --model-dir .fedpersona/models/large --requests 256
@@ -131,6 +132,7 @@ class Sample:
     ttft_s: float
     total_s: float
     tokens: int
+    error: str | None = None
 
 
 async def one_stream(
@@ -173,7 +175,12 @@ async def run_round(
         async def worker() -> None:
             while not queue.empty():
                 key, body = queue.get_nowait()
-                samples.append(await one_stream(client, url, key, body))
+                started = time.perf_counter()
+                try:
+                    samples.append(await one_stream(client, url, key, body))
+                except (httpx.HTTPError, RuntimeError) as e:
+                    took = time.perf_counter() - started
+                    samples.append(Sample(took, took, 0, error=f"{type(e).__name__}: {e}"))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -187,10 +194,15 @@ def pct(values: list[float], q: float) -> float:
 
 
 def summarize(samples: list[Sample], wall: float) -> dict[str, float]:
+    failed = [s for s in samples if s.error is not None]
+    for sample in failed[:3]:
+        print(f"  request failed: {sample.error}", flush=True)
+    samples = [s for s in samples if s.error is None]
     tokens = sum(s.tokens for s in samples)
     ttft = [s.ttft_s * 1000 for s in samples]
     return {
         "requests": len(samples),
+        "errors": len(failed),
         "tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
@@ -312,6 +324,23 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 concurrency=args.concurrency,
             )
             rounds["gateway"].append(summarize(samples, wall))
+        # Unloaded added latency: one request at a time, direct and gateway interleaved, so
+        # both see the same engine state; the median of the paired TTFT differences.
+        print(f"paired single requests x {args.paired} ...", flush=True)
+        diffs = []
+        async with httpx.AsyncClient(timeout=600) as single:
+            for i in range(args.paired):
+                (gkey, gbody), (_, dbody) = gateway_jobs[i], direct_jobs[i]
+                pair = [
+                    ("d", f"{engine_url}/v1/chat/completions", None, dbody),
+                    ("g", f"{gateway_url}/v1/chat/completions", gkey, gbody),
+                ]
+                if i % 2:
+                    pair.reverse()
+                ttft = {}
+                for tag, url, key, body_ in pair:
+                    ttft[tag] = (await one_stream(single, url, key, body_)).ttft_s
+                diffs.append((ttft["g"] - ttft["d"]) * 1000)
     finally:
         gateway.terminate()
         gateway.wait(30)
@@ -339,6 +368,11 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": rounds,
         "throughput_ratio": gateway_tps / direct_tps,
         "added_ttft_p50_ms": med("gateway", "ttft_p50_ms") - med("direct", "ttft_p50_ms"),
+        "paired_added_ttft_ms": {
+            "n": len(diffs),
+            "median": statistics.median(diffs),
+            "p90": pct(diffs, 0.9),
+        },
         "targets": {"throughput_ratio": ">= 0.95", "added_ttft_p50_ms": "<= 5"},
     }
     return result
@@ -356,6 +390,7 @@ def report(result: dict[str, Any]) -> None:
         "TTFT p90 ms",
         "latency p50 ms",
         "requests/round",
+        "errors",
     ):
         table.add_column(column, justify="right")
     for path in ("direct", "gateway"):
@@ -371,12 +406,18 @@ def report(result: dict[str, Any]) -> None:
             f"{med('ttft_p90_ms'):.1f}",
             f"{med('latency_p50_ms'):.1f}",
             f"{int(med('requests'))}",
+            f"{sum(int(r['errors']) for r in rows)}",
         )
     console = Console()
     console.print(table)
     console.print(
         f"throughput ratio gateway/direct: {result['throughput_ratio']:.3f} (target >= 0.95); "
         f"added TTFT p50: {result['added_ttft_p50_ms']:.2f} ms (target <= 5)"
+    )
+    paired = result["paired_added_ttft_ms"]
+    console.print(
+        f"unloaded (one request at a time, {paired['n']} pairs): added TTFT median "
+        f"{paired['median']:.2f} ms, p90 {paired['p90']:.2f} ms"
     )
     if result["vllm_ready_s"] is not None:
         console.print(f"vLLM ready after {result['vllm_ready_s']:.1f} s")
@@ -416,6 +457,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--paired", type=int, default=32, help="single requests per path")
     parser.add_argument("--max-loras", type=int, default=4)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_overhead.json")

@@ -48,6 +48,28 @@ def _envelope(response: httpx.Response) -> dict[str, Any]:
     }
 
 
+def renamed_chunk(line: bytes, *, engine_model: str, public_model: str) -> bytes | None:
+    """Fast path for relaying vLLM's stream: a plain content chunk as an SSE event with its
+    `model` renamed by one byte replace, or None when the line needs a JSON parse (the usage
+    chunk, an error event, `[DONE]`, or a shape this does not recognise).
+
+    Safe without parsing because vLLM writes compact JSON: inside a JSON string every quote is
+    escaped, so an unescaped `"model":"<name>"` can only be the key itself; requiring exactly
+    one occurrence rules out a nested `model` key.
+    """
+    if not line.startswith(b"data: {") or b'"usage"' in line or b'"error"' in line:
+        return None
+    needle = b'"model":"' + engine_model.encode() + b'"'
+    if line.count(needle) != 1:
+        return None
+    return line.replace(needle, b'"model":"' + public_model.encode() + b'"', 1) + b"\n\n"
+
+
+def chunk_has_content(line: bytes) -> bool:
+    """Whether a (fast-path) chunk line carries generated text, for time-to-first-token."""
+    return b'"content":"' in line and b'"content":""' not in line
+
+
 class EngineClient:
     """Async client of one vLLM OpenAI-compatible server at `base_url`."""
 

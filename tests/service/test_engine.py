@@ -236,3 +236,44 @@ def test_gate_refuses_before_sending() -> None:
 
     run(main())
     assert [r.url.path for r in sent] == ["/health"]
+
+
+VLLM_CHUNK = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,'
+    b'"model":"u-alice-0123456789abcdef","choices":[{"index":0,"delta":{"content":"hi \\"model\\":'
+    b'\\"u-alice-0123456789abcdef\\""},"logprobs":null,"finish_reason":null,"token_ids":null}]}'
+)
+
+
+def test_renamed_chunk_rewrites_only_the_model_key() -> None:
+    from service.engine import chunk_has_content, renamed_chunk
+
+    out = renamed_chunk(
+        VLLM_CHUNK, engine_model="u-alice-0123456789abcdef", public_model="personal"
+    )
+    assert out is not None and out.endswith(b"\n\n")
+    event = json.loads(out[len(b"data: ") :])
+    original = json.loads(VLLM_CHUNK[len(b"data: ") :])
+    assert event["model"] == "personal"
+    # The (escaped) name inside generated text is left alone: only the key changed.
+    assert event["choices"] == original["choices"]
+    assert chunk_has_content(VLLM_CHUNK)
+    assert not chunk_has_content(VLLM_CHUNK.replace(b'"content":"hi', b'"content":"", "x":"'))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"data: [DONE]",
+        b'data: {"model":"u-a-0123456789abcdef","choices":[],"usage":{"prompt_tokens":1}}',
+        b'data: {"error":{"message":"boom"},"model":"u-a-0123456789abcdef"}',
+        b'data: {"model": "u-a-0123456789abcdef","choices":[]}',  # not vLLM's compact form
+        b'data: {"model":"other","choices":[]}',
+        b'data: {"model":"u-a-0123456789abcdef","x":{"model":"u-a-0123456789abcdef"}}',
+        b": keep-alive comment",
+    ],
+)
+def test_renamed_chunk_leaves_everything_else_to_the_json_path(line: bytes) -> None:
+    from service.engine import renamed_chunk
+
+    assert renamed_chunk(line, engine_model="u-a-0123456789abcdef", public_model="p") is None
