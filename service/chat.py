@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from adapters import AdapterStore, Slot, Version
+from service.engine import chunk_has_content, renamed_chunk
 from service.errors import EngineRequestError, GatewayError, UpstreamError
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest
@@ -113,6 +114,7 @@ class ChatService:
                         first,
                         lines,
                         route=route,
+                        engine_model=body["model"],
                         include_usage=request.include_usage,
                         stack=stack.pop_all(),
                         started=started,
@@ -171,6 +173,7 @@ class ChatService:
         lines: AsyncIterator[bytes],
         *,
         route: ModelRoute,
+        engine_model: str,
         include_usage: bool,
         stack: AsyncExitStack,
         started: float,
@@ -182,6 +185,19 @@ class ChatService:
         try:
             line: bytes | None = first
             while line is not None:
+                # Content chunks (all but the last few) are renamed without a JSON round trip.
+                fast = renamed_chunk(
+                    line, engine_model=engine_model, public_model=route.public_name
+                )
+                if fast is not None:
+                    if not first_token_seen and chunk_has_content(line):
+                        first_token_seen = True
+                        self.metrics.ttft_seconds.labels(kind).observe(
+                            time.perf_counter() - started
+                        )
+                    yield fast
+                    line = await anext(lines, None)
+                    continue
                 payload = _sse_payload(line)
                 if payload == b"[DONE]":
                     done = True
