@@ -8,8 +8,9 @@ from adapters.compose import compose
 from adapters.errors import AdapterError, InvalidAdapter, InvalidName, NotFound, StoreCorrupt
 from adapters.lora import LoraAdapter, load_lora, save_lora
 from adapters.names import Slot, SlotKind, validate_adapter_name, validate_user_id
-from adapters.store import AdapterStore, Version
+from adapters.store import AdapterStore
 from adapters.validation import validate_adapter, validate_adapter_dir
+from adapters.version import Version, content_id
 
 __all__ = [
     "AdapterError",
@@ -23,6 +24,7 @@ __all__ = [
     "StoreCorrupt",
     "Version",
     "compose",
+    "content_id",
     "load_lora",
     "save_lora",
     "validate_adapter",

@@ -47,12 +47,13 @@ def lora_keys(module: str) -> tuple[str, str]:
     return module + _A_SUFFIX, module + _B_SUFFIX
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoraAdapter:
     """A LoRA adapter: for every module `m`, `W_m += alpha / r * B_m @ A_m`.
 
     `tensors` maps PEFT key names (`<module>.lora_A.weight` [r, in], `<module>.lora_B.weight`
     [out, r]) to tensors. Every module's last name component must be in `target_modules`.
+    Compared by identity (tensors have no single truth value).
     """
 
     r: int

@@ -51,54 +51,40 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import InvalidAdapter, InvalidName, NotFound, StoreCorrupt
+from adapters.durable import ensure_dir, fsync_dir, fsync_file, write_json_atomic
+from adapters.errors import AdapterError, InvalidAdapter, InvalidName, NotFound, StoreCorrupt
 from adapters.lora import ADAPTER_FILES, LoraAdapter, save_lora
 from adapters.names import Slot
 from adapters.validation import validate_adapter_dir
+from adapters.version import ID_LENGTH, VERSION_FILE, Version, content_id, version_from_record
 
 logger = logging.getLogger(__name__)
 
 STEP_DELAY_ENV = "FEDPERSONA_STORE_TEST_STEP_DELAY"
-VERSION_FILE = "version.json"
 CURRENT_FILE = "current.json"
-ID_LENGTH = 16
 _FORMAT = 1
-
-
-@dataclass(frozen=True)
-class Version:
-    """One published, immutable adapter version. `path` is a PEFT directory vLLM can load."""
-
-    slot: Slot
-    id: str
-    path: Path
-    created_at: datetime
-    base_model: str
-    rank: int
-    metadata: dict[str, Any] = field(default_factory=dict)
-    target_modules: tuple[str, ...] = ()
-    seq: int = 0  # publish order within the slot (1, 2, ...)
-
-
-def content_id(files: dict[str, bytes]) -> str:
-    """The version id of a set of files: SHA-256 over (name, length, bytes), sorted by name."""
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        data = files[name]
-        digest.update(name.encode("utf-8") + b"\0" + len(data).to_bytes(8, "big"))
-        digest.update(data)
-    return digest.hexdigest()[:ID_LENGTH]
+_CURRENT_ATTEMPTS = 5
 
 
 class AdapterStore:
-    """Publish and read adapter versions below `root` (created if missing)."""
+    """Publish and read adapter versions below `root` (created if missing).
 
-    def __init__(self, root: str | Path, *, max_rank: int = 16, keep_versions: int = 5) -> None:
+    Opening a writable store removes what crashed publishers left behind. With
+    `read_only=True` it neither creates nor cleans anything and refuses to publish.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        max_rank: int = 16,
+        keep_versions: int = 5,
+        read_only: bool = False,
+    ) -> None:
         if max_rank < 1:
             raise ValueError(f"max_rank must be at least 1, got {max_rank}")
         if keep_versions < 1:
@@ -110,26 +96,41 @@ class AdapterStore:
         self._staging = self.root / ".staging"
         self._trash = self.root / ".trash"
         self._locks = self.root / ".locks"
+        self.read_only = read_only
+        if read_only:  # e.g. a serving pod with the volume mounted read-only: no writes at all
+            return
         for directory in (self._slots, self._staging, self._trash, self._locks):
             directory.mkdir(parents=True, exist_ok=True)
         self._recover()
+
+    def __repr__(self) -> str:
+        mode = ", read_only=True" if self.read_only else ""
+        return (
+            f"AdapterStore({str(self.root)!r}, max_rank={self.max_rank}, "
+            f"keep_versions={self.keep_versions}{mode})"
+        )
 
     # ----------------------------------------------------------------------------- reading
 
     def current(self, slot: Slot) -> Version | None:
         """The version `slot` serves now, or None if nothing was ever published there."""
         manifest = self._slot_dir(slot) / CURRENT_FILE
-        try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-            version_id = data["version"]
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise StoreCorrupt(f"{manifest}: unreadable manifest: {e}") from e
-        try:
-            return self.get(slot, version_id)
-        except NotFound as e:
-            raise StoreCorrupt(f"{manifest}: points at missing version {version_id!r}") from e
+        seen = None
+        for _ in range(_CURRENT_ATTEMPTS):
+            version_id = _read_manifest(manifest)
+            if version_id is None:
+                return None
+            try:
+                return self.get(slot, version_id)
+            except (NotFound, InvalidName) as e:
+                # Other publishers may have moved on (and retention removed this one) between
+                # reading the manifest and the version: read again, unless nothing changed.
+                if version_id == seen:
+                    raise StoreCorrupt(
+                        f"{manifest}: points at missing version {version_id!r}"
+                    ) from e
+                seen = version_id
+        raise StoreCorrupt(f"{manifest}: changed {_CURRENT_ATTEMPTS} times while being read")
 
     def get(self, slot: Slot, version_id: str) -> Version:
         """The version `version_id` of `slot`; raises `NotFound` (or `InvalidName`)."""
@@ -146,7 +147,7 @@ class AdapterStore:
             raise NotFound(f"slot {slot.path} has no version {version_id}") from e
         except (OSError, ValueError) as e:
             raise StoreCorrupt(f"{path / VERSION_FILE}: unreadable: {e}") from e
-        return _version_from_json(slot, path, data)
+        return version_from_record(slot, path, data)
 
     def versions(self, slot: Slot) -> list[Version]:
         """All retained versions of `slot`, oldest first (at most `keep_versions`)."""
@@ -161,7 +162,9 @@ class AdapterStore:
     def slots(self) -> list[Slot]:
         """Every slot that has a current version, sorted by path."""
         found = []
-        for manifest in self._slots.rglob(CURRENT_FILE):
+        patterns = ("users/*/*", "global/adapters/*", "global/expert")
+        manifests = [m for p in patterns for m in self._slots.glob(f"{p}/{CURRENT_FILE}")]
+        for manifest in manifests:
             relative = manifest.parent.relative_to(self._slots).as_posix()
             try:
                 found.append(Slot.parse(relative))
@@ -222,6 +225,8 @@ class AdapterStore:
         base_model: str,
         metadata: dict[str, Any] | None,
     ) -> Version:
+        if self.read_only:
+            raise AdapterError(f"{self!r} is read-only: cannot publish to {slot.path}")
         metadata = dict(metadata or {})
         try:
             json.dumps(metadata, allow_nan=False)
@@ -244,7 +249,11 @@ class AdapterStore:
                 shutil.rmtree(staging, ignore_errors=True)
             _step("version committed")
             if previous != version.id:
-                _write_atomic(slot_dir / CURRENT_FILE, {"version": version.id})
+                write_json_atomic(
+                    slot_dir / CURRENT_FILE,
+                    {"version": version.id},
+                    before_replace=lambda: _step("manifest written"),
+                )
                 _step("current swapped")
             self._apply_retention(slot, keep=version.id)
         logger.info("published %s@%s", slot.path, version.id)
@@ -283,16 +292,16 @@ class AdapterStore:
         }
         (staging / VERSION_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         for name in (*ADAPTER_FILES, VERSION_FILE):
-            _fsync_file(staging / name)
-        _fsync_dir(staging)
+            fsync_file(staging / name)
+        fsync_dir(staging)
         _step("staging synced")
-        _ensure_dir(target.parent)
+        ensure_dir(target.parent)
         if target.exists():  # no version.json: not made by publish (renames are atomic)
             logger.warning("replacing incomplete version directory %s", target)
             self._discard(slot, target)
         os.rename(staging, target)
-        _fsync_dir(target.parent)
-        return _version_from_json(slot, target, record)
+        fsync_dir(target.parent)
+        return version_from_record(slot, target, record)
 
     # ----------------------------------------------------------------------------- retention
 
@@ -308,7 +317,7 @@ class AdapterStore:
             self._discard(slot, version.path)
             logger.info("retention removed %s@%s", slot.path, version.id)
         if doomed:
-            _fsync_dir(self._slot_dir(slot) / "versions")
+            fsync_dir(self._slot_dir(slot) / "versions")
 
     def _discard(self, slot: Slot, path: Path) -> None:
         """Delete a version directory so that readers see it whole or not at all."""
@@ -365,25 +374,21 @@ class AdapterStore:
             shutil.rmtree(grave, ignore_errors=True)
 
 
+def _read_manifest(manifest: Path) -> str | None:
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise StoreCorrupt(f"{manifest}: unreadable manifest: {e}") from e
+    version_id = data.get("version") if isinstance(data, dict) else None
+    if not isinstance(version_id, str):
+        raise StoreCorrupt(f"{manifest}: unreadable manifest: no 'version' string")
+    return version_id
+
+
 def _slot_key(slot: Slot) -> str:
     return slot.path.replace("/", ".")
-
-
-def _version_from_json(slot: Slot, path: Path, data: dict[str, Any]) -> Version:
-    try:
-        return Version(
-            slot=slot,
-            id=str(data["id"]),
-            path=path,
-            created_at=datetime.fromisoformat(data["created_at"]),
-            base_model=str(data["base_model"]),
-            rank=int(data["rank"]),
-            metadata=dict(data.get("metadata") or {}),
-            target_modules=tuple(data.get("target_modules") or ()),
-            seq=int(data.get("seq", 0)),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise StoreCorrupt(f"{path / VERSION_FILE}: malformed: {e}") from e
 
 
 def _step(name: str) -> None:
@@ -391,44 +396,3 @@ def _step(name: str) -> None:
     if delay:
         logger.debug("test hook: sleeping %s s after %s", delay, name)
         time.sleep(float(delay))
-
-
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _step("manifest written")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _ensure_dir(path: Path) -> None:
-    """Create `path` (and parents) durably: each new entry's parent directory is fsynced."""
-    if path.is_dir():
-        return
-    _ensure_dir(path.parent)
-    with contextlib.suppress(FileExistsError):
-        path.mkdir()
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

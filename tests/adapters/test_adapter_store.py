@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters import (
+    AdapterError,
     AdapterStore,
     InvalidAdapter,
     InvalidName,
@@ -332,3 +333,49 @@ def test_an_incomplete_version_directory_is_replaced(tmp_path: Path) -> None:
     version = store.publish(ALICE, src, base_model=BASE)
     assert version.path == damaged
     validate_adapter_dir(version.path, max_rank=16, base_model=BASE)
+
+
+def test_read_only_store_reads_but_never_writes(tmp_path: Path) -> None:
+    writer = AdapterStore(tmp_path / "store")
+    published = writer.publish_lora(ALICE, make_adapter(seed=1, r=1))
+    stale = tmp_path / "store" / ".staging" / "users.alice.served" / "x"
+    stale.mkdir(parents=True)
+    reader = AdapterStore(tmp_path / "store", read_only=True)
+    assert reader.current(ALICE) == published
+    assert reader.users() == ["alice"]
+    assert stale.exists()  # cleaning up is a writer's job
+    with pytest.raises(AdapterError, match="read-only"):
+        reader.publish_lora(ALICE, make_adapter(seed=2, r=1))
+    missing = AdapterStore(tmp_path / "nothing", read_only=True)
+    assert missing.current(ALICE) is None
+    assert missing.slots() == []
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_current_rereads_the_manifest_when_retention_wins_the_race(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = AdapterStore(tmp_path, keep_versions=1)
+    old = store.publish_lora(ALICE, make_adapter(seed=1, r=1))
+    real_get = AdapterStore.get
+    calls: list[str] = []
+
+    def get_after_a_publish(self: AdapterStore, slot: Slot, version_id: str) -> object:
+        if not calls:  # another publisher lands between the manifest read and this lookup
+            calls.append(version_id)
+            monkeypatch.setattr(AdapterStore, "get", real_get)
+            AdapterStore(tmp_path, keep_versions=1).publish_lora(ALICE, make_adapter(seed=2, r=1))
+        return real_get(self, slot, version_id)
+
+    monkeypatch.setattr(AdapterStore, "get", get_after_a_publish)
+    current = store.current(ALICE)
+    assert calls == [old.id]
+    assert current is not None and current.id != old.id
+    assert store.versions(ALICE) == [current]
+
+
+def test_versions_are_hashable_values(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    version = store.publish_lora(ALICE, make_adapter(seed=1, r=1), metadata={"a": [1, 2]})
+    assert {version: 1}[store.current(ALICE)] == 1  # type: ignore[index]
+    assert "AdapterStore(" in repr(store)
