@@ -81,11 +81,15 @@ class Rendered:
             return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]  # type: ignore[no-any-return]
         return obj["spec"]["template"]["spec"]  # type: ignore[no-any-return]
 
-    def container(self, component: str, kind: str = "Deployment") -> dict[str, Any]:
-        containers = self.pod_spec(component, kind)["containers"]
-        if len(containers) != 1:
-            raise LookupError(f"{component} has {len(containers)} containers")
-        return containers[0]  # type: ignore[no-any-return]
+    def container(
+        self, component: str, kind: str = "Deployment", *, name: str | None = None
+    ) -> dict[str, Any]:
+        """The container named `name` (default: the one named after the component)."""
+        wanted = name or {"round-schedule": "start-round"}.get(component, component)
+        for container in self.pod_spec(component, kind)["containers"]:
+            if container["name"] == wanted:
+                return container  # type: ignore[no-any-return]
+        raise LookupError(f"{component} has no container {wanted!r}")
 
 
 def render(

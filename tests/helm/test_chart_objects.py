@@ -346,14 +346,23 @@ def test_trainer_runs_one_superlink_with_optional_tls(helm_bin: Path) -> None:
     deployment = rendered.get("Deployment", "trainer")
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-    flags = flag_values(rendered.container("trainer")["args"][1:])
+    superlink = rendered.container("trainer", name="superlink")
+    assert superlink["command"] == ["flower-superlink"]
+    flags = flag_values(superlink["args"])
     assert "--insecure" in flags
-    superlink = rendered.named("Service", f"{RELEASE}-fedpersona-superlink")
-    assert superlink is not None
-    assert [p["name"] for p in superlink["spec"]["ports"]] == ["fleet"]
+    assert flags["--fleet-api-address"] == "0.0.0.0:9092"
+    # The ServerApp's API stays on loopback inside the pod.
+    assert flags["--serverappio-api-address"].startswith("127.0.0.1:")
+    assert flags["--database"] == "/data/superlink.db"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert superlink[probe]["grpc"] == {"port": 9099}, probe
+    service = rendered.named("Service", f"{RELEASE}-fedpersona-superlink")
+    assert service is not None
+    assert [p["name"] for p in service["spec"]["ports"]] == ["fleet"]
+    assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in superlink["ports"]}
 
     tls = render(helm_bin, files=[PROD])
-    flags = flag_values(tls.container("trainer")["args"][1:])
+    flags = flag_values(tls.container("trainer", name="superlink")["args"])
     assert "--insecure" not in flags
     assert flags["--ssl-certfile"] == "/etc/fedpersona/tls/tls.crt"
     volume = next(v for v in tls.pod_spec("trainer")["volumes"] if v["name"] == "superlink-tls")

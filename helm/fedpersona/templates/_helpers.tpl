@@ -333,10 +333,9 @@ The vLLM server's environment. Same variables and values as service.engine_confi
 {{- end }}
 {{- end }}
 
-{{/* The trainer's `fedpersona` arguments: round controller API + Flower SuperLink. */}}
+{{/* The trainer container's `fedpersona` arguments: the round controller API. */}}
 {{- define "fedpersona.trainerArgs" -}}
-{{- $t := .Values.trainer }}
-{{- $sl := $t.superlink -}}
+{{- $t := .Values.trainer -}}
 - trainer
 - --home
 - {{ .Values.persistence.mountPath | quote }}
@@ -344,10 +343,26 @@ The vLLM server's environment. Same variables and values as service.engine_confi
 - "0.0.0.0"
 - --port
 - {{ $t.apiPort | int | quote }}
+{{- range $t.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The superlink container's `flower-superlink` arguments. */}}
+{{- define "fedpersona.superlinkArgs" -}}
+{{- $sl := .Values.trainer.superlink -}}
 - --fleet-api-address
 - {{ printf "0.0.0.0:%d" (int $sl.fleetPort) | quote }}
 - --control-api-address
 - {{ printf "0.0.0.0:%d" (int $sl.controlPort) | quote }}
+- --serverappio-api-address
+- {{ printf "127.0.0.1:%d" (int $sl.serverAppIoPort) | quote }}
+- --health-server-address
+- {{ printf "0.0.0.0:%d" (int $sl.healthPort) | quote }}
+{{- if $sl.persistState }}
+- --database
+- {{ printf "%s/superlink.db" (trimSuffix "/" .Values.persistence.mountPath) | quote }}
+{{- end }}
 {{- if $sl.tls.enabled }}
 - --ssl-ca-certfile
 - /etc/fedpersona/tls/ca.crt
@@ -358,7 +373,7 @@ The vLLM server's environment. Same variables and values as service.engine_confi
 {{- else }}
 - --insecure
 {{- end }}
-{{- range $t.extraArgs }}
+{{- range $sl.extraArgs }}
 - {{ . | quote }}
 {{- end }}
 {{- end }}
