@@ -36,7 +36,7 @@ class RunConfig:
     lr: float = 2e-3
     batch_size: int = 4
     max_len: int = 128
-    rank: int = 4
+    rank: int = 8
     seed: int = 0
     prox_mu: float = 0.0
     max_rank: int = 16

@@ -47,7 +47,7 @@ class RoundSpec(BaseModel):
     users: tuple[str, ...] | None = None
     local_steps: int = Field(default=8, ge=1, le=100_000)
     lr: float = Field(default=2e-3, gt=0, le=1.0)
-    rank: int = Field(default=4, ge=1, le=64)
+    rank: int = Field(default=8, ge=1, le=64)
     batch_size: int = Field(default=4, ge=1, le=1024)
     max_len: int = Field(default=128, ge=8, le=8192)
     seed: int = Field(default=0, ge=0)

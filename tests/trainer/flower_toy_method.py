@@ -95,3 +95,29 @@ def _adapter(params: Params, base: str) -> LoraAdapter:
     return LoraAdapter(
         r=RANK, alpha=float(RANK), target_modules=targets, base_model=base, tensors=tensors
     )
+
+
+@dataclass
+class CrashingToyMethod(ToyMethod):
+    """Raises while composing the second user's served adapter in round `crash_round`.
+
+    The server's instance counts rounds by its `aggregate` calls; clients never crash.
+    """
+
+    crash_round: int = 2
+    served_this_round: int = 0
+
+    def aggregate(self, *, previous: Params, results: list[tuple[Params, int]]) -> Params:
+        self.served_this_round = 0
+        return super().aggregate(previous=previous, results=results)
+
+    def served_adapter(
+        self, *, base_model: ModelInfo, global_params: Params, state: Params
+    ) -> LoraAdapter:
+        if state:
+            self.served_this_round += 1
+            if self.aggregations == self.crash_round and self.served_this_round == 2:
+                raise RuntimeError("boom: the server died while composing a served adapter")
+        return super().served_adapter(
+            base_model=base_model, global_params=global_params, state=state
+        )

@@ -13,15 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flower_toy_method import GLOBAL_MODULE, PERSONAL_MODULE, ToyMethod, keys
+from flower_toy_method import GLOBAL_MODULE, CrashingToyMethod, ToyMethod, keys
 from flwr.app import Message
 
-from adapters import AdapterStore, Slot, load_lora
+from adapters import AdapterStore, Slot, compose, load_lora
 from trainer.basemodel import ModelPair
+from trainer.personas import write_silos
 from trainer.runconfig import RunConfig, config_of
 from trainer.runs import RoundSpec, RunRecords, RunState
 from trainer.simulation import simulate
-from trainer.strategy import UPLOAD_KEY, payload_bytes
+from trainer.strategy import payload_bytes
 
 pytestmark = pytest.mark.flower
 
@@ -46,50 +47,90 @@ def start(home: Path, *, rounds: int) -> RunConfig:
     return config_of(spec, run_id=status.id, home=home, users=tuple(USERS))
 
 
-def test_rounds_publish_composed_adapters_and_keep_personal_tensors_local(
+def test_real_pftt_rounds_publish_compositions_and_keep_personal_tensors_local(
+    tmp_path: Path, micro_models: ModelPair
+) -> None:
+    home = tmp_path / "home"
+    write_silos(home / "silos", {"alice": "pirate", "bob": "poet"}, n_train=6, n_eval=2)
+    (home / "models").mkdir()
+    (home / "models" / "large").symlink_to(micro_models.large.path)
+    spec = RoundSpec(
+        algorithm="pftt",
+        rounds=2,
+        users=("alice", "bob"),
+        local_steps=2,
+        batch_size=2,
+        max_len=64,
+        rank=4,
+    )
+    status = RunRecords(home / "runs").create(spec, users=["alice", "bob"])
+    config = config_of(spec, run_id=status.id, home=home, users=("alice", "bob"))
+    seen: list[tuple[str, Message]] = []
+
+    final = simulate(config, observer=lambda d, m: seen.append((d, m)), cpus=1)
+
+    assert final.state == RunState.succeeded, final.error
+    assert [r.round for r in final.rounds] == [1, 2] and final.progress == 1.0
+    store = AdapterStore(home / "store")
+    glob = load_lora(store.current(Slot.global_adapter("pftt")).path)  # type: ignore[union-attr]
+    personal_bytes = set()
+    for user in ("alice", "bob"):
+        personal = load_lora(store.current(Slot.user_personal(user)).path)  # type: ignore[union-attr]
+        assert personal.r == 2  # half of the rank-4 budget; the global has the other half
+        personal_bytes |= {t.numpy().tobytes() for t in personal.tensors.values()}
+        served = load_lora(store.current(Slot.user_served(user)).path)  # type: ignore[union-attr]
+        assert final.rounds[-1].served_versions[user] == store.current(Slot.user_served(user)).id  # type: ignore[union-attr]
+        expected = compose(glob, personal)
+        assert served.r == 4
+        for key, tensor in expected.tensors.items():
+            assert torch.equal(served.tensors[key], tensor), key
+
+    ups = [m for d, m in seen if d == "up"]
+    downs = [m for d, m in seen if d == "down"]
+    assert len(ups) == len(downs) == 4
+    for message in ups:
+        for record in message.content.array_records.values():
+            for key, array in record.items():
+                assert array.numpy().tobytes() not in personal_bytes, f"personal {key} uploaded"
+    # Accounting is the serialized payloads of the very messages that were exchanged.
+    assert sum(r.bytes_up for r in final.rounds) == sum(payload_bytes(m.content) for m in ups)
+    assert sum(r.bytes_down for r in final.rounds) == sum(payload_bytes(m.content) for m in downs)
+    for record in final.rounds:
+        assert {c.user for c in record.clients} == {"alice", "bob"}
+        assert all(c.bytes_up > 0 and c.train_loss is not None for c in record.clients)
+        assert record.train_loss is not None and record.wall_s > 0
+    # The client kept its personal LoRA in its silo, for the next run.
+    assert (home / "silos" / "alice" / ".fedpersona" / "pftt-state.npz").is_file()
+
+
+def test_a_round_that_crashes_midway_publishes_nothing_and_the_next_run_succeeds(
     tmp_path: Path, micro_models: ModelPair
 ) -> None:
     home = make_home(tmp_path, micro_models)
-    config = start(home, rounds=2)
-    seen: list[tuple[str, Message]] = []
-
-    status = simulate(
-        config, method_factory=lambda _c: ToyMethod(), observer=lambda d, m: seen.append((d, m))
-    )
-
-    assert status.state == RunState.succeeded, status.error
-    assert [r.round for r in status.rounds] == [1, 2]
-    ups = [m for d, m in seen if d == "up"]
-    assert len(ups) == 4
-    for message in ups:
-        for record in message.content.array_records.values():
-            assert not any(PERSONAL_MODULE in key for key in record), "personal tensor uploaded"
-        assert set(message.content.array_records[UPLOAD_KEY]) == set(keys(GLOBAL_MODULE))
-
-    # The global after round r is the example-weighted mean of init + per-user constants.
-    total = sum(USERS.values())
-    mean_shift = sum(n * n for n in USERS.values()) / total  # each user adds its own count
     store = AdapterStore(home / "store")
-    glob = load_lora(store.current(Slot.global_adapter("pftt")).path)
-    a_key, _ = keys(GLOBAL_MODULE)
-    np.testing.assert_allclose(glob.tensors[a_key].numpy(), 0.5 + 2 * mean_shift, rtol=1e-6)
+    crashing = start(home, rounds=3)
 
-    last = status.rounds[-1]
-    assert last.global_version == store.current(Slot.global_adapter("pftt")).id
-    for user, n in USERS.items():
-        served_version = store.current(Slot.user_served(user))
-        assert last.served_versions[user] == served_version.id
-        served = load_lora(served_version.path)
-        personal = load_lora(store.current(Slot.user_personal(user)).path)
-        # exact composition: delta(served) = delta(global) + delta(personal), module by module
-        assert torch.equal(served.delta(GLOBAL_MODULE), glob.delta(GLOBAL_MODULE))
-        assert torch.equal(served.delta(PERSONAL_MODULE), personal.delta(PERSONAL_MODULE))
-        _, p_b = keys(PERSONAL_MODULE)
-        np.testing.assert_allclose(personal.tensors[p_b].numpy(), 2 * n)  # state survived rounds
+    failed = simulate(crashing, method_factory=lambda _c: CrashingToyMethod(), cpus=1)
 
-    for record in status.rounds:
-        assert {c.user for c in record.clients} == set(USERS)
-        assert record.bytes_up == sum(c.bytes_up for c in record.clients)
-        assert all(c.bytes_up > 0 and c.bytes_down > 0 for c in record.clients)
-        assert record.train_loss is not None and record.wall_s > 0
-    assert sum(r.bytes_up for r in status.rounds) == sum(payload_bytes(m.content) for m in ups)
+    assert failed.state == RunState.failed
+    assert "boom" in (failed.error or "")
+    assert [r.round for r in failed.rounds] == [1]  # round 2 never completed
+    first = failed.rounds[0]
+    # Round 2 had staged alice's served adapter and the global before bob's failed: none of it
+    # became current; every slot still serves round 1.
+    assert store.current(Slot.global_adapter("pftt")).id == first.global_version  # type: ignore[union-attr]
+    for user in USERS:
+        assert store.current(Slot.user_served(user)).id == first.served_versions[user]  # type: ignore[union-attr]
+        assert len(store.versions(Slot.user_served(user))) == 1
+    assert not list((home / "runs" / "staging").rglob("*.safetensors"))
+
+    retry = simulate(start(home, rounds=1), method_factory=lambda _c: ToyMethod(), cpus=1)
+
+    assert retry.state == RunState.succeeded, retry.error
+    for user in USERS:
+        assert store.current(Slot.user_served(user)).id == retry.rounds[0].served_versions[user]  # type: ignore[union-attr]
+    # The retry continued from round 1's global (the last published one), not from round 2's.
+    total = sum(USERS.values())
+    shift = sum(n * n for n in USERS.values()) / total
+    glob = load_lora(store.current(Slot.global_adapter("pftt")).path)  # type: ignore[union-attr]
+    np.testing.assert_allclose(glob.tensors[keys(GLOBAL_MODULE)[0]].numpy(), 0.5 + 2 * shift)
