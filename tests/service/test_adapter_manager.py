@@ -354,3 +354,37 @@ def test_name_left_registered_by_a_previous_gateway_is_loaded_in_place(
     assert run(main()) == name
     assert engine.calls == [("load", name), ("load!", name)]
     assert engine.registered[name] == str(v.path)
+
+
+def test_store_manifest_is_read_only_when_it_changed(
+    store: AdapterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = RecordingEngine()
+    publish(store, "alice", 1)
+    reads: list[str] = []
+    real_current = store.current
+
+    def counting_current(slot: Slot) -> Version | None:
+        reads.append(slot.path)
+        return real_current(slot)
+
+    monkeypatch.setattr(store, "current", counting_current)
+    m = manager(store, engine)
+
+    async def use() -> str | None:
+        async with m.use("alice") as name:
+            return name
+
+    async def main() -> tuple[list[str | None], list[str | None]]:
+        before = [await use() for _ in range(3)]
+        assert len(reads) == 1
+        v2 = publish(store, "alice", 2)  # same second as the first publish: a new inode
+        reads.clear()  # publishing reads the manifest itself
+        after = [await use() for _ in range(3)]
+        assert len(reads) == 1
+        assert after[0] == adapter_name("alice", v2.id)
+        return before, after
+
+    before, after = run(main())
+    # One manifest read per published version, not one per request.
+    assert len(set(before)) == 1 and len(set(after)) == 1 and before[0] != after[0]
