@@ -22,8 +22,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.names import validate_user_id
-
 Message = dict[str, str]
 Conversation = dict[str, list[Message]]
 
@@ -336,6 +334,9 @@ def write_silos(
     (the user id is part of the seed). Returns user -> silo directory. Raises `InvalidName`
     (a `ValueError`) for a bad user id, ValueError for an unknown persona or too many chats.
     """
+    # Imported here: the `adapters` package loads torch, which generating chats never needs.
+    from adapters.names import validate_user_id
+
     if n_train < 1 or n_eval < 0:
         raise ValueError(f"need n_train >= 1 and n_eval >= 0, got {n_train}, {n_eval}")
     if n_train + n_eval > PROMPT_SPACE:

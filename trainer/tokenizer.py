@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 BOS = "<|bos|>"
 END = "<|end|>"
@@ -104,6 +107,9 @@ def train_tokenizer(
 
 def wrap(core: Tokenizer, *, model_max_length: int) -> PreTrainedTokenizerFast:
     """Wrap a trained `tokenizers.Tokenizer` with the special tokens and the chat template."""
+    # Imported here: rendering chats (`render_chat`) must not cost a transformers import.
+    from transformers import PreTrainedTokenizerFast
+
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token=BOS,
