@@ -164,6 +164,8 @@ class EngineSupervisor:
             raise RuntimeError("the engine supervisor was already started")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._stopping = False
+        self._failure = None
+        self._settled.clear()
         self._state = EngineState.STARTING
         self._monitor = asyncio.get_running_loop().create_task(self._supervise())
 

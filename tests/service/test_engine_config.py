@@ -144,3 +144,18 @@ def test_engine_command_refuses_bad_override(home: Path) -> None:
     engine_cmd.add_arguments(parser)
     with pytest.raises(ValidationError):
         engine_cmd.run(parser.parse_args(["--home", str(home), "--port", "0"]))
+
+
+def test_engine_command_exec_replaces_the_process_with_vllm(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr(engine_cmd.os, "execvpe", lambda f, a, e: calls.append((f, a, e)))
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", "/")
+    parser = argparse.ArgumentParser()
+    engine_cmd.add_arguments(parser)
+    engine_cmd.run(parser.parse_args(["--home", str(home), "--exec"]))
+    [(file, argv, env)] = calls
+    assert file == argv[0] and argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "VLLM_LORA_RESOLVER_CACHE_DIR" not in env
