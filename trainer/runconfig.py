@@ -67,7 +67,8 @@ class RunConfig:
     @classmethod
     def from_flower(cls, config: Mapping[str, Scalar]) -> RunConfig:
         """Parse `context.run_config` (keys with dashes, e.g. `local-steps`)."""
-        values = {k.replace("-", "_"): v for k, v in config.items()}
+        # Empty strings are the Flower App's "unset" defaults (trainer/flwr_app/pyproject.toml).
+        values = {k.replace("-", "_"): v for k, v in config.items() if v != ""}
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(f"unknown run config keys: {sorted(unknown)}")

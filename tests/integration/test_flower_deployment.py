@@ -1,0 +1,143 @@
+"""The trainer on Flower's Deployment Engine: a real SuperLink and two SuperNodes on loopback.
+
+Each SuperNode is one user's device: its node config names the user and the silo. `flwr run`
+submits the Flower App in `trainer/flwr_app/`; the round must complete and publish a global
+adapter and both users' served adapters, exactly as in simulation. Random free ports and a
+temporary FLWR_HOME/HOME keep it away from anything else on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from adapters import AdapterStore, Slot, load_lora
+from trainer.basemodel import ModelPair
+from trainer.deployment import (
+    SuperLinkAddresses,
+    flwr_env,
+    submit,
+    superlink_command,
+    supernode_command,
+)
+from trainer.personas import write_silos
+from trainer.runconfig import config_of
+from trainer.runs import RoundSpec, RunRecords, RunState
+
+pytestmark = [pytest.mark.flower, pytest.mark.slow]
+
+USERS = {"alice": "pirate", "bob": "chef"}
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def wait_listening(port: int, *, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"process exited with {proc.returncode}"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on {port} after {timeout} s")
+
+
+@contextlib.contextmanager
+def started(
+    command: list[str], *, env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_round_completes_on_superlink_and_two_supernodes(
+    tmp_path: Path, micro_models: ModelPair
+) -> None:
+    home = tmp_path / "home"
+    write_silos(home / "silos", USERS, n_train=4, n_eval=2)
+    flwr_home = tmp_path / "flwr" / ".flwr"
+    env = flwr_env(flwr_home)
+    env["HOME"] = str(flwr_home.parent)
+    fleet, serverappio, control, io_a, io_b = free_ports(5)
+    links = SuperLinkAddresses.on(
+        "127.0.0.1", fleet=fleet, serverappio=serverappio, control=control
+    )
+    spec = RoundSpec(
+        algorithm="pftt",
+        rounds=1,
+        users=tuple(USERS),
+        local_steps=2,
+        batch_size=2,
+        max_len=64,
+        rank=4,
+    )
+    status = RunRecords(home / "runs").create(spec, users=list(USERS))
+    config = config_of(
+        spec, run_id=status.id, home=home, users=tuple(USERS), base_model=micro_models.large.path
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    with started(
+        superlink_command(links, database=tmp_path / "state.db"),
+        env=env,
+        log=logs / "superlink.log",
+    ) as link:
+        wait_listening(control, timeout=60, proc=link)
+        wait_listening(fleet, timeout=60, proc=link)
+        with contextlib.ExitStack() as nodes:
+            for user, port in zip(USERS, (io_a, io_b), strict=True):
+                command = supernode_command(
+                    superlink_fleet=links.fleet,
+                    clientappio=f"127.0.0.1:{port}",
+                    user=user,
+                    silo=home / "silos" / user,
+                )
+                nodes.enter_context(started(command, env=env, log=logs / f"{user}.log"))
+            final = submit(
+                config,
+                control=links.control,
+                flwr_home=flwr_home,
+                timeout=420,
+                log_file=logs / "flwr-run.log",
+            )
+
+    diagnostics = "\n".join(
+        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir())
+    )
+    assert final.state == RunState.succeeded, f"{final.error}\n{diagnostics}"
+    assert len(final.rounds) == 1
+    record = final.rounds[0]
+    assert {c.user for c in record.clients} == set(USERS)
+    assert all(c.bytes_up > 0 and c.bytes_down > 0 for c in record.clients)
+    store = AdapterStore(home / "store")
+    assert store.current(Slot.global_adapter("pftt")).id == record.global_version  # type: ignore[union-attr]
+    for user in USERS:
+        served = store.current(Slot.user_served(user))
+        assert served is not None and served.id == record.served_versions[user]
+        assert load_lora(served.path).r == 4
+        assert store.current(Slot.user_personal(user)) is not None  # published by the client
