@@ -10,6 +10,7 @@ FastAPI's 422 for a malformed body becomes a 400 like OpenAI's.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapters import AdapterStore
 from service.chat import ChatConfig, ChatService
 from service.engine_config import model_name
-from service.errors import BadRequest, GatewayError, error_envelope
+from service.errors import BadRequest, GatewayError, PayloadTooLarge, error_envelope
 from service.metrics import Metrics
 from service.ratelimit import RateLimiter
 from service.registry import Registry
@@ -150,6 +151,7 @@ def create_app(
     _install_error_handlers(app)
     for router in (chat.router, models.router, health.router, admin.router, rounds.router):
         app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
@@ -204,6 +206,52 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return message, param
+
+
+class BodySizeLimit:
+    """Refuse request bodies above `max_bytes` with 413, declared or streamed (chunked).
+
+    The body is read ahead (bounded by the limit) and replayed to the app, so an oversized
+    chunked body is refused before any handler runs rather than failing mid-parse.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await _send_error(send, PayloadTooLarge())
+                return
+        buffered: list[Message] = []
+        seen = 0
+        while True:
+            message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break  # a disconnect: let the app see it
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                await _send_error(send, PayloadTooLarge())
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_error(send: Send, error: GatewayError) -> None:
+    body = json.dumps(error.envelope()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class MetricsMiddleware:

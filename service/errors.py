@@ -64,6 +64,13 @@ class PromptTooLong(BadRequest):
     default_message = "The prompt does not fit the model's context length."
 
 
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+    default_message = "The request body is too large."
+
+
 class AuthenticationFailed(GatewayError):
     status = 401
     type = "authentication_error"

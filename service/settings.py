@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     )
     rate_limit_burst: int = Field(default=20, ge=1, description="bucket size per user")
 
+    max_request_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above)"
+    )
     max_bytes_per_token: int = Field(
         default=64,
         ge=1,

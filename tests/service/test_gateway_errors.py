@@ -148,3 +148,26 @@ def test_each_app_has_its_own_metrics(make_gateway: GatewayFactory, tmp_path: An
         text = client.get("/metrics").text
     assert "fedpersona_adapter_loads_total 0.0" in text
     assert "fedpersona_adapter_loads_total 1.0" in gw.metrics()
+
+
+def test_oversized_bodies_are_413(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway(max_request_bytes=2048)
+    big = {"model": "personal", "messages": [{"role": "user", "content": "x" * 4096}]}
+    declared = gw.client.post("/v1/chat/completions", json=big, headers=gw.auth("alice"))
+    assert declared.status_code == 413
+    assert declared.json()["error"]["code"] == "request_too_large"
+
+    def chunks() -> Any:  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "personal", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"x" * 1024
+        yield b'"}]}'
+
+    streamed = gw.client.post(
+        "/v1/chat/completions",
+        content=chunks(),
+        headers={**gw.auth("alice"), "Content-Type": "application/json"},
+    )
+    assert streamed.status_code == 413
+    assert gw.engine.received == []
+    assert gw.chat("alice").status_code == 200
