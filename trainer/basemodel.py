@@ -215,6 +215,7 @@ def build_models(
             from trainer import pretrain  # torch and transformers: only when building
 
             pretrain.write_models(staging, recipe, corpus, progress=progress)
+            _fsync_tree(staging)
             for role in ROLES:
                 _swap_in(staging / role, out_dir / role)
         finally:
@@ -258,6 +259,16 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root`, so a rename never publishes lost data."""
+    for path in [*sorted(root.rglob("*"), reverse=True), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _swap_in(new: Path, target: Path) -> None:

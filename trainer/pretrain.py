@@ -88,8 +88,10 @@ def write_models(staging: Path, recipe: Recipe, corpus: str, *, progress: bool) 
     with _deterministic_torch(threads=THREADS):
         models: dict[str, LlamaForCausalLM] = {}
         for offset, role in enumerate(ROLES):
-            torch.manual_seed(recipe.seed + offset)
-            models[role] = LlamaForCausalLM(_llama_config(recipe.size(role), recipe, tokenizer))
+            with torch.random.fork_rng():  # seed the init without touching the caller's RNG
+                torch.manual_seed(recipe.seed + offset)
+                config = _llama_config(recipe.size(role), recipe, tokenizer)
+                models[role] = LlamaForCausalLM(config)
         losses = _pretrain(models, ids, recipe, progress=progress)
     for role, model in models.items():
         target = staging / role
