@@ -65,21 +65,22 @@ def check_law(g: LoraAdapter, p: LoraAdapter, *, input_seed: int, tolerance: flo
     assert set(composed.modules()) == set(g.modules()) | set(p.modules())
     dtype = composed.modules()[next(iter(composed.modules()))][0].dtype
     gen = torch.Generator().manual_seed(input_seed)
+    sides = [(side.scaling, side.modules()) for side in (g, p)]
     for module, (a, b) in composed.modules().items():
         x = torch.randn(5, a.shape[1], generator=gen, dtype=dtype)
         # what a LoRA layer computes for the composed adapter: s * B(A x), s = 1 here
         got = (x @ a.T) @ b.T * composed.scaling
         want = torch.zeros(5, b.shape[0], dtype=dtype)
-        for side in (g, p):
-            if module in side.modules():
-                side_a, side_b = side.modules()[module]
-                want += side.scaling * ((x @ side_a.T) @ side_b.T)
+        for scaling, modules in sides:
+            if module in modules:
+                side_a, side_b = modules[module]
+                want += scaling * ((x @ side_a.T) @ side_b.T)
         assert (got - want).abs().max().item() < tolerance, module
         assert want.abs().max().item() > 0  # not vacuous: random updates are never zero
 
 
 # Realistic scalings (alpha = r/2 .. 2r) keep float32 updates O(1), where 1e-5 is meaningful.
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     g=adapters(seed=1, scalings=[0.5, 1.0, 2.0]),
     p=adapters(seed=2, scalings=[0.5, 1.0, 2.0]),
@@ -142,6 +143,9 @@ def test_compose_refuses_disagreeing_shapes() -> None:
         compose(g, p)
 
 
+# PEFT wraps a target module in every layer and warns about layers an adapter has no weights
+# for; those keep PEFT's zero-initialised B, i.e. no update, which is what the adapter means.
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")
 @pytest.mark.parametrize(
     ("r_g", "targets_g", "r_p", "targets_p", "layers_p"),
     [
