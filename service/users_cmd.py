@@ -7,6 +7,7 @@
     fedpersona users revoke KEY_ID          revoke one key
     fedpersona users revoke --user NAME     revoke all of a user's keys
     fedpersona users delete NAME            delete a user and all their keys
+    fedpersona users alpha NAME VALUE       set the user's proxy-tuning alpha
 
 The raw key goes to stdout alone (scriptable: `KEY=$(fedpersona users add alice)`); everything
 else goes to stderr. Works directly on the SQLite registry, so it needs no running gateway.
@@ -57,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     delete = sub.add_parser("delete", help="delete a user and their keys (adapters stay)")
     delete.add_argument("name")
+
+    alpha = sub.add_parser("alpha", help="set a user's proxy-tuning alpha (FedPT strength)")
+    alpha.add_argument("name")
+    alpha.add_argument("value", type=float)
 
 
 def _registry(args: argparse.Namespace) -> Registry:
@@ -127,6 +132,12 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     elif command == "delete":
         registry.delete_user(args.name)
         err.print(f"deleted user {args.name} and their keys (their adapters stay in the store)")
+    elif command == "alpha":
+        if not 0 <= args.value <= 10:
+            err.print("[red]error:[/red] alpha must be between 0 and 10")
+            return 2
+        user = registry.set_proxy_alpha(args.name, args.value)
+        err.print(f"proxy alpha of {user.name} is now {user.proxy_alpha:g}")
     return 0
 
 

@@ -118,6 +118,9 @@ def test_users_cli_prints_key_once_and_stores_only_its_hash(
     second = capsys.readouterr().out.strip()
     assert users_main([*home, "revoke", "--user", "alice"]) == 0
     assert Registry(registry_file).authenticate(second) is None
+    assert users_main([*home, "alpha", "alice", "0.25"]) == 0
+    assert Registry(registry_file).get_user("alice").proxy_alpha == 0.25
+    assert users_main([*home, "alpha", "alice", "-1"]) == 2
     assert users_main([*home, "delete", "alice"]) == 0
     assert Registry(registry_file).list_users() == []
 
