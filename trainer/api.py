@@ -13,8 +13,10 @@ Prometheus metrics, and marks the run failed if the child exits without finishin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -138,7 +140,10 @@ class RoundController:
                 return
             process = self._active[1]
         if process.poll() is None:
-            process.terminate()
+            # The child leads its own process group (start_new_session): signal the group, so
+            # the simulation's Ray workers go down with it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
 
     def close(self) -> None:
         """Stop a run in progress (the gateway shutting down) and wait for its watcher."""
