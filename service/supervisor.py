@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import enum
 import logging
+import math
 import os
 import signal
 import sys
@@ -96,7 +97,10 @@ class EngineSupervisor:
         max_restarts: int = 5,
         backoff_base_s: float = 1.0,
         progress: Callable[[str], None] | None = None,
+        progress_every_s: float = 5.0,
     ) -> None:
+        """`progress` receives a status line (elapsed time, last log line) every
+        `progress_every_s` while vLLM starts; without it the line is logged."""
         self.launch = launch
         self.log_path = log_path
         self._ready_timeout_s = ready_timeout_s
@@ -107,6 +111,7 @@ class EngineSupervisor:
         self._max_restarts = max_restarts
         self._backoff_base_s = backoff_base_s
         self._progress = progress
+        self._progress_every_s = progress_every_s
         self._state = EngineState.STOPPED
         self._proc: asyncio.subprocess.Process | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -266,7 +271,7 @@ class EngineSupervisor:
     async def _wait_healthy(self, proc: asyncio.subprocess.Process) -> bool:
         """Poll /health until it answers 200 (True) or the child exits or times out (False)."""
         started = time.monotonic()
-        last_report = 0.0
+        last_report = -math.inf
         async with httpx.AsyncClient(base_url=self.launch.base_url, timeout=5.0) as client:
             while True:
                 if proc.returncode is not None or self._stopping:
@@ -280,13 +285,13 @@ class EngineSupervisor:
                     self.ready_after_s = elapsed
                     logger.info("vLLM ready after %.1f s at %s", elapsed, self.launch.base_url)
                     return True
-                if elapsed - last_report >= 10.0 or self._progress is not None:
+                if elapsed - last_report >= self._progress_every_s:
+                    last_report = elapsed
                     message = f"starting vLLM ({elapsed:.0f} s): {_last_line(self.log_path)}"
                     if self._progress is not None:
                         self._progress(message)
-                    if elapsed - last_report >= 10.0:
+                    else:
                         logger.info(message)
-                        last_report = elapsed
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(proc.wait(), self._poll_interval_s)
 
