@@ -46,7 +46,7 @@ from vllm.v1.sample.logits_processor import (
 )
 
 from adapters import AdapterStore
-from service.proxy_tuning.decoder import advance
+from service.proxy_tuning.decoder import Decoder
 from service.proxy_tuning.errors import ProxyTuningError
 from service.proxy_tuning.experts import (
     ExpertLibrary,
@@ -119,6 +119,7 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
             getattr(base.generation_config, "eos_token_id", None) or base.config.eos_token_id
         )
         self._table = RequestTable()
+        self._decoder = Decoder()
         self._failures = 0
         self._stats_file = settings.proxy_stats_file
         logger.info(
@@ -149,6 +150,8 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
                 for src, dst, direction in batch_update.moved
             ],
         )
+        if not self._table.rows:
+            self._decoder.forget()  # the last batch's caches go with the last request
         self._write_stats()
 
     def _new_state(
@@ -218,13 +221,13 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         requests (one batch per expert), then add the offsets to the rows in one operation."""
         states = [state for _, state in active]
         tokens = [state.tokens() for state in states]
-        advance(self._base, [s.base for s in states], tokens)
+        self._decoder.advance(self._base, [s.base for s in states], tokens)
         by_expert: dict[int, list[int]] = {}
         for i, state in enumerate(states):
             by_expert.setdefault(id(state.expert), []).append(i)
         for members in by_expert.values():
             try:
-                advance(
+                self._decoder.advance(
                     states[members[0]].expert,
                     [states[i].tuned for i in members],
                     [tokens[i] for i in members],

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from adapters import AdapterStore, LoraAdapter, Slot
-from service.proxy_tuning.decoder import advance
+from service.proxy_tuning.decoder import Decoder
 from service.proxy_tuning.errors import (
     ExpertUnavailable,
     IncompatibleModels,
@@ -233,10 +233,11 @@ def test_incremental_batched_decoding_equals_full_forward(small: torch.nn.Module
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (6, 11, 3, 15)]
     streams = [KVStream() for _ in seqs]
+    decoder = Decoder()
     for step in range(5):
         # Requests join at different steps and then advance one token per step.
         tokens = [s[: max(1, len(s) - 4 + step)] for s in seqs]
-        advance(small, streams, tokens)
+        decoder.advance(small, streams, tokens)
         for stream, toks in zip(streams, tokens, strict=True):
             assert stream.length == len(toks)
             full = small(input_ids=torch.tensor([toks])).logits[0, -1]
