@@ -52,7 +52,8 @@ class LoraAdapter:
     """A LoRA adapter: for every module `m`, `W_m += alpha / r * B_m @ A_m`.
 
     `tensors` maps PEFT key names (`<module>.lora_A.weight` [r, in], `<module>.lora_B.weight`
-    [out, r]) to tensors. Every module's last name component must be in `target_modules`.
+    [out, r]) to tensors. Every module must be matched by `target_modules` as PEFT matches a
+    list (its name is a target, or ends with "." + a target).
     Compared by identity (tensors have no single truth value).
     """
 
@@ -133,12 +134,18 @@ def _check_structure(
             )
         if a.shape[1] == 0 or b.shape[0] == 0:
             raise InvalidAdapter(f"module {module!r}: empty in/out dimension")
-        target = module.rsplit(".", 1)[-1]
-        if target not in target_modules:
+        if not _targeted(module, target_modules):
+            target = module.rsplit(".", 1)[-1]
             raise InvalidAdapter(
                 f"module {module!r} has LoRA weights but {target!r} is not in target_modules "
                 f"{list(target_modules)}"
             )
+
+
+def _targeted(module: str, target_modules: tuple[str, ...]) -> bool:
+    """PEFT's rule for a list of targets: the module's name is a target or ends with '.target'."""
+    name = module.removeprefix("base_model.model.")
+    return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
 def _explain_key(key: str) -> str:

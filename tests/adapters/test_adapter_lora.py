@@ -169,6 +169,14 @@ def test_malformed_tensors_are_refused(
         _build(tensors)
 
 
+def test_targets_match_like_peft() -> None:
+    # full module paths and suffixes are PEFT targets too; a bare substring is not
+    assert _build(_pair(), target_modules=("model.layers.0.self_attn.q_proj",)).r == 2
+    assert _build(_pair(), target_modules=("self_attn.q_proj",)).r == 2
+    with pytest.raises(InvalidAdapter, match="not in target_modules"):
+        _build(_pair(), target_modules=("proj",))
+
+
 def test_no_tensors_is_refused() -> None:
     with pytest.raises(InvalidAdapter, match="no LoRA tensors"):
         _build({})
