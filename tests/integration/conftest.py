@@ -2,7 +2,8 @@
 
 `vllm_server` (session scope) starts vLLM on the `micro_models` large model through
 `EngineSupervisor`, the same code path `fedpersona serve` uses, with `max_loras=2` and
-`max_cpu_loras=4` so that adapter eviction happens with a handful of users. Every test that
+`max_cpu_loras=4` so that adapter eviction happens with a handful of users, and with the FedPT
+logits processor on (requests without proxy arguments are untouched by it). Every test that
 needs a real engine shares it (marker `vllm`); adapters are content-named, so tests cannot see
 each other's.
 
