@@ -22,12 +22,13 @@ the staged copy, hash it, write version.json, fsync every file and the directory
 fsync it, `os.replace` it over the old one and fsync the slot directory. A crash at any step
 leaves either the old `current.json` pointing at a complete old version, or the new one
 pointing at a complete new version; staging leftovers are removed the next time the store is
-opened (only for slots whose lock nobody holds).
+opened (only for slots whose lock nobody holds). The fsync and atomic-replace primitives live
+in `durable.py`, the version record and id function in `version.py`.
 
 Retention keeps the current version plus the newest others, `keep_versions` in all; it runs
 before and after each publish, so a publisher killed after committing its version but before
-swapping the manifest leaves at most one version more than that. Deleting
-renames the version into `.trash/` first, so a reader sees a version either whole or not at
+swapping the manifest leaves at most one version more than that. Deleting renames the
+version into `.trash/` first, so a reader sees a version either whole or not at
 all; readers (the gateway handing a path to vLLM) must load a version promptly after reading
 `current()`, and retry with `current()` if it has gone (only versions at least
 `keep_versions` publishes old can go).
