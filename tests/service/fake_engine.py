@@ -97,10 +97,9 @@ class FakeEngine:
         }
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            # Like vLLM: content chunks carry no "usage" key; only the final one has usage.
             payload = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            if include_usage:
-                payload["usage"] = None
-            return b"data: " + json.dumps(payload).encode()
+            return b"data: " + _compact(payload)
 
         pieces = [chunk({"role": "assistant", "content": ""})]
         pieces += [chunk({"content": (" " if i else "") + t}) for i, t in enumerate(tokens)]
@@ -111,7 +110,7 @@ class FakeEngine:
                 "completion_tokens": len(tokens),
                 "total_tokens": 7 + len(tokens),
             }
-            pieces.append(b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode())
+            pieces.append(b"data: " + _compact({**base, "choices": [], "usage": usage}))
         for i, piece in enumerate(pieces):
             if self.fail_stream_after is not None and i >= self.fail_stream_after:
                 raise EngineUnavailable("fake engine died mid-stream")
@@ -140,3 +139,8 @@ class FakeEngine:
 
 
 BASE_MODEL = "fedpersona-test-base"
+
+
+def _compact(payload: dict[str, Any]) -> bytes:
+    """Serialized the way vLLM writes stream chunks: compact, no spaces."""
+    return json.dumps(payload, separators=(",", ":")).encode()
