@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from adapters import LoraAdapter
 from trainer.basemodel import ModelInfo
@@ -37,15 +38,31 @@ log = logging.getLogger(__name__)
 _PARAM_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
-@functools.lru_cache(maxsize=8)
 def load_tokenizer(model_dir: Path) -> Any:
-    """The tokenizer (with chat template) saved in a base model directory (cached)."""
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    """The tokenizer (with chat template) saved in a base model directory.
+
+    Cached per directory identity (inode and modification time), so a model rebuilt and swapped
+    into the same path is not paired with a stale tokenizer.
+    """
+    info = Path(model_dir).stat()
+    return _cached_tokenizer(str(model_dir), (info.st_ino, info.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tokenizer(model_dir: str, identity: tuple[int, int]) -> Any:
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def load_base_model(base_model: ModelInfo) -> torch.nn.Module:
     """A fresh float32 copy of the base model, frozen and in eval mode, on the CPU."""
-    model = AutoModelForCausalLM.from_pretrained(str(base_model.path), dtype=torch.float32)
+    # Hundreds of client rounds load the base model; their per-load progress bars are noise.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base_model.path), dtype=torch.float32)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     model.requires_grad_(False)
     model.eval()
     return model

@@ -3,6 +3,7 @@ exactly what the method promises, and what it serves is what it trained."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def test_fedprox_term_keeps_the_update_near_the_global(
     start = method.init_global(base_model=micro_models.large, seed=0)
 
     def drift(mu: float) -> float:
-        config = TrainConfig(**{**CONFIG.__dict__, "prox_mu": mu})
+        config = dataclasses.replace(CONFIG, prox_mu=mu)
         update = _round(method, micro_models, silos["alice"], global_params=start, config=config)
         return sum(float(np.sum((update.upload[k] - start[k]) ** 2)) for k in start)
 

@@ -9,6 +9,7 @@ global LoRA (after local training: their locally trained copy). Nothing stays on
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class FedAvg:
         trainer = LocalTrainer(
             session,
             examples,
-            config=TrainConfig(**{**config.__dict__, "prox_mu": mu}),
+            config=dataclasses.replace(config, prox_mu=mu),
             adapters=[SHARED],
             order_seed=order_seed(config, round_idx=round_idx, silo=silo),
             prox={SHARED: global_params},

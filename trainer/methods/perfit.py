@@ -18,6 +18,7 @@ A user without a mask yet (never trained) is served the dense global LoRA.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,7 @@ class PerFit:
         trainer = LocalTrainer(
             session,
             examples,
-            config=TrainConfig(**{**config.__dict__, "prox_mu": mu}),
+            config=dataclasses.replace(config, prox_mu=mu),
             adapters=[LORA],
             order_seed=order_seed(config, round_idx=round_idx, silo=silo),
             prox={LORA: global_params},

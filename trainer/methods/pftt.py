@@ -16,6 +16,7 @@ A FedProx term (`prox_mu`), if set, applies to the global LoRA only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +114,7 @@ class Pftt:
         trainer = LocalTrainer(
             session,
             examples,
-            config=TrainConfig(**{**config.__dict__, "prox_mu": mu}),
+            config=dataclasses.replace(config, prox_mu=mu),
             adapters=[GLOBAL, PERSONAL],
             order_seed=order_seed(config, round_idx=round_idx, silo=silo),
             prox={GLOBAL: global_params},
