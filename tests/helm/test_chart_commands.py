@@ -262,6 +262,14 @@ class _Recorder(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def do_GET(self) -> None:
+        type(self).seen.append({"path": self.path})
+        payload = b'{"status": "ready"}'
+        self.send_response(type(self).status)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
     def log_message(self, *_: Any) -> None:
         pass
 
@@ -335,3 +343,28 @@ def test_model_init_copies_once_and_never_leaves_half_a_model(
     failed = subprocess.run(init["command"], env=broken, capture_output=True, text=True)
     assert failed.returncode != 0
     assert not (tmp_path / "other").exists()  # a failed copy leaves no model dir behind
+
+
+# ---- the `helm test` pod, run as a plain process ------------------------------------------
+
+
+def test_helm_test_pod_checks_the_gateway_ready_endpoint(
+    helm_bin: Path, rounds_server: tuple[str, type[_Recorder]]
+) -> None:
+    base_url, recorder = rounds_server
+    rendered = render(helm_bin)
+    (pod,) = rendered.all("Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    url = urlsplit(env_map(container)["READY_URL"])
+    gateway = rendered.get("Service", "gateway")
+    assert url.netloc == f"{gateway['metadata']['name']}:{gateway['spec']['ports'][0]['port']}"
+    env = {**plain_env(container), "READY_URL": base_url + url.path}
+    argv = [sys.executable, *container["command"][1:]]
+
+    recorder.status = 200
+    ok = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert recorder.seen == [{"path": "/ready"}]
+    recorder.status = 503  # not ready: the test must fail
+    assert subprocess.run(argv, env=env, capture_output=True, timeout=60).returncode != 0

@@ -109,6 +109,7 @@ def test_all_features_case_renders_every_kind(helm_bin: Path) -> None:
         "CronJob",
         "NetworkPolicy",
         "ServiceMonitor",
+        "Pod",  # the `helm test` hook
     }
 
 
