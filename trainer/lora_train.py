@@ -103,14 +103,20 @@ class LoraSession:
         self.base_model = base_model
         self.specs = dict(specs)
         self.tokenizer = load_tokenizer(Path(base_model.path))
-        # LoRA A matrices are drawn from torch's global generator when adapters are attached.
-        torch.manual_seed(seed)
         names = list(self.specs)
-        peft_model = get_peft_model(
-            load_base_model(base_model), lora_config(self.specs[names[0]]), adapter_name=names[0]
-        )
-        for name in names[1:]:
-            peft_model.add_adapter(name, lora_config(self.specs[name]))
+        base = load_base_model(base_model)
+        # LoRA A matrices are drawn from torch's global generator when adapters are attached;
+        # fork it so seeding here leaves the caller's random state alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                peft_model = get_peft_model(
+                    base, lora_config(self.specs[names[0]]), adapter_name=names[0]
+                )
+                for name in names[1:]:
+                    peft_model.add_adapter(name, lora_config(self.specs[name]))
+            except ValueError as e:  # e.g. target modules the model does not have
+                raise MethodError(f"cannot attach LoRA to {base_model.name}: {e}") from e
         # Activate all adapters at once: the forward pass sums their updates.
         cast(Any, peft_model.base_model).set_adapter(names)
         self.model: PeftModel = peft_model
@@ -121,6 +127,9 @@ class LoraSession:
                 continue
             key = f"{match['module']}.lora_{match['which']}.weight"
             self._params[match["adapter"]][key] = param
+        for name, found in self._params.items():
+            if not found:
+                raise MethodError(f"adapter {name!r}: no LoRA weights were attached")
 
     @property
     def pad_id(self) -> int:

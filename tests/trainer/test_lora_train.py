@@ -149,3 +149,13 @@ def test_masks_freeze_pruned_entries_at_zero_and_importance_follows(
     assert all(
         np.array_equal(session.read("main")[k], after[k]) for k in after
     )  # importance: no step
+
+
+def test_unknown_target_modules_and_caller_random_state(micro_models: ModelPair) -> None:
+    with pytest.raises(MethodError, match="not found"):
+        LoraSession(micro_models.large, {"main": LoraSpec(2, 4.0, ("no_such_proj",))}, seed=0)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    LoraSession(micro_models.large, {"main": SPEC}, seed=0)
+    assert torch.equal(torch.rand(3), expected)  # the session's seeding is private
