@@ -11,6 +11,7 @@ layers, and building it in memory keeps `tests/adapters` independent of the trai
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ def make_adapter(
     )
 
 
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
+def tiny_llama(seed: int = 0) -> Any:
     """A randomly initialised 2-layer Llama (head_dim 64) in eval mode, float32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -9,6 +9,7 @@ composed adapter loaded from the PEFT files `save_lora` wrote (and the store pub
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -177,7 +178,7 @@ def test_composed_adapter_served_by_peft_equals_both_adapters(
     served = store.publish_lora(Slot.user_served("alice"), compose(g, p), metadata={"round": 1})
     validate_adapter_dir(served.path, max_rank=r_g + r_p, base_model=BASE)
 
-    both = PeftModel.from_pretrained(tiny_llama(), tmp_path / "global", adapter_name="global")
+    both: Any = PeftModel.from_pretrained(tiny_llama(), tmp_path / "global", adapter_name="global")
     both.load_adapter(tmp_path / "personal", adapter_name="personal")
     both.base_model.set_adapter(["global", "personal"])  # both active at once
     composed = PeftModel.from_pretrained(tiny_llama(), served.path).eval()

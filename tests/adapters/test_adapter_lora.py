@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from adapters import InvalidAdapter, LoraAdapter, load_lora, save_lora
 
 
-def peft_model(*, r: int, targets: list[str], seed: int, **config: object) -> torch.nn.Module:
+def peft_model(*, r: int, targets: list[str], seed: int, **config: object) -> Any:
     """A tiny Llama wrapped by real PEFT with random (non-zero) LoRA weights."""
     model = tiny_llama(seed=0)
     # PEFT records the wrapped model's name_or_path as base_model_name_or_path.
@@ -87,7 +88,7 @@ def test_peft_written_adapter_loads_exactly(
     tmp_path: Path, r: int, targets: list[str], extra: dict[str, object]
 ) -> None:
     model = peft_model(r=r, targets=targets, seed=r, **extra)
-    model.save_pretrained(tmp_path, save_embedding_layers=False)  # no hub lookup
+    model.save_pretrained(str(tmp_path), save_embedding_layers=False)  # no hub lookup
     adapter = load_lora(tmp_path)
     assert adapter.r == r
     assert set(adapter.target_modules) == set(targets)

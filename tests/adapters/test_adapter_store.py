@@ -129,7 +129,8 @@ def test_retention_keeps_exactly_the_newest(
     versions = store.versions(ALICE)
     assert [v.id for v in versions] == ids[-keep:]
     assert [v.seq for v in versions] == list(range(1, count + 1))[-keep:]
-    assert store.current(ALICE).id == ids[-1]
+    assert store.current(ALICE) == versions[-1]
+    assert versions[-1].id == ids[-1]
     on_disk = {p.name for p in (root / "slots" / ALICE.path / "versions").iterdir()}
     assert on_disk == set(ids[-keep:])
     assert not list((root / ".trash").iterdir())
@@ -149,7 +150,7 @@ def test_retention_never_removes_the_current_version(tmp_path: Path) -> None:
     ids = [store.publish_lora(ALICE, make_adapter(seed=i, r=1)).id for i in range(3)]
     back = store.publish_lora(ALICE, make_adapter(seed=1, r=1))  # roll back to the middle one
     assert back.id == ids[1]
-    assert store.current(ALICE).id == ids[1]
+    assert store.current(ALICE) == back
     assert {v.id for v in store.versions(ALICE)} == {ids[1], ids[2]}
 
 

@@ -175,7 +175,7 @@ def test_real_peft_features_vllm_refuses(
     model = tiny_llama(seed=0)
     model.name_or_path = BASE
     lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], **config)  # type: ignore[arg-type]
-    get_peft_model(model, lora).save_pretrained(tmp_path, save_embedding_layers=False)
+    get_peft_model(model, lora).save_pretrained(str(tmp_path), save_embedding_layers=False)
     with pytest.raises(InvalidAdapter, match=message):
         validate_adapter_dir(tmp_path, max_rank=16, base_model=BASE)
 
@@ -184,6 +184,6 @@ def test_real_peft_plain_lora_passes(tmp_path: Path) -> None:
     model = tiny_llama(seed=0)
     model.name_or_path = BASE
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
-    get_peft_model(model, lora).save_pretrained(tmp_path, save_embedding_layers=False)
+    get_peft_model(model, lora).save_pretrained(str(tmp_path), save_embedding_layers=False)
     adapter = validate_adapter_dir(tmp_path, max_rank=4, base_model=BASE)
     assert adapter.target_modules == ("down_proj", "q_proj")

@@ -160,7 +160,7 @@ def test_composed_adapter_served_by_vllm_equals_global_plus_personal_in_peft(
 
     save_lora(g, tmp_path / "global")
     save_lora(p, tmp_path / "personal")
-    both = PeftModel.from_pretrained(
+    both: Any = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "global", adapter_name="g"
     )
     both.load_adapter(tmp_path / "personal", adapter_name="p")
@@ -180,7 +180,7 @@ def peft_dir(server: VllmServer, tmp_path: Path, name: str, **config: Any) -> Pa
     model.name_or_path = server.model  # PEFT records this as base_model_name_or_path
     lora = LoraConfig(target_modules=["q_proj", "v_proj"], lora_alpha=16, **config)
     out = tmp_path / name
-    get_peft_model(model, lora).save_pretrained(out, save_embedding_layers=False)
+    get_peft_model(model, lora).save_pretrained(str(out), save_embedding_layers=False)
     return out
 
 
