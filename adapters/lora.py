@@ -171,7 +171,13 @@ _REFUSED_FEATURES: dict[str, tuple[Any, str]] = {
     "use_bdlora": (None, "block-diagonal LoRA is not supported by vLLM"),
     "fan_in_fan_out": (False, "fan_in_fan_out (Conv1D layout) is not supported"),
 }
-_EMPTY_OK = ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform")
+# PEFT config fields that must be absent or empty, and why.
+_MUST_BE_EMPTY: dict[str, str] = {
+    "modules_to_save": "fully saved modules are not served by vLLM as LoRA",
+    "rank_pattern": "per-module ranks are not supported by this store",
+    "alpha_pattern": "per-module alphas are not supported by this store",
+    "layers_to_transform": "partial-layer LoRA is not supported by this store",
+}
 _SAFE_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 
 
@@ -188,12 +194,8 @@ def _parse_config(data: object, *, where: str) -> tuple[int, float, tuple[str, .
     for name, (off, reason) in _REFUSED_FEATURES.items():
         if data.get(name, off) not in (off, None, False):
             raise InvalidAdapter(f"{where}: field {name!r}={data[name]!r}: {reason}")
-    for name in _EMPTY_OK:
+    for name, reason in _MUST_BE_EMPTY.items():
         if data.get(name):
-            reason = {
-                "modules_to_save": "fully saved modules are not served by vLLM as LoRA",
-                "layers_to_transform": "partial-layer LoRA is not supported by this store",
-            }.get(name, "per-module rank/alpha is not supported by this store")
             raise InvalidAdapter(f"{where}: field {name!r}={data[name]!r} must be empty: {reason}")
     bias = data.get("bias", "none")
     if bias != "none":
@@ -207,9 +209,13 @@ def _parse_config(data: object, *, where: str) -> tuple[int, float, tuple[str, .
     r, alpha, targets = data["r"], data["lora_alpha"], data["target_modules"]
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise InvalidAdapter(f"{where}: field 'r' must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, int | float)
+        or not (alpha > 0 and math.isfinite(alpha))
+    ):
         raise InvalidAdapter(
-            f"{where}: field 'lora_alpha' must be a positive number, got {alpha!r}"
+            f"{where}: field 'lora_alpha' must be a positive finite number, got {alpha!r}"
         )
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise InvalidAdapter(

@@ -70,6 +70,7 @@ def test_valid_adapter_passes(adapter_dir: Path) -> None:
         ({"r": "4"}, CONFIG, "'r' must be a positive integer"),
         ({"r": 0}, CONFIG, "'r' must be a positive integer"),
         ({"lora_alpha": -1}, CONFIG, "'lora_alpha'"),
+        ({"lora_alpha": float("inf")}, CONFIG, "'lora_alpha'"),
         ({"target_modules": "q_proj|v_proj"}, CONFIG, "'target_modules'.*regex"),
         ({"target_modules": []}, CONFIG, "'target_modules'"),
         ({"target_modules": ["q_proj"]}, WEIGHTS, "'v_proj' is not in target_modules"),
