@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import ADMIN_KEY, Gateway, GatewayFactory
+from gateway_harness import ADMIN_KEY, Gateway, GatewayFactory
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from conftest import Gateway, GatewayFactory, engine_name, tiny_lora
 from fake_engine import BASE_MODEL
+from gateway_harness import Gateway, GatewayFactory, engine_name, tiny_lora
 
 from adapters import Slot
 from service.errors import EngineRequestError

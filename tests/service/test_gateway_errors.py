@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Gateway, GatewayFactory, make_settings
 from fake_engine import FakeEngine
+from gateway_harness import Gateway, GatewayFactory, make_settings
 
 from service.app import create_app
 from service.ratelimit import RateLimiter

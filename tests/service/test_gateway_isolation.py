@@ -10,8 +10,8 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import pytest
-from conftest import Gateway, engine_name
 from fake_engine import BASE_MODEL
+from gateway_harness import Gateway, engine_name
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import Gateway, GatewayFactory
 from fake_engine import BASE_MODEL
+from gateway_harness import Gateway, GatewayFactory
 
 
 def _client(gw: Gateway, user: str | None = "alice", *, key: str | None = None) -> openai.OpenAI:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from conftest import ADMIN_KEY, Gateway, GatewayFactory
+from gateway_harness import ADMIN_KEY, Gateway, GatewayFactory
 
 from trainer.api import RoundBusy, RoundController, RoundSpec, RunNotFound, RunState, RunStatus
 
