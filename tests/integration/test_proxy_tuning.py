@@ -154,7 +154,7 @@ def chat_prompt(models: ModelPair, text: str) -> list[int]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(models.large.path))
-    encoded = tok.apply_chat_template(
+    encoded: Any = tok.apply_chat_template(
         [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True
     )
     return [int(t) for t in encoded["input_ids"]]

@@ -48,6 +48,12 @@ def random_lora(model: torch.nn.Module, *, base_model: str, seed: int, r: int = 
     )
 
 
+def weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    w = model.get_submodule(name).weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 @pytest.fixture(scope="module")
 def small(micro_models: ModelPair) -> torch.nn.Module:
     return load_small_model(micro_models.small.path)
@@ -149,10 +155,10 @@ def test_expert_is_merged_exactly(
     expert = library.get(ref)
     assert library.get(ref) is expert and library.loads == 1
     name = "model.layers.0.self_attn.q_proj"
-    expected = small.get_submodule(name).weight + adapter.delta(f"base_model.model.{name}")
-    torch.testing.assert_close(expert.get_submodule(name).weight, expected)
+    expected = weight(small, name) + adapter.delta(f"base_model.model.{name}")
+    torch.testing.assert_close(weight(expert, name), expected)
     # The base model is untouched.
-    assert not torch.equal(small.get_submodule(name).weight, expert.get_submodule(name).weight)
+    assert not torch.equal(weight(small, name), weight(expert, name))
 
 
 def test_cache_is_bounded_lru(
