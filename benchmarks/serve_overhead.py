@@ -10,9 +10,14 @@ same tokens, so the work is identical.
 Reports the throughput ratio (gateway / direct completion tokens per second, target >= 0.95) and
 the added time to first token (p50 of gateway TTFT minus p50 of direct TTFT, target <= 5 ms)
 under that load, plus the added TTFT of single requests (direct and gateway interleaved one at a
-time: the median of the paired differences), which load noise does not swamp. Prints a table and writes `benchmarks/results/serve_overhead.json` and `.png`.
+time: the median of the paired differences), which load noise does not swamp. Prints a table
+and writes `benchmarks/results/serve_overhead.json` and `.png`.
+
+With `--instant-engine` vLLM is replaced by a stand-in that streams at once, so what remains is
+the gateway's own cost (results in `serve_overhead_instant.json`).
 
     python benchmarks/serve_overhead.py                       # micro test model, own vLLM
+    python benchmarks/serve_overhead.py --instant-engine      # the gateway's own cost
     python benchmarks/serve_overhead.py --model-dir .fedpersona/models/large --requests 256
 """
 
@@ -124,6 +129,49 @@ def gateway_main(config_path: str) -> None:
     )
 
 
+def instant_engine_main(port: int, tokens: int) -> None:
+    """Child-process mode: an engine stand-in that streams `tokens` chunks at once, shaped like
+    vLLM's (compact JSON, role chunk, content chunks, usage chunk, [DONE]). Against it the
+    measured difference is the gateway's own cost, with no engine time to hide it."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    def event(payload: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+    async def chat(request: Request) -> Response:
+        model = (await request.json())["model"]
+        head = {"id": "chatcmpl-0", "object": "chat.completion.chunk", "created": 1, "model": model}
+
+        async def stream() -> Any:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""}
+            yield event({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            for i in range(tokens):
+                delta = {"content": f" w{i}"}
+                yield event(
+                    {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                )
+            usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": tokens + 8}
+            yield event({**head, "choices": [], "usage": usage})
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    async def ok(request: Request) -> Response:
+        return Response("ok")
+
+    routes = [
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/load_lora_adapter", ok, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", ok, methods=["POST"]),
+        Route("/health", ok),
+    ]
+    uvicorn.run(Starlette(routes=routes), host="127.0.0.1", port=port, log_level="warning")
+
+
 # ---------------------------------------------------------------------------- load generator
 
 
@@ -215,13 +263,42 @@ def summarize(samples: list[Sample], wall: float) -> dict[str, float]:
 # ---------------------------------------------------------------------------- orchestration
 
 
+async def wait_healthy(url: str) -> None:
+    async with httpx.AsyncClient() as probe:
+        for _ in range(600):
+            try:
+                if (await probe.get(f"{url}/health")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not start")
+
+
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="fedpersona-bench-"))
     model_dir = args.model_dir.resolve()
     model = model_name(model_dir)
     supervisor = None
     started = time.monotonic()
-    if args.engine_url:
+    stand_in = None
+    if args.instant_engine:
+        port = free_port()
+        stand_in = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--_instant_engine",
+                str(port),
+                "--max-tokens",
+                str(args.max_tokens),
+            ],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        engine_url = f"http://127.0.0.1:{port}"
+        await wait_healthy(engine_url)
+    elif args.engine_url:
         engine_url = args.engine_url.rstrip("/")
     else:
         settings = EngineSettings(
@@ -273,16 +350,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     )
     try:
         gateway_url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient() as probe:
-            for _ in range(300):
-                try:
-                    if (await probe.get(f"{gateway_url}/health")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                raise RuntimeError("the gateway did not start")
+        await wait_healthy(gateway_url)
 
         def body(i: int, model_id: str) -> dict[str, Any]:
             return {
@@ -346,6 +414,9 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         gateway.wait(30)
         if supervisor is not None:
             await supervisor.stop(5)
+        if stand_in is not None:
+            stand_in.terminate()
+            stand_in.wait(30)
 
     def med(path: str, key: str) -> float:
         return statistics.median(r[key] for r in rounds[path])
@@ -360,8 +431,14 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "load_avg_1m": os.getloadavg()[0],
         },
         "model": str(model_dir),
-        "engine": "external" if args.engine_url else "supervised vLLM",
-        "vllm_ready_s": None if args.engine_url else ready_s,
+        "engine": (
+            "instant stand-in (gateway cost only)"
+            if args.instant_engine
+            else "external vLLM"
+            if args.engine_url
+            else "supervised vLLM"
+        ),
+        "vllm_ready_s": None if args.engine_url or args.instant_engine else ready_s,
         "config": {
             k: v for k, v in vars(args).items() if not k.startswith("_") and k != "model_dir"
         },
@@ -451,7 +528,13 @@ def main() -> int:
     parser.add_argument(
         "--model-dir", type=Path, help="large model dir (default: the micro test model)"
     )
+    parser.add_argument("--_instant_engine", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--engine-url", help="use a running vLLM instead of starting one")
+    parser.add_argument(
+        "--instant-engine",
+        action="store_true",
+        help="replace vLLM by a stand-in that answers at once: measures the gateway's own cost",
+    )
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--requests", type=int, default=128, help="requests per round and path")
     parser.add_argument("--concurrency", type=int, default=16)
@@ -460,10 +543,13 @@ def main() -> int:
     parser.add_argument("--paired", type=int, default=32, help="single requests per path")
     parser.add_argument("--max-loras", type=int, default=4)
     parser.add_argument("--max-model-len", type=int, default=512)
-    parser.add_argument("--out", type=Path, default=RESULTS / "serve_overhead.json")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/serve_overhead*.json")
     args = parser.parse_args()
     if args._gateway:
         gateway_main(args._gateway)
+        return 0
+    if args._instant_engine:
+        instant_engine_main(args._instant_engine, args.max_tokens)
         return 0
     if args.model_dir is None:
         from trainer.basemodel import MICRO, build_models
@@ -471,6 +557,9 @@ def main() -> int:
         args.model_dir = build_models(
             REPO / ".cache" / "models" / f"micro-{MICRO.hash()}", MICRO, progress=False
         ).large.path
+    if args.out is None:
+        name = "serve_overhead_instant.json" if args.instant_engine else "serve_overhead.json"
+        args.out = RESULTS / name
     result = asyncio.run(benchmark(args))
     report(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
