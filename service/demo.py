@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
-from rich.panel import Panel
 from rich.table import Table
 
 DEMO_USERS = {"alice": "pirate", "bob": "robot"}
@@ -125,7 +124,8 @@ def _users(home: Path, console: Console) -> dict[str, str]:
     registry = Registry(home / "registry.sqlite")
     existing = {u.name for u in registry.list_users()}
     keys: dict[str, str] = {}
-    table = Table("user", "persona (private data)", "API key (printed once; only a hash is kept)")
+    table = Table("user", "persona (private data)")
+    table.add_column("API key (printed once; only a hash is kept)", overflow="fold")
     for user, persona in DEMO_USERS.items():
         if user not in existing:
             registry.create_user(user)
@@ -193,8 +193,10 @@ def _serve(
         "FEDPERSONA_ENGINE__PORT": str(engine_port),
         "FEDPERSONA_ENGINE__MAX_MODEL_LEN": "1024",
     }
-    command = [sys.executable, "-m", "service.serve_cmd", "--home", str(home), "--port", str(port)]
-    console.print(f"$ {' '.join(command[1:])}   (logs: {log_path}, vLLM: {home}/logs/vllm.log)")
+    args = ["--home", str(home), "--port", str(port)]
+    command = [sys.executable, "-m", "service.serve_cmd", *args]
+    console.print(f"$ fedpersona serve {' '.join(args)}")
+    console.print(f"  logs: {log_path} (gateway), {home}/logs/vllm.log (vLLM)")
     with log_path.open("ab") as log:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -252,7 +254,10 @@ stream = client.chat.completions.create(
 )
 for chunk in stream:
     print(chunk.choices[0].delta.content or "", end="", flush=True)'''
-    console.print(Panel(code, title="try it (with --keep-serving, or after `fedpersona serve`)"))
+    console.rule("try it (with --keep-serving, or after `fedpersona serve`)")
+    # soft_wrap: no inserted line breaks, so the snippet can be copied as is.
+    console.print(code, soft_wrap=True, highlight=False, markup=False)
+    console.rule()
 
 
 def _stop(server: subprocess.Popen[bytes], console: Console) -> None:

@@ -24,7 +24,8 @@ from pydantic import ValidationError
 from service.metrics import Metrics
 from service.settings import Settings
 
-logger = logging.getLogger(__name__)
+# Named explicitly: as `python -m service.serve_cmd` this module's __name__ is "__main__".
+logger = logging.getLogger("service.serve_cmd")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         logger.error("%s", e)
         return 2
+    # httpx logs every engine request at INFO; the access log already has one line per request.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     logger.info(
         "gateway on http://%s:%d (engine: %s)",
         settings.host,
