@@ -94,3 +94,39 @@ def test_one_run_at_a_time_a_killed_run_fails_cleanly_and_the_next_succeeds(
     assert 'fedpersona_trainer_runs_total{algorithm="fedavg",state="failed"} 1.0' in text
     assert 'fedpersona_trainer_runs_total{algorithm="fedavg",state="succeeded"} 1.0' in text
     assert 'fedpersona_trainer_client_uplink_bytes_count{algorithm="fedavg"} 2.0' in text
+
+
+def test_http_api_status_codes(tmp_path: Path) -> None:
+    """The `fedpersona trainer` routes. The child is `/bin/true`: runs end at once, unfinished."""
+    from fastapi.testclient import TestClient
+
+    from trainer.serve_cmd import create_app
+
+    home = tmp_path / "home"
+    write_silos(home / "silos", {"alice": "pirate"}, n_train=2, n_eval=1)
+    controller = RoundController(home, python="/bin/true", poll_s=0.05)
+    key = "k" * 24
+    auth = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(controller, admin_key=key)) as client:
+        assert client.get("/health").status_code == 200
+        assert client.post("/admin/rounds", json={}).status_code == 401
+        assert (
+            client.get("/admin/rounds", headers={"Authorization": "Bearer nope"}).status_code == 401
+        )
+        assert client.post("/admin/rounds", json={"rounds": 0}, headers=auth).status_code == 422
+        missing = client.post("/admin/rounds", json={"users": ["carol"]}, headers=auth)
+        assert missing.status_code == 400 and "carol" in missing.text
+        with RunLock(home / "runs"):
+            assert client.post("/admin/rounds", json={}, headers=auth).status_code == 409
+        started = client.post("/admin/rounds", json={"algorithm": "fedavg"}, headers=auth)
+        assert started.status_code == 202, started.text
+        run_id = started.json()["id"]
+        assert started.json()["spec"]["algorithm"] == "fedavg"
+        assert started.json()["users"] == ["alice"]
+        controller.wait(run_id, timeout=30)
+        got = client.get(f"/admin/rounds/{run_id}", headers=auth).json()
+        assert got["state"] == "failed" and "exited with code 0" in got["error"]
+        assert [r["id"] for r in client.get("/admin/rounds", headers=auth).json()] == [run_id]
+        assert client.get("/admin/rounds/r-20260101t000000-abcdef", headers=auth).status_code == 404
+        assert client.get("/admin/rounds/..%2F..%2Fetc", headers=auth).status_code == 404
+        assert "fedpersona_trainer_runs_total" in client.get("/metrics").text
