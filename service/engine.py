@@ -24,6 +24,7 @@ from service.errors import EngineRequestError, EngineUnavailable
 logger = logging.getLogger(__name__)
 
 _JSON = {"Content-Type": "application/json"}
+DONE_LINE = b"data: [DONE]"
 
 # A callable that raises EngineUnavailable while the engine must not be used (e.g. restarting).
 Gate = Callable[[], None]
@@ -157,14 +158,22 @@ class EngineClient:
                 if response.status_code != 200:
                     await response.aread()
                     raise EngineRequestError(response.status_code, _envelope(response))
+                chunks = response.aiter_bytes()
                 pending = b""
-                async for chunk in response.aiter_bytes():
+                async for chunk in chunks:
                     pending += chunk
                     if b"\n" not in chunk:
                         continue
                     *lines, pending = pending.split(b"\n")
                     for line in lines:
                         line = line.rstrip(b"\r")
+                        if line == DONE_LINE:
+                            # Read the (empty) rest before handing out the last line: callers
+                            # stop at [DONE], and a fully read response returns its connection
+                            # to the pool instead of closing it (a new TCP connection per
+                            # request otherwise).
+                            async for _ in chunks:
+                                pass
                         if line:
                             yield line
                 if pending.strip():

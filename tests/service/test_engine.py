@@ -277,3 +277,56 @@ def test_renamed_chunk_leaves_everything_else_to_the_json_path(line: bytes) -> N
     from service.engine import renamed_chunk
 
     assert renamed_chunk(line, engine_model="u-a-0123456789abcdef", public_model="p") is None
+
+
+def test_stream_read_to_done_reuses_the_connection() -> None:
+    """A caller stops at [DONE]; the client must still let the connection go back to the pool."""
+    events = [b'data: {"n":1}\n\n', b"data: [DONE]\n\n"]
+
+    async def main() -> tuple[int, list[list[bytes]]]:
+        accepted = 0
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            while True:  # keep-alive: one request after another on this connection
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    writer.close()
+                    return  # the client closed the connection
+                length = next(
+                    int(h.split(b":")[1])
+                    for h in head.split(b"\r\n")
+                    if h.lower().startswith(b"content-length")
+                )
+                await reader.readexactly(length)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
+                for event in events:
+                    writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        c = EngineClient(f"http://127.0.0.1:{port}")
+        seen = []
+        for _ in range(3):
+            lines = []
+            async for line in c.stream_chat({}):
+                lines.append(line)
+                if line == b"data: [DONE]":
+                    break  # what the gateway's relay does
+            seen.append(lines)
+        await c.aclose()
+        server.close()
+        await server.wait_closed()
+        return accepted, seen
+
+    accepted, seen = run(main())
+    assert seen == [[b'data: {"n":1}', b"data: [DONE]"]] * 3
+    assert accepted == 1
