@@ -10,8 +10,9 @@ Steps, each through the project's public pieces:
   5. one chat per user through the gateway with the official openai SDK (and the base model
      for contrast), then a ready-to-run SDK snippet.
 
-Everything lives in one home directory (default `.fedpersona-demo`), so a second run reuses
-models and skips what is done (`--retrain` trains again). `--keep-serving` leaves the gateway
+Everything lives in the usual home directory (default `.fedpersona`), so a second run reuses
+models and adapters (`--retrain` trains again) and a later `fedpersona serve` serves the demo
+users as they are. `--keep-serving` leaves the gateway
 running for your own requests until Ctrl-C. Progress goes to the terminal via rich.
 """
 
@@ -37,7 +38,12 @@ QUESTION = "What do you think about the old lighthouse?"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--home", type=Path, default=Path(".fedpersona-demo"))
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=Path(os.environ.get("FEDPERSONA_HOME", ".fedpersona")),
+        help="fedpersona home (default $FEDPERSONA_HOME or ./.fedpersona, as `fedpersona serve`)",
+    )
     parser.add_argument("--recipe", choices=("tiny", "micro"), default="tiny")
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds")
     parser.add_argument("--local-steps", type=int, default=40, help="local steps per round")
