@@ -2,8 +2,9 @@
 
     fedpersona train --algorithm pftt --rounds 3 --users alice,bob --home DIR
 
-Runs in Flower's Simulation Engine (one virtual SuperNode per user), holding the home's run lock
-for the whole run, and prints the run record as a table (and as JSON with `--json`). The round
+Runs in Flower's Simulation Engine (one virtual SuperNode per user), or with
+`--superlink HOST:PORT` on the Deployment Engine (`trainer.deployment`), holding the home's run
+lock for the whole run, and prints the run record as a table (and as JSON with `--json`). The round
 controller starts this same module as its child (`python -m trainer.train_cmd --run-id ...`)
 after writing a queued record; that is the only use of `--run-id`.
 """
@@ -47,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rank", type=int, default=16, help="the store's (= vLLM's) max rank")
     parser.add_argument("--cpus", type=int, default=None, help="ClientApps training at once")
     parser.add_argument("--no-resume", action="store_true", help="start from a fresh global")
+    parser.add_argument(
+        "--superlink",
+        default=None,
+        metavar="HOST:PORT",
+        help="run on the Deployment Engine: submit to this SuperLink Control API with `flwr run` "
+        "(its SuperNodes name their users and silos); default: the Simulation Engine",
+    )
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the run record as JSON")
 
@@ -78,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
                 max_len=args.max_len,
                 seed=args.seed,
             )
-            users = resolve_users(home, spec.users)
+            if args.superlink:  # the silos live on the SuperNodes, not under this home
+                if not spec.users:
+                    raise ValueError("--superlink needs --users (the users the SuperNodes serve)")
+                users = list(spec.users)
+            else:
+                users = resolve_users(home, spec.users)
             status = None
         with RunLock(runs_dir):
             if status is None:
@@ -94,7 +107,17 @@ def run(args: argparse.Namespace) -> int:
                 max_rank=args.max_rank,
                 resume=not args.no_resume,
             )
-            final = simulate(config, cpus=args.cpus)
+            if args.superlink:
+                from trainer.deployment import submit
+
+                final = submit(
+                    config,
+                    control=args.superlink,
+                    flwr_home=home / "flwr",
+                    log_file=runs_dir / f"{status.id}.flwr.log",
+                )
+            else:
+                final = simulate(config, cpus=args.cpus)
     except (TrainerError, ValueError) as e:
         if args.run_id:
             _mark_failed(records, args.run_id, e)
