@@ -60,10 +60,10 @@ def renamed_chunk(line: bytes, *, engine_model: str, public_model: str) -> bytes
     """
     if not line.startswith(b"data: {") or b'"usage"' in line or b'"error"' in line:
         return None
-    needle = b'"model":"' + engine_model.encode() + b'"'
+    needle = b'"model":' + json.dumps(engine_model).encode()
     if line.count(needle) != 1:
         return None
-    return line.replace(needle, b'"model":"' + public_model.encode() + b'"', 1) + b"\n\n"
+    return line.replace(needle, b'"model":' + json.dumps(public_model).encode(), 1) + b"\n\n"
 
 
 def chunk_has_content(line: bytes) -> bool:

@@ -261,6 +261,15 @@ def test_renamed_chunk_rewrites_only_the_model_key() -> None:
     assert not chunk_has_content(VLLM_CHUNK.replace(b'"content":"hi', b'"content":"", "x":"'))
 
 
+def test_renamed_chunk_escapes_the_public_name() -> None:
+    from service.engine import renamed_chunk
+
+    line = b'data: {"model":"u-a-0123456789abcdef","choices":[]}'
+    out = renamed_chunk(line, engine_model="u-a-0123456789abcdef", public_model='my "bot"')
+    assert out is not None
+    assert json.loads(out[len(b"data: ") :])["model"] == 'my "bot"'
+
+
 @pytest.mark.parametrize(
     "line",
     [
