@@ -196,7 +196,10 @@ def test_chart_command_lines_parse_with_the_real_cli(helm_bin: Path) -> None:
 
     trainer = rendered.container("trainer")
     assert trainer["command"] == ["fedpersona"]
-    assert _parse(trainer["args"]).command == "trainer"
+    args = _parse(trainer["args"])
+    assert args.command == "trainer"
+    assert (args.host, args.port) == ("0.0.0.0", trainer["ports"][0]["containerPort"])
+    assert not args.superlink  # the SuperLink is the pod's other container
 
     (init,) = rendered.pod_spec("vllm")["initContainers"]
     assert init["command"][0] == "fedpersona"
@@ -368,3 +371,58 @@ def test_helm_test_pod_checks_the_gateway_ready_endpoint(
     assert recorder.seen == [{"path": "/ready"}]
     recorder.status = 503  # not ready: the test must fail
     assert subprocess.run(argv, env=env, capture_output=True, timeout=60).returncode != 0
+
+
+# ---- the trainer pod: its settings and its SuperLink ----------------------------------------
+
+
+def test_trainer_env_is_read_by_the_real_trainer_settings(
+    helm_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer.serve_cmd import TrainerSettings
+
+    container = render(helm_bin).container("trainer")
+    names = [n for n in env_map(container) if n.startswith("FEDPERSONA_")]
+    unknown = [
+        n
+        for n in names
+        if n.removeprefix("FEDPERSONA_").lower() not in TrainerSettings.model_fields
+    ]
+    assert unknown == []
+    for key in list(os.environ):
+        if key.startswith("FEDPERSONA_"):
+            monkeypatch.delenv(key)
+    for key, value in plain_env(container, FEDPERSONA_ADMIN_KEY=ADMIN_KEY).items():
+        if key.startswith("FEDPERSONA_"):
+            monkeypatch.setenv(key, value)
+    settings = TrainerSettings(host="0.0.0.0")
+    settings.check()  # a non-loopback listener needs the admin key the Secret provides
+    assert settings.home == Path("/data")
+
+
+def test_superlink_container_has_every_flag_the_trainer_would_use(helm_bin: Path) -> None:
+    """`fedpersona trainer --superlink` (the embedded path) and the chart's container agree."""
+    from trainer.deployment import SuperLinkAddresses, superlink_command
+
+    rendered = render(helm_bin)
+    superlink = rendered.container("trainer", name="superlink")
+    chart = superlink["args"]
+    ports = {p["name"]: p["containerPort"] for p in superlink["ports"]}
+    addresses = SuperLinkAddresses.on(
+        "0.0.0.0", fleet=ports["fleet"], serverappio=9091, control=ports["control"]
+    )
+    embedded = superlink_command(addresses, database=Path("/data/superlink.db"))
+    assert Path(embedded[0]).name == superlink["command"][0]
+    i = 1
+    while i < len(embedded):
+        flag = embedded[i]
+        assert flag in chart, flag
+        if i + 1 < len(embedded) and not embedded[i + 1].startswith("--"):
+            value = chart[chart.index(flag) + 1]
+            if flag == "--serverappio-api-address":
+                assert value == "127.0.0.1:9091"  # loopback: only the pod's own processes
+            else:
+                assert value == embedded[i + 1], flag
+            i += 2
+        else:
+            i += 1
