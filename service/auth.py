@@ -43,19 +43,19 @@ def current_user(request: Request, services: Annotated[Services, Depends(get_ser
     user = services.registry.authenticate(token)
     if user is None:
         raise AuthenticationFailed()
-    request.state.user = user.name  # for access logs; never a metrics label
     return user
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
 
 
-def rate_limited_user(user: CurrentUser, request: Request) -> User:
-    limiter = get_services(request).limiter
-    if limiter is not None:
-        retry_after = limiter.acquire(user.name)
+def rate_limited_user(
+    user: CurrentUser, services: Annotated[Services, Depends(get_services)]
+) -> User:
+    if services.limiter is not None:
+        retry_after = services.limiter.acquire(user.name)
         if retry_after is not None:
-            get_services(request).metrics.rate_limited.inc()
+            services.metrics.rate_limited.inc()
             raise RateLimited(retry_after=retry_after)
     return user
 
