@@ -21,7 +21,11 @@ COPY trainer ./trainer
 # CPU torch is enough for the gateway and for CPU training; GPU trainers build with
 # --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN pip install --extra-index-url "${TORCH_INDEX}" .
+RUN pip install --extra-index-url "${TORCH_INDEX}" . \
+ && cd / \
+ && python -c "import service.cli, trainer.serve_cmd" \
+ && python -c "import trainer.deployment as d; assert (d.APP_DIR / 'pyproject.toml').is_file(), \
+      'the Flower App (trainer/flwr_app) is missing from the installed package'"
 
 FROM python:${PYTHON_VERSION}-slim
 RUN groupadd --gid 10001 fedpersona \
