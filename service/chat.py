@@ -21,9 +21,9 @@ from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from adapters import AdapterStore, Slot, Version
+from adapters import AdapterError, AdapterStore, Slot, Version
 from service.engine import chunk_has_content, renamed_chunk
-from service.errors import EngineRequestError, GatewayError, UpstreamError
+from service.errors import AdapterLoadFailed, EngineRequestError, GatewayError, UpstreamError
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest
 from service.registry import User
@@ -152,9 +152,15 @@ class ChatService:
         return body
 
     def _current_expert(self, user: str) -> Version | None:
-        return self.store.current(Slot.user_expert(user)) or self.store.current(
-            Slot.global_expert()
-        )
+        """The user's own proxy expert, else the federation's, else None."""
+        try:
+            return self.store.current(Slot.user_expert(user)) or self.store.current(
+                Slot.global_expert()
+            )
+        except AdapterError as e:
+            # Serving without the expert would silently drop part of the personalization.
+            logger.error("store: cannot read the proxy expert for %s: %s", user, e)
+            raise AdapterLoadFailed() from e
 
     async def _open_stream(
         self, body: dict[str, Any], *, stack: AsyncExitStack

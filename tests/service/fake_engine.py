@@ -29,6 +29,7 @@ class FakeEngine:
     load_calls: list[tuple[str, str]] = field(default_factory=list)
     unload_calls: list[str] = field(default_factory=list)
     closed: bool = False
+    streams_closed: int = 0  # streams that ended, finished or abandoned
 
     def _admit(self, body: dict[str, Any]) -> None:
         if self.down:
@@ -111,13 +112,16 @@ class FakeEngine:
                 "total_tokens": 7 + len(tokens),
             }
             pieces.append(b"data: " + _compact({**base, "choices": [], "usage": usage}))
-        for i, piece in enumerate(pieces):
-            if self.fail_stream_after is not None and i >= self.fail_stream_after:
-                raise EngineUnavailable("fake engine died mid-stream")
-            if self.chunk_delay_s:
-                await asyncio.sleep(self.chunk_delay_s)
-            yield piece
-        yield b"data: [DONE]"
+        try:
+            for i, piece in enumerate(pieces):
+                if self.fail_stream_after is not None and i >= self.fail_stream_after:
+                    raise EngineUnavailable("fake engine died mid-stream")
+                if self.chunk_delay_s:
+                    await asyncio.sleep(self.chunk_delay_s)
+                yield piece
+            yield b"data: [DONE]"
+        finally:
+            self.streams_closed += 1
 
     async def load_lora(self, name: str, path: str, *, replace: bool = False) -> None:
         if self.down:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-from fake_engine import BASE_MODEL
+from fake_engine import BASE_MODEL, FakeEngine
 from gateway_harness import Gateway, GatewayFactory, engine_name, tiny_lora
 
-from adapters import Slot
+from adapters import AdapterStore, Slot
+from service.chat import ChatConfig, ChatService
 from service.errors import EngineRequestError
+from service.metrics import Metrics
+from service.protocol import ChatCompletionRequest
+from service.registry import User
 
 
 def sse_events(text: str) -> list[str]:
@@ -215,3 +223,68 @@ def test_adapter_stays_loaded_across_requests(gw: Gateway) -> None:
         assert gw.chat("alice").status_code == 200
     assert len(gw.engine.load_calls) == 1
     assert "fedpersona_adapter_loads_total 1.0" in gw.metrics()
+
+
+def test_unreadable_expert_fails_the_request_loudly(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway(proxy_tuning=True)
+    gw.store.publish_lora(Slot.user_expert("alice"), tiny_lora(seed=5))
+    manifest = gw.store.root / "slots" / "users" / "alice" / "expert" / "current.json"
+    manifest.write_text("{not json")  # hand-edited store
+    response = gw.chat("alice")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "adapter_load_failed"
+    assert str(gw.store.root) not in response.text
+    assert gw.chat("bob").status_code == 200  # others are unaffected
+
+
+class _RecordingPinner:
+    """An adapter pinner that records how many pins are held."""
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    @asynccontextmanager
+    async def _use(self, user_id: str) -> AsyncIterator[str | None]:
+        self.held += 1
+        try:
+            yield None
+        finally:
+            self.held -= 1
+
+    def use(self, user_id: str) -> Any:
+        return self._use(user_id)
+
+
+def test_abandoned_stream_releases_its_pin_and_the_engine_stream(tmp_path: Path) -> None:
+    engine = FakeEngine(chunk_delay_s=0.01)
+    pinner = _RecordingPinner()
+    service = ChatService(
+        config=ChatConfig(
+            personal_alias="personal",
+            base_model=BASE_MODEL,
+            max_model_len=256,
+            max_bytes_per_token=64,
+            proxy_tuning=False,
+        ),
+        engine=engine,
+        adapters=pinner,
+        store=AdapterStore(tmp_path / "store"),
+        metrics=Metrics(),
+    )
+    request = ChatCompletionRequest.model_validate(
+        {"model": "personal", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
+    user = User(name="alice", created_at=0.0, proxy_alpha=1.0)
+
+    async def scenario() -> None:
+        events = await service.complete(request, user=user)
+        assert not isinstance(events, dict)
+        assert pinner.held == 1
+        first = await anext(aiter(events))
+        assert first.startswith(b"data: ")
+        await events.aclose()  # type: ignore[attr-defined]  # the client went away
+        assert pinner.held == 0
+        assert service.metrics.registry.get_sample_value("fedpersona_streams_in_flight") == 0
+
+    asyncio.run(scenario())
+    assert engine.streams_closed == 1
