@@ -397,3 +397,45 @@ def test_service_monitor_only_when_enabled(helm_bin: Path) -> None:
     ]
     for monitor in monitors:
         assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+
+
+def _all_containers(rendered: Any) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(where, pod spec, container) for every container and init container of every workload."""
+    found = []
+    for obj in rendered.docs:
+        if obj["kind"] in {"Deployment"}:
+            pod = obj["spec"]["template"]["spec"]
+        elif obj["kind"] == "CronJob":
+            pod = obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        elif obj["kind"] == "Pod":
+            pod = obj["spec"]
+        else:
+            continue
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            found.append((f"{obj['metadata']['name']}/{container['name']}", pod, container))
+    return found
+
+
+def test_every_container_is_non_root_with_a_writable_home(helm_bin: Path) -> None:
+    values = {
+        "roundSchedule": {"enabled": True},
+        "model": {"init": {"enabled": True, "copyFrom": "/m"}},
+    }
+    rendered = render(helm_bin, values=values)
+    containers = _all_containers(rendered)
+    assert len(containers) == 7  # gateway, vllm + init, trainer + superlink, rounds, helm test
+    for where, pod, container in containers:
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, where
+        assert sc["capabilities"]["drop"] == ["ALL"], where
+        if not sc.get("readOnlyRootFilesystem"):
+            assert where.endswith("-vllm/vllm"), f"{where} has a writable root filesystem"
+            continue
+        home = env_map(container).get("HOME")
+        mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+        if container["command"][0] in {"fedpersona", "flower-superlink"}:
+            # Flower, torch and Hugging Face write config and caches under $HOME.
+            assert home is not None, f"{where} runs {container['command'][0]} without HOME"
+        if home is not None:
+            assert any(home == m or home.startswith(m + "/") for m in mounts), where
