@@ -74,7 +74,10 @@ class ToyMethod:
     def aggregate(self, *, previous: Params, results: list[tuple[Params, int]]) -> Params:
         self.aggregations += 1
         total = sum(n for _, n in results)
-        return {k: sum(p[k] * (n / total) for p, n in results).astype(np.float32) for k in previous}
+        return {
+            k: np.sum([p[k] * (n / total) for p, n in results], axis=0).astype(np.float32)
+            for k in previous
+        }
 
     def served_adapter(
         self, *, base_model: ModelInfo, global_params: Params, state: Params

@@ -266,3 +266,21 @@ def test_parallel_builders_do_not_collide(tmp_path: Path) -> None:
     assert sorted(hits) == [False, True]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "large", "small"]
     assert read_marker(tmp_path / "large") is not None
+
+
+@pytest.mark.slow
+def test_fedpersona_command_twice_builds_then_hits_the_cache(tmp_path: Path) -> None:
+    # The acceptance check at MICRO size, through the real `fedpersona` entry point.
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "service.cli", "models", "bootstrap", "--recipe", "micro"]
+    command += ["--home", str(tmp_path), "--json"]
+    results, weights = [], []
+    for _ in range(2):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr
+        results.append(json.loads(done.stdout))
+        weights.append((tmp_path / "models" / "large" / "model.safetensors").read_bytes())
+    assert [r["cache_hit"] for r in results] == [False, True]
+    assert weights[0] == weights[1]

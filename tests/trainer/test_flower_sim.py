@@ -95,10 +95,10 @@ def test_real_pftt_rounds_publish_compositions_and_keep_personal_tensors_local(
     # Accounting is the serialized payloads of the very messages that were exchanged.
     assert sum(r.bytes_up for r in final.rounds) == sum(payload_bytes(m.content) for m in ups)
     assert sum(r.bytes_down for r in final.rounds) == sum(payload_bytes(m.content) for m in downs)
-    for record in final.rounds:
-        assert {c.user for c in record.clients} == {"alice", "bob"}
-        assert all(c.bytes_up > 0 and c.train_loss is not None for c in record.clients)
-        assert record.train_loss is not None and record.wall_s > 0
+    for done in final.rounds:
+        assert {c.user for c in done.clients} == {"alice", "bob"}
+        assert all(c.bytes_up > 0 and c.train_loss is not None for c in done.clients)
+        assert done.train_loss is not None and done.wall_s > 0
     # The client kept its personal LoRA in its silo, for the next run.
     assert (home / "silos" / "alice" / ".fedpersona" / "pftt-state.npz").is_file()
 

@@ -17,7 +17,7 @@ from adapters import AdapterStore, Slot, compose, load_lora
 from trainer.basemodel import ModelInfo, ModelPair
 from trainer.errors import PublishError
 from trainer.methods import LoraSpec, get_method
-from trainer.methods.base import Params
+from trainer.methods.base import Method, Params
 from trainer.pruning import apply_mask, pack_sparse
 from trainer.publish import RoundPublisher, masks_from_upload, personal_adapter, publish_personal
 from trainer.strategy import Participant
@@ -41,13 +41,13 @@ def participant(user: str, *, upload: Params, personal_version: str | None) -> P
 
 
 def publisher(
-    store: AdapterStore, method: object, base: ModelInfo, tmp: Path, algo: str
+    store: AdapterStore, method: Method, base: ModelInfo, tmp: Path, algo: str
 ) -> RoundPublisher:
     return RoundPublisher(
         store=store,
         method=method,
         base_model=base,
-        algorithm=algo,  # type: ignore[arg-type]
+        algorithm=algo,
         run_id="r-20260101t000000-abcdef",
         staging_root=tmp / "staging",
     )
