@@ -127,7 +127,7 @@ def test_users_cli_prints_key_once_and_stores_only_its_hash(
 
 def test_users_cli_key_is_scriptable_from_a_real_process(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service.users_cmd", "--home", str(tmp_path), "add", "bob"],
+        [sys.executable, "-m", "service.cli", "users", "--home", str(tmp_path), "add", "bob"],
         capture_output=True,
         text=True,
         check=True,

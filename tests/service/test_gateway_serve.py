@@ -115,7 +115,8 @@ def test_serve_answers_and_drains_streams_on_sigterm(fake_vllm: str, tmp_path: P
         [
             sys.executable,
             "-m",
-            "service.serve_cmd",
+            "service.cli",  # the `fedpersona` entry point
+            "serve",
             "--home",
             str(tmp_path),
             "--port",
@@ -177,7 +178,7 @@ def test_serve_answers_and_drains_streams_on_sigterm(fake_vllm: str, tmp_path: P
 
 def test_serve_refuses_weak_admin_key_in_production(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service.serve_cmd", "--home", str(tmp_path), "--no-rounds"],
+        [sys.executable, "-m", "service.cli", "serve", "--home", str(tmp_path), "--no-rounds"],
         env={**os.environ, "FEDPERSONA_ENVIRONMENT": "production", "FEDPERSONA_ADMIN_KEY": ""},
         capture_output=True,
         text=True,
