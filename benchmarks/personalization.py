@@ -5,7 +5,8 @@
 1. `fedpersona data shakespeare`: the `--users` speakers with the most turns become users; the
    last 15% of each speaker's turns are held out (`eval.jsonl`).
 2. The TINY base model is pretrained on the corpus *minus every held-out speech* (so the base
-   never saw the evaluation text).
+   never saw the evaluation text), or `--base-model DIR` uses one built before (e.g. TINY on
+   the default persona corpus, which never saw Shakespeare at all).
 3. `fedpersona eval`: one fresh federated run per method (FedAvg, local-only, PFTT, PerFIT) in
    Flower's Simulation Engine, all with the same rank budget, rounds, local steps and learning
    rate (fixed up front, never tuned on the held-out split), then each user's held-out
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,13 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, required=True, help="tinyshakespeare.txt")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-personalization")
     parser.add_argument("--users", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8, help="FedAvg's LoRA rank (the budget)")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--recipe", choices=("micro", "tiny"), default="tiny")
+    parser.add_argument(
+        "--base-model",
+        type=Path,
+        default=None,
+        help="an already built large model dir (e.g. from `fedpersona models bootstrap`) instead "
+        "of pretraining one on the corpus; copied into the work dir",
+    )
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -63,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer.basemodel import RECIPES, build_models
     from trainer.eval_cmd import METHODS, compare, render, save
+    from trainer.flower_app import model_info
     from trainer.runs import RoundSpec
     from trainer.shakespeare import convert
 
@@ -71,10 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     silos = convert(args.corpus, home / "silos", users=args.users)
     users = [s.user for s in silos]
     held_out = {(s.user, chat["messages"][-1]["content"]) for s in silos for chat in s.eval}
-    corpus = args.corpus.read_text(encoding="utf-8")
-    log.info("%d users, %d held-out speeches excluded from pretraining", len(users), len(held_out))
-    pair = build_models(home / "models", RECIPES[args.recipe], pretraining_text(corpus, held_out))
-    log.info("base model %s ready after %.0f s", pair.large.name, time.monotonic() - started)
+    if args.base_model is not None:
+        base_dir = home / "models" / "large"
+        shutil.rmtree(base_dir, ignore_errors=True)
+        shutil.copytree(args.base_model, base_dir)
+        base = model_info(base_dir)
+        pretrained_on = f"given: {args.base_model}"
+    else:
+        corpus = args.corpus.read_text(encoding="utf-8")
+        log.info("%d held-out speeches excluded from pretraining", len(held_out))
+        text = pretraining_text(corpus, held_out)
+        base = build_models(home / "models", RECIPES[args.recipe], text).large
+        pretrained_on = "the corpus minus the held-out speeches"
+    log.info("base model %s ready after %.0f s", base.name, time.monotonic() - started)
 
     spec = RoundSpec(
         rounds=args.rounds,
@@ -91,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         methods=list(METHODS),
         users=users,
         spec=spec,
-        base_model=pair.large.path,
+        base_model=base.path,
         cpus=args.cpus,
     )
     comparison.settings.update(
         {
             "corpus": str(args.corpus),
-            "recipe": args.recipe,
+            "base_model": base.name,
+            "base_pretrained_on": pretrained_on,
             "train_chats": {s.user: len(s.train) for s in silos},
             "eval_chats": {s.user: len(s.eval) for s in silos},
             "wall_seconds": round(time.monotonic() - started, 1),
