@@ -70,7 +70,7 @@ def _frontend_library() -> tuple[ExpertLibrary, float]:
     """The check-only library of vLLM's frontend process (built on the first request)."""
     settings = ProxySettings()  # type: ignore[call-arg]  # fields come from the environment
     library = ExpertLibrary(
-        store=AdapterStore(settings.store, max_rank=settings.proxy_max_rank),
+        store=AdapterStore(settings.store, max_rank=settings.proxy_max_rank, read_only=True),
         base=None,
         base_name=model_name(settings.proxy_small_model),
         capacity=1,
@@ -109,7 +109,7 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         self._base = base
         self._max_alpha = settings.proxy_max_alpha
         self._library = ExpertLibrary(
-            store=AdapterStore(settings.store, max_rank=settings.proxy_max_rank),
+            store=AdapterStore(settings.store, max_rank=settings.proxy_max_rank, read_only=True),
             base=base,
             base_name=model_name(settings.proxy_small_model),
             capacity=settings.proxy_max_experts,
