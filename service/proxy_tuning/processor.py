@@ -115,9 +115,8 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
             capacity=settings.proxy_max_experts,
             max_rank=settings.proxy_max_rank,
         )
-        self._eos = (
-            getattr(base.generation_config, "eos_token_id", None) or base.config.eos_token_id
-        )
+        eos = base.config.eos_token_id  # an int, or a list whose first entry ends a turn
+        self._eos: int | None = eos[0] if isinstance(eos, list) and eos else eos
         self._table = RequestTable()
         self._decoder = Decoder()
         self._failures = 0
