@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import VllmServer
+from conftest import VllmServer  # type: ignore[attr-defined]
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.vllm
