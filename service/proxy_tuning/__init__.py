@@ -9,6 +9,7 @@ Modules, from pure to I/O:
 - `decoder.py`    incremental small-model forward passes over many requests' KV caches
 - `experts.py`    naming, validating, loading and caching experts (small base + merged LoRA)
 - `settings.py`   the processor's pydantic settings (env `FEDPERSONA_...`)
+- `errors.py`     its domain errors (`ValueError`s: vLLM answers them as HTTP 400)
 - `processor.py`  the vLLM `LogitsProcessor` that ties them together (the only vLLM import)
 
 Nothing here imports vLLM at package import time, so the pure parts are testable without it.
