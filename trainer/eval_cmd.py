@@ -138,7 +138,11 @@ def compare(
     before all training is done."""
     comparison = Comparison(
         users=users,
-        settings={**spec.model_dump(mode="json"), "methods": methods, "home": str(home)},
+        settings={
+            **spec.model_dump(mode="json", exclude={"algorithm"}),
+            "methods": methods,
+            "home": str(home),
+        },
     )
     for method in methods:
         if method == "base":
