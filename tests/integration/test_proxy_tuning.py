@@ -17,6 +17,7 @@ outputs. Checked:
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -30,10 +31,9 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import ADMIN_KEY, MAX_MODEL_LEN, VllmServer, free_port, random_lora
 from transformers import AutoModelForCausalLM
 
-from adapters import AdapterStore, Slot, Version, load_lora
+from adapters import AdapterStore, LoraAdapter, Slot, Version, load_lora
 from service.adapter_manager import AdapterManager, adapter_name
 from service.app import create_app
 from service.engine import EngineClient
@@ -45,6 +45,47 @@ from trainer.basemodel import ModelPair
 pytestmark = pytest.mark.vllm
 
 MAX_TOKENS = 32
+ADMIN_KEY = "proxy-integration-admin-key-0123456789"
+# This module takes the session server only as a fixture, never `from conftest import ...`:
+# with several conftest.py in the suite, which one that names depends on collection order.
+VllmServer = Any  # tests/integration/conftest.py's VllmServer (base_url, model, supervisor)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def random_lora(model_dir: Path, base_model: str, seed: int, *, r: int = 8) -> LoraAdapter:
+    """A LoRA on every projection of `model_dir`'s layers, strong enough to change greedy
+    outputs visibly (A ~ N(0, 1/fan_in), B ~ N(0, 0.25))."""
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, inter, head = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q_out = config["num_attention_heads"] * head
+    kv_out = config["num_key_value_heads"] * head
+    shapes = {
+        "self_attn.q_proj": (hidden, q_out),
+        "self_attn.k_proj": (hidden, kv_out),
+        "self_attn.v_proj": (hidden, kv_out),
+        "self_attn.o_proj": (q_out, hidden),
+        "mlp.gate_proj": (hidden, inter),
+        "mlp.up_proj": (hidden, inter),
+        "mlp.down_proj": (inter, hidden),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, (fan_in, fan_out) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) / fan_in**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * 0.5
+    targets = tuple(sorted({m.split(".")[1] for m in shapes}))
+    return LoraAdapter(
+        r=r, alpha=float(2 * r), target_modules=targets, base_model=base_model, tensors=tensors
+    )
+
+
 # Greedy picks where two logits lie closer than this are ties the two float paths (vLLM's CPU
 # kernels, transformers) may break differently; every other step must match exactly.
 TIE = 1e-3
@@ -56,6 +97,7 @@ class ProxyEnv:
     store: AdapterStore
     stats_file: Path
     models: ModelPair
+    max_model_len: int
 
     def publish_expert(self, slot: Slot, seed: int, *, model_dir: Path | None = None) -> Version:
         adapter = random_lora(model_dir or self.models.small.path, self.models.small.name, seed)
@@ -89,7 +131,7 @@ class ProxyEnv:
 
 @pytest.fixture(scope="module")
 def proxy(vllm_server: VllmServer, micro_models: ModelPair) -> ProxyEnv:
-    env = vllm_server.supervisor.launch.env
+    env, argv = vllm_server.supervisor.launch.env, vllm_server.supervisor.launch.argv
     assert "FEDPERSONA_STORE" in env, "the session vLLM server runs without proxy tuning"
     assert "FEDPERSONA_PROXY_STATS_FILE" in env, "the session server writes no proxy stats"
     return ProxyEnv(
@@ -97,6 +139,7 @@ def proxy(vllm_server: VllmServer, micro_models: ModelPair) -> ProxyEnv:
         store=AdapterStore(env["FEDPERSONA_STORE"], max_rank=64),
         stats_file=Path(env["FEDPERSONA_PROXY_STATS_FILE"]),
         models=micro_models,
+        max_model_len=int(argv[argv.index("--max-model-len") + 1]),
     )
 
 
@@ -274,7 +317,7 @@ def proxy_gateway(
             "engine": {
                 "url": proxy.server.base_url,
                 "served_model_name": proxy.server.model,
-                "max_model_len": MAX_MODEL_LEN,
+                "max_model_len": proxy.max_model_len,
                 "max_loras": 2,
                 "max_cpu_loras": 4,
             },
