@@ -14,16 +14,18 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import openai
 import pytest
-from conftest import GatewayUnderTest
 
 from adapters import Slot
 from service.adapter_manager import adapter_name
 from service.supervisor import EngineState
+
+if TYPE_CHECKING:  # only for annotations: several conftest.py files share the module name
+    from conftest import GatewayUnderTest
 
 pytestmark = pytest.mark.vllm
 
