@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, ok in targets.items():
         print(f"{'MET   ' if ok else 'MISSED'} {name}")
     for method, r in reductions.items():
-        print(f"{method:>7}: mean perplexity {comparison.mean(method):8.2f} ({r:+.1%} vs FedAvg)")
+        side = "below" if r >= 0 else "above"
+        print(
+            f"{method:>7}: mean perplexity {comparison.mean(method):8.2f} ({abs(r):.1%} {side} FedAvg)"
+        )
     print(f"saved {json_path} and {png_path}")
     return 0
 
