@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     for method, r in reductions.items():
         side = "below" if r >= 0 else "above"
         print(
-            f"{method:>7}: mean perplexity {comparison.mean(method):8.2f} ({abs(r):.1%} {side} FedAvg)"
+            f"{method:>7}: mean perplexity {comparison.mean(method):8.2f} "
+            f"({abs(r):.1%} {side} FedAvg)"
         )
     print(f"saved {json_path} and {png_path}")
     return 0
