@@ -15,7 +15,6 @@ shared server. Tests talk to it with the official `openai` SDK.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import threading
 import time
@@ -26,10 +25,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import torch
 import uvicorn
+from lora_factory import random_lora
 
-from adapters import AdapterStore, LoraAdapter, Slot, Version
+from adapters import AdapterStore, Slot, Version
 from service.adapter_manager import AdapterManager
 from service.app import create_app
 from service.engine import EngineClient
@@ -138,35 +137,6 @@ def vllm_server(
     finally:
         loop.run(supervisor.stop(5.0), timeout=60)
         loop.close()
-
-
-def random_lora(model_dir: Path, base_model: str, seed: int, *, r: int = 8) -> LoraAdapter:
-    """A LoRA on every attention and MLP projection with weights large enough that greedy
-    answers visibly differ from the base model's and from other seeds'."""
-    config = json.loads((model_dir / "config.json").read_text())
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    q_out = config["num_attention_heads"] * config["head_dim"]
-    kv_out = config["num_key_value_heads"] * config["head_dim"]
-    shapes = {
-        "self_attn.q_proj": (hidden, q_out),
-        "self_attn.k_proj": (hidden, kv_out),
-        "self_attn.v_proj": (hidden, kv_out),
-        "self_attn.o_proj": (q_out, hidden),
-        "mlp.gate_proj": (hidden, inter),
-        "mlp.up_proj": (hidden, inter),
-        "mlp.down_proj": (inter, hidden),
-    }
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for module, (fan_in, fan_out) in shapes.items():
-            key = f"base_model.model.model.layers.{layer}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) / fan_in**0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * 0.5
-    targets = tuple(sorted({m.split(".")[1] for m in shapes}))
-    return LoraAdapter(
-        r=r, alpha=float(2 * r), target_modules=targets, base_model=base_model, tensors=tensors
-    )
 
 
 @dataclass

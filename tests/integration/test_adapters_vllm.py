@@ -11,7 +11,6 @@ shared server's other tests do not see them.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +20,13 @@ import httpx
 import pytest
 import torch
 from conftest import VllmServer
+from lora_factory import random_lora
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters import (
     AdapterStore,
     InvalidAdapter,
-    LoraAdapter,
     Slot,
     compose,
     save_lora,
@@ -41,36 +40,6 @@ PROMPT = "To be, or not to be, that is the question"
 NEW_TOKENS = 8
 # vLLM (CPU, float32, its own LoRA kernels) against transformers + PEFT, in log-probability.
 LOGPROB_TOLERANCE = 1e-4  # measured: 4.8e-07
-
-
-def random_lora(
-    model_dir: Path, base_model: str, *, seed: int, r: int, targets: tuple[str, ...]
-) -> LoraAdapter:
-    """A LoRA strong enough to move greedy answers, on `targets` in every layer."""
-    config = json.loads((model_dir / "config.json").read_text())
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads_out = config["num_attention_heads"] * config["head_dim"]
-    kv_out = config["num_key_value_heads"] * config["head_dim"]
-    shapes = {
-        "q_proj": ("self_attn", hidden, heads_out),
-        "k_proj": ("self_attn", hidden, kv_out),
-        "v_proj": ("self_attn", hidden, kv_out),
-        "o_proj": ("self_attn", heads_out, hidden),
-        "gate_proj": ("mlp", hidden, inter),
-        "up_proj": ("mlp", hidden, inter),
-        "down_proj": ("mlp", inter, hidden),
-    }
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for target in targets:
-            block, fan_in, fan_out = shapes[target]
-            key = f"base_model.model.model.layers.{layer}.{block}.{target}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) / fan_in**0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * 0.3
-    return LoraAdapter(
-        r=r, alpha=float(2 * r), target_modules=targets, base_model=base_model, tensors=tensors
-    )
 
 
 class Loader:
@@ -147,8 +116,12 @@ def test_composed_adapter_served_by_vllm_equals_global_plus_personal_in_peft(
     vllm_server: VllmServer, loader: Loader, tmp_path: Path
 ) -> None:
     model_dir, base = vllm_server.model_dir, vllm_server.model
-    g = random_lora(model_dir, base, seed=1, r=4, targets=("q_proj", "v_proj", "down_proj"))
-    p = random_lora(model_dir, base, seed=2, r=8, targets=("v_proj", "o_proj", "up_proj"))
+    g = random_lora(
+        model_dir, base, seed=1, r=4, targets=("q_proj", "v_proj", "down_proj"), b_scale=0.3
+    )
+    p = random_lora(
+        model_dir, base, seed=2, r=8, targets=("v_proj", "o_proj", "up_proj"), b_scale=0.3
+    )
     store = AdapterStore(tmp_path / "store", max_rank=MAX_RANK)
     served = store.publish_lora(Slot.user_served("alice"), compose(g, p), metadata={"round": 1})
     assert served.rank == 12

@@ -31,9 +31,10 @@ import openai
 import pytest
 import torch
 import uvicorn
+from lora_factory import random_lora
 from transformers import AutoModelForCausalLM
 
-from adapters import AdapterStore, LoraAdapter, Slot, Version, load_lora
+from adapters import AdapterStore, Slot, Version, load_lora
 from service.adapter_manager import AdapterManager, adapter_name
 from service.app import create_app
 from service.engine import EngineClient
@@ -55,35 +56,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def random_lora(model_dir: Path, base_model: str, seed: int, *, r: int = 8) -> LoraAdapter:
-    """A LoRA on every projection of `model_dir`'s layers, strong enough to change greedy
-    outputs visibly (A ~ N(0, 1/fan_in), B ~ N(0, 0.25))."""
-    config = json.loads((model_dir / "config.json").read_text())
-    hidden, inter, head = config["hidden_size"], config["intermediate_size"], config["head_dim"]
-    q_out = config["num_attention_heads"] * head
-    kv_out = config["num_key_value_heads"] * head
-    shapes = {
-        "self_attn.q_proj": (hidden, q_out),
-        "self_attn.k_proj": (hidden, kv_out),
-        "self_attn.v_proj": (hidden, kv_out),
-        "self_attn.o_proj": (q_out, hidden),
-        "mlp.gate_proj": (hidden, inter),
-        "mlp.up_proj": (hidden, inter),
-        "mlp.down_proj": (inter, hidden),
-    }
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for module, (fan_in, fan_out) in shapes.items():
-            key = f"base_model.model.model.layers.{layer}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) / fan_in**0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * 0.5
-    targets = tuple(sorted({m.split(".")[1] for m in shapes}))
-    return LoraAdapter(
-        r=r, alpha=float(2 * r), target_modules=targets, base_model=base_model, tensors=tensors
-    )
 
 
 # Greedy picks where two logits lie closer than this are ties the two float paths (vLLM's CPU
