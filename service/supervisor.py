@@ -228,8 +228,11 @@ class EngineSupervisor:
                 self._settled.set()
                 await self._watch(proc)
                 self._ready.clear()
-            if self._stopping:
+            if self._stopping:  # stop() drains and terminates the group itself
                 return
+            # vLLM's engine core lives on in the child's process group after the API server
+            # dies (SIGKILL, crash); left there it holds the model's memory forever.
+            _kill_group(proc.pid)
             rc = proc.returncode
             if not ever_ready:
                 self._fail(f"vLLM did not start (exit status {rc})")
@@ -322,7 +325,10 @@ class EngineSupervisor:
 
     async def _terminate(self) -> None:
         proc = self._proc
-        if proc is None or proc.returncode is not None:
+        if proc is None:
+            return
+        if proc.returncode is not None:
+            _kill_group(proc.pid)
             return
         logger.info("stopping vLLM (pid %d)", proc.pid)
         with contextlib.suppress(ProcessLookupError):
@@ -334,15 +340,19 @@ class EngineSupervisor:
             await self._kill(proc)
         else:
             # vLLM's own children (the engine core) normally exit with it; make sure.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc.pid)
 
     async def _kill(self, proc: asyncio.subprocess.Process) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc.pid)
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a child's process group (the child leads it: new session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 async def _healthy(client: httpx.AsyncClient) -> bool:

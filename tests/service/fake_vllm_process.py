@@ -1,7 +1,10 @@
 """A stand-in for the vLLM server process, for supervisor tests: a tiny stdlib HTTP server.
 
 Run as `python fake_vllm_process.py --port P [--startup-delay S] [--exit-at-start]
-[--ignore-sigterm] [--reply-delay S] [--unhealthy-after S]`. It answers `GET /health` (200 once
+[--ignore-sigterm] [--reply-delay S] [--unhealthy-after S] [--engine-core-pidfile F]`.
+`--engine-core-pidfile` starts a long-lived child in the same process group (like vLLM's
+engine core, which outlives a killed API server) and writes its pid to F.
+It answers `GET /health` (200 once
 "started") and `POST /v1/chat/completions` (after `--reply-delay`), logs to stdout like a server,
 and on SIGTERM exits 0 unless told to ignore it.
 """
@@ -24,7 +27,14 @@ def main() -> int:
     parser.add_argument("--unhealthy-after", type=float, default=None)
     parser.add_argument("--exit-at-start", action="store_true")
     parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--engine-core-pidfile", default=None)
     args = parser.parse_args()
+    if args.engine_core_pidfile:
+        import subprocess
+
+        core = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open(args.engine_core_pidfile, "w") as f:
+            f.write(str(core.pid))
 
     print(f"fake vllm: loading model (pid {__import__('os').getpid()})", flush=True)
     if args.exit_at_start:

@@ -125,6 +125,28 @@ def test_restarts_after_crash_and_tells_listeners(tmp_path: Path) -> None:
     run(main())
 
 
+def test_a_crashed_engines_orphaned_children_are_killed(tmp_path: Path) -> None:
+    # vLLM's engine core survives a SIGKILLed API server; the supervisor must not leak it (each
+    # leaked core holds a copy of the model in memory).
+    pidfile = tmp_path / "core.pid"
+    sup = supervisor(tmp_path, "--engine-core-pidfile", str(pidfile))
+
+    async def main() -> None:
+        await sup.start()
+        await sup.wait_ready(timeout=20)
+        first, first_core = sup.pid, int(pidfile.read_text())
+        assert first is not None and alive(first_core)
+        os.kill(first, signal.SIGKILL)
+        await wait_for(lambda: sup.state is EngineState.READY and sup.pid != first, 20)
+        await wait_for(lambda: not alive(first_core))
+        second_core = int(pidfile.read_text())
+        assert second_core != first_core and alive(second_core)
+        await sup.stop()
+        await wait_for(lambda: not alive(second_core))
+
+    run(main())
+
+
 def test_unhealthy_engine_is_killed_and_restarted(tmp_path: Path) -> None:
     # Healthy for 1 s, then /health fails while the process lives on (a hung engine).
     sup = supervisor(tmp_path, "--unhealthy-after", "1.0", health_failures=2)
