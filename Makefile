@@ -28,7 +28,7 @@ $(HELM): scripts/install_helm.sh
 helm: $(HELM)
 
 demo: install
-	$(BIN)/python -m service.demo
+	$(BIN)/python -m fedpersona.demo
 
 test: install $(HELM)
 	PATH="$(CURDIR)/$(BIN):$(CURDIR)/tools/bin:$$PATH" $(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)

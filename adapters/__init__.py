@@ -4,13 +4,19 @@ Imports neither `trainer` nor `service`. See `docs/contracts.md` ("Adapters") fo
 `adapters/store.py` for the on-disk layout and its crash-safety argument.
 """
 
-from adapters.compose import compose
-from adapters.errors import AdapterError, InvalidAdapter, InvalidName, NotFound, StoreCorrupt
-from adapters.lora import LoraAdapter, load_lora, save_lora
-from adapters.names import Slot, SlotKind, validate_adapter_name, validate_user_id
-from adapters.store import AdapterStore
-from adapters.validation import validate_adapter, validate_adapter_dir
-from adapters.version import Version, content_id
+from fedpersona.adapters.compose import compose
+from fedpersona.adapters.errors import (
+    AdapterError,
+    InvalidAdapter,
+    InvalidName,
+    NotFound,
+    StoreCorrupt,
+)
+from fedpersona.adapters.lora import LoraAdapter, load_lora, save_lora
+from fedpersona.adapters.names import Slot, SlotKind, validate_adapter_name, validate_user_id
+from fedpersona.adapters.store import AdapterStore
+from fedpersona.adapters.validation import validate_adapter, validate_adapter_dir
+from fedpersona.adapters.version import Version, content_id
 
 __all__ = [
     "AdapterError",

@@ -14,9 +14,8 @@ The result is exact up to float rounding of the folded scalings. Pure tensor cod
 from __future__ import annotations
 
 import torch
-
-from adapters.errors import InvalidAdapter
-from adapters.lora import LoraAdapter, lora_keys
+from fedpersona.adapters.errors import InvalidAdapter
+from fedpersona.adapters.lora import LoraAdapter, lora_keys
 
 
 def compose(global_lora: LoraAdapter, personal_lora: LoraAdapter) -> LoraAdapter:

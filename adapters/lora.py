@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedpersona.adapters.errors import InvalidAdapter
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-
-from adapters.errors import InvalidAdapter
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from adapters.errors import InvalidName
+from fedpersona.adapters.errors import InvalidName
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 

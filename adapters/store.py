@@ -56,12 +56,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adapters.durable import ensure_dir, fsync_dir, fsync_file, write_json_atomic
-from adapters.errors import AdapterError, InvalidAdapter, InvalidName, NotFound, StoreCorrupt
-from adapters.lora import ADAPTER_FILES, LoraAdapter, save_lora
-from adapters.names import Slot
-from adapters.validation import validate_adapter_dir
-from adapters.version import ID_LENGTH, VERSION_FILE, Version, content_id, version_from_record
+from fedpersona.adapters.durable import ensure_dir, fsync_dir, fsync_file, write_json_atomic
+from fedpersona.adapters.errors import (
+    AdapterError,
+    InvalidAdapter,
+    InvalidName,
+    NotFound,
+    StoreCorrupt,
+)
+from fedpersona.adapters.lora import ADAPTER_FILES, LoraAdapter, save_lora
+from fedpersona.adapters.names import Slot
+from fedpersona.adapters.validation import validate_adapter_dir
+from fedpersona.adapters.version import (
+    ID_LENGTH,
+    VERSION_FILE,
+    Version,
+    content_id,
+    version_from_record,
+)
 
 logger = logging.getLogger(__name__)
 

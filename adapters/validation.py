@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from adapters.errors import InvalidAdapter
-from adapters.lora import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, load_lora
+from fedpersona.adapters.errors import InvalidAdapter
+from fedpersona.adapters.lora import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, load_lora
 
 # Values vLLM accepts for --max-lora-rank; an adapter may have any rank up to the flag.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -12,8 +12,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import StoreCorrupt
-from adapters.names import Slot
+from fedpersona.adapters.errors import StoreCorrupt
+from fedpersona.adapters.names import Slot
 
 VERSION_FILE = "version.json"
 ID_LENGTH = 16

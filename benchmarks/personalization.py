@@ -33,7 +33,7 @@ RESULTS = REPO / "benchmarks" / "results"
 
 def pretraining_text(corpus: str, held_out: set[tuple[str, str]]) -> str:
     """The corpus without the held-out speeches, in the corpus's own format."""
-    from trainer.shakespeare import parse_blocks, user_id
+    from fedpersona.trainer.data.shakespeare import parse_blocks, user_id
 
     kept = [
         f"{b.speaker}:\n{b.text}\n"
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     log = logging.getLogger("benchmark")
 
-    from trainer.basemodel import RECIPES, build_models
-    from trainer.eval_cmd import METHODS, compare, render, save
-    from trainer.flower_app import model_info
-    from trainer.runs import RoundSpec
-    from trainer.shakespeare import convert
+    from fedpersona.trainer.commands.eval import METHODS, compare, render, save
+    from fedpersona.trainer.data.shakespeare import convert
+    from fedpersona.trainer.flower.apps import model_info
+    from fedpersona.trainer.models.basemodel import RECIPES, build_models
+    from fedpersona.trainer.rounds.records import RoundSpec
 
     started = time.monotonic()
     home = args.work / "home"

@@ -1,6 +1,7 @@
 """Benchmark FedPT (federated proxy-tuning) against tuning the large model directly.
 
-On tinyshakespeare users (one silo per speaking role, `trainer.shakespeare`) and the TINY base
+On tinyshakespeare users (one silo per speaking role, `fedpersona.trainer.data.shakespeare`) and
+the TINY base
 models (`fedpersona models bootstrap`):
 
 1. Federated tuning, same data, rounds, steps and LoRA shape, once of the SMALL model (FedPT)
@@ -41,17 +42,16 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
+from fedpersona.adapters import AdapterStore  # noqa: E402
+from fedpersona.service.engine.config import EngineSettings, build_launch  # noqa: E402
+from fedpersona.service.proxy_tuning.experts import merge_lora, model_name  # noqa: E402
+from fedpersona.trainer.data.silo import IGNORE_INDEX, collate, load_examples  # noqa: E402
+from fedpersona.trainer.learn.lora_train import adapter_from_params, load_tokenizer  # noqa: E402
+from fedpersona.trainer.methods.base import LoraSpec, TrainConfig  # noqa: E402
+from fedpersona.trainer.methods.fedpt import FedPT, FedPTResult, publish_experts, run_fedpt  # noqa: E402
+from fedpersona.trainer.models.basemodel import ModelInfo  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-
-from adapters import AdapterStore  # noqa: E402
-from service.engine_config import EngineSettings, build_launch  # noqa: E402
-from service.proxy_tuning.experts import merge_lora, model_name  # noqa: E402
-from trainer.basemodel import ModelInfo  # noqa: E402
-from trainer.data import IGNORE_INDEX, collate, load_examples  # noqa: E402
-from trainer.fedpt import FedPT, FedPTResult, publish_experts, run_fedpt  # noqa: E402
-from trainer.lora_train import adapter_from_params, load_tokenizer  # noqa: E402
-from trainer.methods.base import LoraSpec, TrainConfig  # noqa: E402
 
 console = Console(stderr=True)
 
@@ -310,7 +310,7 @@ def main() -> int:
         if opts.corpus is None:
             console.print("[red]give --corpus (tinyshakespeare) or --silos")
             return 2
-        from trainer.shakespeare import convert
+        from fedpersona.trainer.data.shakespeare import convert
 
         opts.silos = home / "bench-silos" / "shakespeare"
         convert(opts.corpus, opts.silos, users=opts.users)

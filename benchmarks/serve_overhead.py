@@ -45,10 +45,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from adapters import AdapterStore, LoraAdapter, Slot  # noqa: E402
-from service.adapter_manager import adapter_name  # noqa: E402
-from service.engine_config import EngineSettings, build_launch, model_name  # noqa: E402
-from service.supervisor import EngineSupervisor  # noqa: E402
+from fedpersona.adapters import AdapterStore, LoraAdapter, Slot  # noqa: E402
+from fedpersona.service.engine.adapters import adapter_name  # noqa: E402
+from fedpersona.service.engine.config import EngineSettings, build_launch, model_name  # noqa: E402
+from fedpersona.service.engine.supervisor import EngineSupervisor  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 ADMIN_KEY = "benchmark-admin-key-0123456789abcdef"
@@ -101,9 +101,8 @@ def random_lora(model_dir: Path, base_model: str, seed: int, r: int = 8) -> Lora
 def gateway_main(config_path: str) -> None:
     """Child-process mode: serve the full gateway app (same factory as `fedpersona serve`)."""
     import uvicorn
-
-    from service.app import create_app
-    from service.settings import Settings
+    from fedpersona.service.http.app import create_app
+    from fedpersona.service.settings import Settings
 
     config = json.loads(Path(config_path).read_text())
     settings = Settings.model_validate(
@@ -317,7 +316,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     ready_s = time.monotonic() - started
 
     store = AdapterStore(home / "store", max_rank=16)
-    from service.registry import Registry
+    from fedpersona.service.registry import Registry
 
     registry = Registry(home / "registry.sqlite")
     users = [f"user{i}" for i in range(args.users)]
@@ -552,7 +551,7 @@ def main() -> int:
         instant_engine_main(args._instant_engine, args.max_tokens)
         return 0
     if args.model_dir is None:
-        from trainer.basemodel import MICRO, build_models
+        from fedpersona.trainer.models.basemodel import MICRO, build_models
 
         args.model_dir = build_models(
             REPO / ".cache" / "models" / f"micro-{MICRO.hash()}", MICRO, progress=False

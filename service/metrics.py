@@ -4,7 +4,7 @@ Each `Metrics` owns a registry (never the process-global one), so tests can buil
 two apps in one process never share counters. Labels are bounded: route templates, status codes,
 and model kind (`personal` / `base`); never a user id, key or free-form model name.
 
-`service.adapter_manager.AdapterManager` updates `adapter_loads`, `adapter_unloads`,
+`fedpersona.service.engine.adapters.AdapterManager` updates `adapter_loads`, `adapter_unloads`,
 `adapter_evictions` and `adapter_load_seconds`.
 """
 

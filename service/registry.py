@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters import InvalidName, validate_user_id
-from service.errors import BadRequest, Conflict, NotFound
+from fedpersona.adapters import InvalidName, validate_user_id
+from fedpersona.service.errors import BadRequest, Conflict, NotFound
 
 KEY_PREFIX = "fp-"
 _KEY_ID_HEX = 12

@@ -6,7 +6,8 @@ name (`u-<user>-<id>`), not a path. Matching is exact string equality, with no c
 Unicode normalization, so look-alike names cannot match. Every refusal is the same
 `ModelNotFound`, so a caller cannot probe which users or adapters exist.
 
-No I/O here: the store and the engine are consulted by `service.chat` once the route is known.
+No I/O here: the store and the engine are consulted by `fedpersona.service.http.chat` once the
+route is known.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from service.errors import ModelNotFound, PromptTooLong
+from fedpersona.service.errors import ModelNotFound, PromptTooLong
 
 
 class ModelKind(StrEnum):

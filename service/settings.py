@@ -2,7 +2,7 @@
 
 Built by `Settings()` in a command's `run()` or by a test, then passed down; nothing here runs
 at import time. Engine (vLLM) settings are nested as `engine` (`FEDPERSONA_ENGINE__URL`, ...)
-and owned by `service.engine_config`.
+and owned by `fedpersona.service.engine.config`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ import logging
 from pathlib import Path
 from typing import Literal
 
+from fedpersona.service.engine.config import EngineSettings
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from service.engine_config import EngineSettings
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The services one gateway app holds (settings, registry, store, engine, ...), in one object.
 
-Built by `service.app.create_app` and kept on `app.state.services`; routes and dependencies get
+Built by `fedpersona.service.http.app.create_app` and kept on `app.state.services`; routes and
+dependencies get
 it through `get_services`. Tests build apps with fakes injected instead of the real engine or
 round controller. Nothing here does I/O.
 """
@@ -11,17 +12,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import Request
-
-from adapters import AdapterStore
-from service.chat import ChatService
-from service.metrics import Metrics
-from service.ratelimit import RateLimiter
-from service.registry import Registry
-from service.settings import Settings
+from fedpersona.adapters import AdapterStore
+from fedpersona.service.http.chat import ChatService
+from fedpersona.service.metrics import Metrics
+from fedpersona.service.ratelimit import RateLimiter
+from fedpersona.service.registry import Registry
+from fedpersona.service.settings import Settings
 
 
 class Engine(Protocol):
-    """What the app needs of `service.engine.EngineClient` beyond chat (see contracts.md)."""
+    """What the app needs of `fedpersona.service.engine.client.EngineClient` beyond chat (see
+    contracts.md)."""
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -38,14 +39,20 @@ class Services:
     registry: Registry
     store: AdapterStore
     engine: Engine
-    adapters: Any  # service.adapter_manager.AdapterManager (or a test double with .use())
+    adapters: (
+        Any  # fedpersona.service.engine.adapters.AdapterManager (or a test double with .use())
+    )
     metrics: Metrics
     limiter: RateLimiter | None
     chat: ChatService
     base_model: str
     created: int  # unix time, reported as the models' `created`
-    rounds: Any | None = None  # trainer.api.RoundController (or a fake); None: no round API
-    supervisor: Any | None = None  # service.supervisor.EngineSupervisor in embedded mode
+    rounds: Any | None = (
+        None  # fedpersona.trainer.rounds.controller.RoundController (or a fake); None: no round API
+    )
+    supervisor: Any | None = (
+        None  # fedpersona.service.engine.supervisor.EngineSupervisor in embedded mode
+    )
 
 
 def get_services(request: Request) -> Services:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from trainer.basemodel import ModelPair
+    from fedpersona.trainer.models.basemodel import ModelPair
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CACHE = REPO / ".cache" / "models"
@@ -23,6 +23,6 @@ MODEL_CACHE = REPO / ".cache" / "models"
 @pytest.fixture(scope="session")
 def micro_models() -> ModelPair:
     """The MICRO large + small Llama pair (Hugging Face dirs with tokenizer and chat template)."""
-    from trainer.basemodel import MICRO, build_models
+    from fedpersona.trainer.models.basemodel import MICRO, build_models
 
     return build_models(MODEL_CACHE / f"micro-{MICRO.hash()}", MICRO, progress=False)

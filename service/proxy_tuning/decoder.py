@@ -19,10 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from fedpersona.service.proxy_tuning.state import KVStream, PastKeyValues
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
-
-from service.proxy_tuning.state import KVStream, PastKeyValues
 
 
 @dataclass(eq=False)

@@ -28,9 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-
-from adapters import (
+from fedpersona.adapters import (
     AdapterError,
     AdapterStore,
     LoraAdapter,
@@ -39,11 +37,12 @@ from adapters import (
     load_lora,
     validate_adapter,
 )
-from service.proxy_tuning.errors import (
+from fedpersona.service.proxy_tuning.errors import (
     ExpertUnavailable,
     IncompatibleModels,
     InvalidExpertRequest,
 )
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The vLLM V1 logits processor of FedPT: `logits += alpha * (expert(x) - small_base(x))`.
 
-Loaded by vLLM with `--logits-processors service.proxy_tuning.processor:ProxyTuningLogitsProcessor`
+Loaded by vLLM with `--logits-processors
+fedpersona.service.proxy_tuning.processor:ProxyTuningLogitsProcessor`
 (the engine supervisor adds it when `EngineSettings.proxy_small_model` is set, and passes
 `FEDPERSONA_PROXY_SMALL_MODEL` and `FEDPERSONA_STORE`). Per request, the gateway sets
 `vllm_xargs = {"fedpersona_expert": "<slot path>@<version id>", "fedpersona_alpha": 1.0}`;
@@ -38,17 +39,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from vllm import SamplingParams
-from vllm.v1.sample.logits_processor import (
-    BatchUpdate,
-    LogitsProcessor,
-    MoveDirectionality,
-)
-
-from adapters import AdapterStore
-from service.proxy_tuning.decoder import Decoder
-from service.proxy_tuning.errors import ProxyTuningError
-from service.proxy_tuning.experts import (
+from fedpersona.adapters import AdapterStore
+from fedpersona.service.proxy_tuning.decoder import Decoder
+from fedpersona.service.proxy_tuning.errors import ProxyTuningError
+from fedpersona.service.proxy_tuning.experts import (
     ExpertLibrary,
     ExpertRef,
     ExpertRequest,
@@ -56,8 +50,14 @@ from service.proxy_tuning.experts import (
     load_small_model,
     model_name,
 )
-from service.proxy_tuning.settings import ProxySettings
-from service.proxy_tuning.state import RequestState, RequestTable
+from fedpersona.service.proxy_tuning.settings import ProxySettings
+from fedpersona.service.proxy_tuning.state import RequestState, RequestTable
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import (
+    BatchUpdate,
+    LogitsProcessor,
+    MoveDirectionality,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -1,6 +1,7 @@
 """Settings of the proxy-tuning logits processor (env prefix `FEDPERSONA_`).
 
-The engine supervisor (`service.engine_config.engine_env`) passes `FEDPERSONA_PROXY_SMALL_MODEL`
+The engine supervisor (`fedpersona.service.engine.config.engine_env`) passes
+`FEDPERSONA_PROXY_SMALL_MODEL`
 and `FEDPERSONA_STORE` to the vLLM process; the rest are optional knobs. Built by the processor
 when vLLM constructs it, never at import time.
 """

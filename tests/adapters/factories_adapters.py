@@ -14,8 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-
-from adapters import LoraAdapter
+from fedpersona.adapters import LoraAdapter
 
 BASE = "fedpersona-test-base"
 HIDDEN, INTERMEDIATE, LAYERS = 128, 256, 2

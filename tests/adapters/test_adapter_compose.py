@@ -24,11 +24,7 @@ from factories_adapters import (
     tiny_llama,
     with_deltas,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from peft import PeftModel
-
-from adapters import (
+from fedpersona.adapters import (
     AdapterStore,
     InvalidAdapter,
     LoraAdapter,
@@ -37,6 +33,9 @@ from adapters import (
     save_lora,
     validate_adapter_dir,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import PeftModel
 
 TOLERANCE = 1e-5
 

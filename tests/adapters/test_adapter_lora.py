@@ -18,9 +18,8 @@ from factories_adapters import (
     tiny_llama,
     with_deltas,
 )
+from fedpersona.adapters import InvalidAdapter, LoraAdapter, load_lora, save_lora
 from peft import LoraConfig, PeftModel, get_peft_model
-
-from adapters import InvalidAdapter, LoraAdapter, load_lora, save_lora
 
 
 def peft_model(*, r: int, targets: list[str], seed: int, **config: object) -> Any:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from fedpersona.adapters import InvalidName, Slot, SlotKind, validate_user_id
 from hypothesis import given
 from hypothesis import strategies as st
-
-from adapters import InvalidName, Slot, SlotKind, validate_user_id
 
 USER_RE = r"[a-z0-9][a-z0-9_-]{0,62}"
 

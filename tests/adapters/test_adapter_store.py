@@ -14,10 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from factories_adapters import BASE, TARGETS, make_adapter
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from adapters import (
+from fedpersona.adapters import (
     AdapterError,
     AdapterStore,
     InvalidAdapter,
@@ -29,7 +26,9 @@ from adapters import (
     save_lora,
     validate_adapter_dir,
 )
-from adapters.store import content_id
+from fedpersona.adapters.store import content_id
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 ALICE = Slot.user_served("alice")
 FILES = ("adapter_config.json", "adapter_model.safetensors")

@@ -28,9 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 from factories_adapters import BASE, make_adapter
-
-from adapters import AdapterStore, LoraAdapter, Slot, save_lora, validate_adapter_dir
-from adapters.store import STEP_DELAY_ENV, content_id
+from fedpersona.adapters import AdapterStore, LoraAdapter, Slot, save_lora, validate_adapter_dir
+from fedpersona.adapters.store import STEP_DELAY_ENV, content_id
 
 SLOT = Slot.user_served("alice")
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -150,7 +149,7 @@ def test_sigkilled_publishers_leave_a_complete_old_or_new_version(tmp_path: Path
 
 _CHILD = """
 import sys
-from adapters import AdapterStore, Slot
+from fedpersona.adapters import AdapterStore, Slot
 store = AdapterStore(sys.argv[1], keep_versions=int(sys.argv[3]))
 print("ready", flush=True)
 store.publish(Slot.parse(sys.argv[4]), sys.argv[2], base_model=sys.argv[5])

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from factories_adapters import BASE, make_adapter, tiny_llama
+from fedpersona.adapters import InvalidAdapter, validate_adapter, validate_adapter_dir
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-
-from adapters import InvalidAdapter, validate_adapter, validate_adapter_dir
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -24,7 +23,7 @@ WEIGHTS = "adapter_model.safetensors"
 
 @pytest.fixture
 def adapter_dir(tmp_path: Path) -> Path:
-    from adapters import save_lora
+    from fedpersona.adapters import save_lora
 
     return save_lora(make_adapter(seed=2, r=4, targets=("q_proj", "v_proj")), tmp_path / "a")
 

@@ -21,10 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from fedpersona.service.engine.config import EngineSettings
+from fedpersona.service.settings import Settings
 from helmchart import EXAMPLES, REPO, Rendered, env_map, render
-
-from service.engine_config import EngineSettings
-from service.settings import Settings
 
 pytestmark = pytest.mark.helm
 
@@ -68,7 +67,7 @@ def fedpersona(args: list[str], env: dict[str, str]) -> str:
 
 def _engine_launch(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
     """What `fedpersona engine` builds in a process with this container's environment."""
-    from service import engine_cmd
+    from fedpersona.service.commands import engine as engine_cmd
 
     for key in list(os.environ):
         if key.startswith("FEDPERSONA_"):
@@ -178,7 +177,7 @@ def test_gateway_env_is_read_by_the_real_settings(
 
 
 def _parse(argv: list[str]) -> Any:
-    from service.cli import build_parser
+    from fedpersona.cli import build_parser
 
     return build_parser().parse_args(argv)
 
@@ -308,7 +307,7 @@ def test_round_schedule_job_posts_the_spec_with_the_admin_key(
     assert proc.returncode == 0, proc.stderr
     assert recorder.seen == [{"path": "/admin/rounds", "auth": f"Bearer {ADMIN_KEY}", "body": spec}]
     # The body is a spec the trainer's public interface accepts.
-    from trainer.api import RoundSpec
+    from fedpersona.trainer.rounds.controller import RoundSpec
 
     assert RoundSpec(**recorder.seen[0]["body"]).rounds == 2
 
@@ -379,7 +378,7 @@ def test_helm_test_pod_checks_the_gateway_ready_endpoint(
 def test_trainer_env_is_read_by_the_real_trainer_settings(
     helm_bin: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainer.serve_cmd import TrainerSettings
+    from fedpersona.trainer.commands.serve import TrainerSettings
 
     container = render(helm_bin).container("trainer")
     names = [n for n in env_map(container) if n.startswith("FEDPERSONA_")]
@@ -402,7 +401,7 @@ def test_trainer_env_is_read_by_the_real_trainer_settings(
 
 def test_superlink_container_has_every_flag_the_trainer_would_use(helm_bin: Path) -> None:
     """`fedpersona trainer --superlink` (the embedded path) and the chart's container agree."""
-    from trainer.deployment import SuperLinkAddresses, superlink_command
+    from fedpersona.trainer.flower.deployment import SuperLinkAddresses, superlink_command
 
     rendered = render(helm_bin)
     superlink = rendered.container("trainer", name="superlink")

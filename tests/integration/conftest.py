@@ -7,7 +7,8 @@ logits processor on (requests without proxy arguments are untouched by it). Ever
 needs a real engine shares it (marker `vllm`); adapters are content-named, so tests cannot see
 each other's.
 
-`gateway` (module scope) runs the full app (`service.app.create_app`) under uvicorn on a free
+`gateway` (module scope) runs the full app (`fedpersona.service.http.app.create_app`) under uvicorn
+on a free
 port in a thread, with its own home (store, registry) and an `AdapterManager` loading into the
 shared server. Tests talk to it with the official `openai` SDK.
 """
@@ -26,17 +27,16 @@ from typing import Any, TypeVar
 
 import pytest
 import uvicorn
+from fedpersona.adapters import AdapterStore, Slot, Version
+from fedpersona.service.engine.adapters import AdapterManager
+from fedpersona.service.engine.client import EngineClient
+from fedpersona.service.engine.config import EngineSettings, build_launch
+from fedpersona.service.engine.supervisor import EngineSupervisor
+from fedpersona.service.errors import EngineStartFailed
+from fedpersona.service.http.app import create_app
+from fedpersona.service.registry import Registry
+from fedpersona.service.settings import Settings
 from lora_factory import random_lora
-
-from adapters import AdapterStore, Slot, Version
-from service.adapter_manager import AdapterManager
-from service.app import create_app
-from service.engine import EngineClient
-from service.engine_config import EngineSettings, build_launch
-from service.errors import EngineStartFailed
-from service.registry import Registry
-from service.settings import Settings
-from service.supervisor import EngineSupervisor
 
 T = TypeVar("T")
 ADMIN_KEY = "integration-admin-key-0123456789"

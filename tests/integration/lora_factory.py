@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-
-from adapters import LoraAdapter
+from fedpersona.adapters import LoraAdapter
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -20,11 +20,7 @@ import httpx
 import pytest
 import torch
 from conftest import VllmServer
-from lora_factory import random_lora
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from adapters import (
+from fedpersona.adapters import (
     AdapterStore,
     InvalidAdapter,
     Slot,
@@ -32,6 +28,9 @@ from adapters import (
     save_lora,
     validate_adapter_dir,
 )
+from lora_factory import random_lora
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.vllm
 

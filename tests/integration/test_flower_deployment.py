@@ -1,7 +1,7 @@
 """The trainer on Flower's Deployment Engine: a real SuperLink and two SuperNodes on loopback.
 
 Each SuperNode is one user's device: its node config names the user and the silo. `flwr run`
-submits the Flower App in `trainer/flwr_app/`; the round must complete and publish a global
+submits the Flower App in `trainer/flower/flwr_app/`; the round must complete and publish a global
 adapter and both users' served adapters, exactly as in simulation. Random free ports and a
 temporary FLWR_HOME/HOME keep it away from anything else on the machine.
 """
@@ -16,19 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from adapters import AdapterStore, Slot, load_lora
-from trainer.basemodel import ModelPair
-from trainer.deployment import (
+from fedpersona.adapters import AdapterStore, Slot, load_lora
+from fedpersona.trainer.data.personas import write_silos
+from fedpersona.trainer.flower.deployment import (
     SuperLinkAddresses,
     flwr_env,
     submit,
     superlink_command,
     supernode_command,
 )
-from trainer.personas import write_silos
-from trainer.runconfig import config_of
-from trainer.runs import RoundSpec, RunRecords, RunState
+from fedpersona.trainer.flower.runconfig import config_of
+from fedpersona.trainer.models.basemodel import ModelPair
+from fedpersona.trainer.rounds.records import RoundSpec, RunRecords, RunState
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
 

@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import openai
 import pytest
-
-from adapters import Slot
-from service.adapter_manager import adapter_name
-from service.supervisor import EngineState
+from fedpersona.adapters import Slot
+from fedpersona.service.engine.adapters import adapter_name
+from fedpersona.service.engine.supervisor import EngineState
 
 if TYPE_CHECKING:  # only for annotations: several conftest.py files share the module name
     from conftest import GatewayUnderTest

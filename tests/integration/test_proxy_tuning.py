@@ -31,17 +31,16 @@ import openai
 import pytest
 import torch
 import uvicorn
+from fedpersona.adapters import AdapterStore, Slot, Version, load_lora
+from fedpersona.service.engine.adapters import AdapterManager, adapter_name
+from fedpersona.service.engine.client import EngineClient
+from fedpersona.service.http.app import create_app
+from fedpersona.service.proxy_tuning.experts import merge_lora
+from fedpersona.service.registry import Registry
+from fedpersona.service.settings import Settings
+from fedpersona.trainer.models.basemodel import ModelPair
 from lora_factory import random_lora
 from transformers import AutoModelForCausalLM
-
-from adapters import AdapterStore, Slot, Version, load_lora
-from service.adapter_manager import AdapterManager, adapter_name
-from service.app import create_app
-from service.engine import EngineClient
-from service.proxy_tuning.experts import merge_lora
-from service.registry import Registry
-from service.settings import Settings
-from trainer.basemodel import ModelPair
 
 pytestmark = pytest.mark.vllm
 

@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 from fake_engine import FakeEngine
 from fastapi.testclient import TestClient
+from fedpersona.adapters import AdapterStore, Slot
+from fedpersona.service.http.app import create_app
+from fedpersona.service.registry import Registry
 from gateway_harness import Gateway, GatewayFactory, make_settings, tiny_lora
-
-from adapters import AdapterStore, Slot
-from service.app import create_app
-from service.registry import Registry
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""A hand-written fake of `service.engine.EngineClient` for the gateway's fast tests.
+"""A hand-written fake of `fedpersona.service.engine.client.EngineClient` for the gateway's fast
+tests.
 
 It records every body it receives (so tests can assert what reached "vLLM"), answers like vLLM's
 OpenAI server (echoing the `model` it was asked for, as vLLM does), and can be switched into
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import EngineRequestError, EngineUnavailable
+from fedpersona.service.errors import EngineRequestError, EngineUnavailable
 
 
 @dataclass

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from fake_engine import BASE_MODEL, FakeEngine
 from fastapi.testclient import TestClient
-
-from adapters import AdapterStore, LoraAdapter, Version
-from service.registry import Registry
-from service.settings import Settings
+from fedpersona.adapters import AdapterStore, LoraAdapter, Version
+from fedpersona.service.registry import Registry
+from fedpersona.service.settings import Settings
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 HIDDEN = 128

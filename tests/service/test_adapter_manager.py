@@ -14,11 +14,10 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
-
-from adapters import AdapterStore, LoraAdapter, Slot, Version
-from service.adapter_manager import AdapterManager, adapter_name
-from service.errors import AdapterLoadFailed, EngineRequestError, EngineUnavailable
-from service.metrics import Metrics
+from fedpersona.adapters import AdapterStore, LoraAdapter, Slot, Version
+from fedpersona.service.engine.adapters import AdapterManager, adapter_name
+from fedpersona.service.errors import AdapterLoadFailed, EngineRequestError, EngineUnavailable
+from fedpersona.service.metrics import Metrics
 
 T = TypeVar("T")
 BASE = "fedpersona-test-base"

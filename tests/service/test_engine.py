@@ -13,9 +13,8 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-
-from service.engine import EngineClient
-from service.errors import EngineRequestError, EngineUnavailable
+from fedpersona.service.engine.client import EngineClient
+from fedpersona.service.errors import EngineRequestError, EngineUnavailable
 
 T = TypeVar("T")
 
@@ -246,7 +245,7 @@ VLLM_CHUNK = (
 
 
 def test_renamed_chunk_rewrites_only_the_model_key() -> None:
-    from service.engine import chunk_has_content, renamed_chunk
+    from fedpersona.service.engine.client import chunk_has_content, renamed_chunk
 
     out = renamed_chunk(
         VLLM_CHUNK, engine_model="u-alice-0123456789abcdef", public_model="personal"
@@ -262,7 +261,7 @@ def test_renamed_chunk_rewrites_only_the_model_key() -> None:
 
 
 def test_renamed_chunk_escapes_the_public_name() -> None:
-    from service.engine import renamed_chunk
+    from fedpersona.service.engine.client import renamed_chunk
 
     line = b'data: {"model":"u-a-0123456789abcdef","choices":[]}'
     out = renamed_chunk(line, engine_model="u-a-0123456789abcdef", public_model='my "bot"')
@@ -283,7 +282,7 @@ def test_renamed_chunk_escapes_the_public_name() -> None:
     ],
 )
 def test_renamed_chunk_leaves_everything_else_to_the_json_path(line: bytes) -> None:
-    from service.engine import renamed_chunk
+    from fedpersona.service.engine.client import renamed_chunk
 
     assert renamed_chunk(line, engine_model="u-a-0123456789abcdef", public_model="p") is None
 

@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from fedpersona.service.commands import engine as engine_cmd
+from fedpersona.service.engine.config import EngineSettings, build_launch, engine_argv, model_name
 from pydantic import ValidationError
-
-from service import engine_cmd
-from service.engine_config import EngineSettings, build_launch, engine_argv, model_name
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -69,7 +68,7 @@ def test_proxy_small_model_adds_logits_processor_and_env(home: Path) -> None:
     launch = build_launch(settings, home=home, store_dir=home / "elsewhere")
     assert (
         flag(launch.argv, "--logits-processors")
-        == "service.proxy_tuning.processor:ProxyTuningLogitsProcessor"
+        == "fedpersona.service.proxy_tuning.processor:ProxyTuningLogitsProcessor"
     )
     assert launch.env["FEDPERSONA_PROXY_SMALL_MODEL"] == str(home / "models" / "small")
     assert launch.env["FEDPERSONA_STORE"] == str((home / "elsewhere").resolve())

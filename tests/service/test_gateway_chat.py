@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from fake_engine import BASE_MODEL, FakeEngine
+from fedpersona.adapters import AdapterStore, Slot
+from fedpersona.service.errors import EngineRequestError
+from fedpersona.service.http.chat import ChatConfig, ChatService
+from fedpersona.service.http.protocol import ChatCompletionRequest
+from fedpersona.service.metrics import Metrics
+from fedpersona.service.registry import User
 from gateway_harness import Gateway, GatewayFactory, engine_name, tiny_lora
-
-from adapters import AdapterStore, Slot
-from service.chat import ChatConfig, ChatService
-from service.errors import EngineRequestError
-from service.metrics import Metrics
-from service.protocol import ChatCompletionRequest
-from service.registry import User
 
 
 def sse_events(text: str) -> list[str]:

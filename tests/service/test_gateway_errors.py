@@ -6,10 +6,9 @@ from typing import Any
 
 import pytest
 from fake_engine import FakeEngine
+from fedpersona.service.http.app import create_app
+from fedpersona.service.ratelimit import RateLimiter
 from gateway_harness import Gateway, GatewayFactory, make_settings
-
-from service.app import create_app
-from service.ratelimit import RateLimiter
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 

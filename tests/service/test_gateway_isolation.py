@@ -11,12 +11,11 @@ from urllib.parse import quote
 
 import pytest
 from fake_engine import BASE_MODEL
+from fedpersona.service.errors import ModelNotFound
+from fedpersona.service.routing import resolve_model
 from gateway_harness import Gateway, engine_name
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from service.errors import ModelNotFound
-from service.routing import resolve_model
 
 
 def _attacks(gw: Gateway) -> list[str]:

@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from fedpersona.service.commands.users import main as users_main
+from fedpersona.service.errors import BadRequest, Conflict, NotFound
+from fedpersona.service.registry import KEY_PREFIX, Registry, UserExists, parse_key_id
+from fedpersona.service.settings import Settings
 from pydantic import ValidationError
-
-from service.errors import BadRequest, Conflict, NotFound
-from service.registry import KEY_PREFIX, Registry, UserExists, parse_key_id
-from service.settings import Settings
-from service.users_cmd import main as users_main
 
 
 def _all_bytes(path: Path) -> bytes:
@@ -127,7 +126,7 @@ def test_users_cli_prints_key_once_and_stores_only_its_hash(
 
 def test_users_cli_key_is_scriptable_from_a_real_process(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "users", "--home", str(tmp_path), "add", "bob"],
+        [sys.executable, "-m", "fedpersona", "users", "--home", str(tmp_path), "add", "bob"],
         capture_output=True,
         text=True,
         check=True,

@@ -5,9 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from fedpersona.trainer.rounds.controller import (
+    RoundBusy,
+    RoundController,
+    RoundSpec,
+    RunNotFound,
+    RunState,
+    RunStatus,
+)
 from gateway_harness import ADMIN_KEY, Gateway, GatewayFactory
-
-from trainer.api import RoundBusy, RoundController, RoundSpec, RunNotFound, RunState, RunStatus
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 

@@ -21,12 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from fedpersona.service.registry import Registry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
-
-from service.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +114,7 @@ def test_serve_answers_and_drains_streams_on_sigterm(fake_vllm: str, tmp_path: P
         [
             sys.executable,
             "-m",
-            "service.cli",  # the `fedpersona` entry point
+            "fedpersona",  # the `fedpersona` entry point
             "serve",
             "--home",
             str(tmp_path),
@@ -178,7 +177,7 @@ def test_serve_answers_and_drains_streams_on_sigterm(fake_vllm: str, tmp_path: P
 
 def test_serve_refuses_weak_admin_key_in_production(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--home", str(tmp_path), "--no-rounds"],
+        [sys.executable, "-m", "fedpersona", "serve", "--home", str(tmp_path), "--no-rounds"],
         env={**os.environ, "FEDPERSONA_ENVIRONMENT": "production", "FEDPERSONA_ADMIN_KEY": ""},
         capture_output=True,
         text=True,

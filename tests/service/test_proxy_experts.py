@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
-from adapters import AdapterStore, LoraAdapter, Slot
-from service.proxy_tuning.decoder import Decoder
-from service.proxy_tuning.errors import (
+from fedpersona.adapters import AdapterStore, LoraAdapter, Slot
+from fedpersona.service.proxy_tuning.decoder import Decoder
+from fedpersona.service.proxy_tuning.errors import (
     ExpertUnavailable,
     IncompatibleModels,
     InvalidExpertRequest,
 )
-from service.proxy_tuning.experts import (
+from fedpersona.service.proxy_tuning.experts import (
     ExpertLibrary,
     ExpertRef,
     ExpertRequest,
@@ -28,8 +26,9 @@ from service.proxy_tuning.experts import (
     load_small_model,
     model_name,
 )
-from service.proxy_tuning.state import KVStream
-from trainer.basemodel import ModelPair
+from fedpersona.service.proxy_tuning.state import KVStream
+from fedpersona.trainer.models.basemodel import ModelPair
+from transformers import AutoModelForCausalLM
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 

@@ -13,15 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fedpersona.adapters import AdapterStore, Slot, load_lora
+from fedpersona.service.proxy_tuning.errors import IncompatibleModels
+from fedpersona.service.proxy_tuning.experts import load_small_model, merge_lora
+from fedpersona.service.proxy_tuning.processor import ProxyTuningLogitsProcessor, _frontend_library
+from fedpersona.trainer.models.basemodel import ModelPair
 from test_proxy_experts import random_lora
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
-
-from adapters import AdapterStore, Slot, load_lora
-from service.proxy_tuning.errors import IncompatibleModels
-from service.proxy_tuning.experts import load_small_model, merge_lora
-from service.proxy_tuning.processor import ProxyTuningLogitsProcessor, _frontend_library
-from trainer.basemodel import ModelPair
 
 PAD = 8  # vLLM's logits may be wider than the vocabulary
 

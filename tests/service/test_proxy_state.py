@@ -8,10 +8,9 @@ Hypothesis-generated ones; every state created is freed exactly once.
 from __future__ import annotations
 
 import torch
+from fedpersona.service.proxy_tuning.state import KVStream, RequestState, RequestTable
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from service.proxy_tuning.state import KVStream, RequestState, RequestTable
 
 
 def _state(name: str) -> RequestState:

@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-
-from service.engine import EngineClient
-from service.engine_config import EngineLaunch
-from service.errors import EngineStartFailed, EngineUnavailable
-from service.supervisor import EngineState, EngineSupervisor, backoff_delay, log_tail
+from fedpersona.service.engine.client import EngineClient
+from fedpersona.service.engine.config import EngineLaunch
+from fedpersona.service.engine.supervisor import (
+    EngineState,
+    EngineSupervisor,
+    backoff_delay,
+    log_tail,
+)
+from fedpersona.service.errors import EngineStartFailed, EngineUnavailable
 
 T = TypeVar("T")
 FAKE = Path(__file__).with_name("fake_vllm_process.py")
@@ -260,8 +264,8 @@ def test_log_tail_of_missing_file_is_empty(tmp_path: Path) -> None:
 
 
 def test_supervisor_for_settings_logs_under_home(tmp_path: Path) -> None:
-    from service.engine_config import EngineSettings
-    from service.supervisor import supervisor_for
+    from fedpersona.service.engine.config import EngineSettings
+    from fedpersona.service.engine.supervisor import supervisor_for
 
     settings = EngineSettings(model_dir=tmp_path, served_model_name="m", port=9, ready_timeout_s=7)
     sup = supervisor_for(settings, home=tmp_path)

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from adapters import LoraAdapter, compose
-from trainer.basemodel import ModelInfo
-from trainer.methods.base import ClientUpdate, Params, TrainConfig
+from fedpersona.adapters import LoraAdapter, compose
+from fedpersona.trainer.methods.base import ClientUpdate, Params, TrainConfig
+from fedpersona.trainer.models.basemodel import ModelInfo
 
 GLOBAL_MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
 PERSONAL_MODULE = "base_model.model.model.layers.0.self_attn.v_proj"

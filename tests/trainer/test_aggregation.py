@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedpersona.trainer.errors import AggregationError
+from fedpersona.trainer.methods.aggregation import masked_weighted_mean, weighted_mean
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
-from trainer.aggregation import masked_weighted_mean, weighted_mean
-from trainer.errors import AggregationError
 
 SHAPES = {"m.lora_A.weight": (2, 3), "m.lora_B.weight": (4, 2)}
 finite = st.floats(-100, 100, allow_nan=False, width=32)

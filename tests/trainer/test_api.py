@@ -1,6 +1,7 @@
 """`RoundController`: background runs in child processes, one at a time, with records and metrics.
 
-The slow test starts real `python -m trainer.train_cmd` children that run FedAvg in Flower's
+The slow test starts real `python -m fedpersona.trainer.commands.train` children that run FedAvg in
+Flower's
 Simulation Engine on the micro models: a second start while one runs is refused (`RoundBusy`,
 the gateway's 409), a run killed midway is recorded as failed and publishes nothing, and the
 next run succeeds and feeds the Prometheus metrics.
@@ -12,14 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
+from fedpersona.adapters import AdapterStore, Slot
+from fedpersona.trainer.data.personas import write_silos
+from fedpersona.trainer.errors import NoSilo
+from fedpersona.trainer.models.basemodel import ModelPair
+from fedpersona.trainer.rounds.controller import (
+    RoundBusy,
+    RoundController,
+    RoundSpec,
+    RunNotFound,
+    RunState,
+)
+from fedpersona.trainer.rounds.lock import RunLock
 from prometheus_client import generate_latest
-
-from adapters import AdapterStore, Slot
-from trainer.api import RoundBusy, RoundController, RoundSpec, RunNotFound, RunState
-from trainer.basemodel import ModelPair
-from trainer.errors import NoSilo
-from trainer.personas import write_silos
-from trainer.runlock import RunLock
 
 SPEC = RoundSpec(
     algorithm="fedavg",
@@ -99,8 +105,7 @@ def test_one_run_at_a_time_a_killed_run_fails_cleanly_and_the_next_succeeds(
 def test_http_api_status_codes(tmp_path: Path) -> None:
     """The `fedpersona trainer` routes. The child is `/bin/true`: runs end at once, unfinished."""
     from fastapi.testclient import TestClient
-
-    from trainer.serve_cmd import create_app
+    from fedpersona.trainer.commands.serve import create_app
 
     home = tmp_path / "home"
     write_silos(home / "silos", {"alice": "pirate"}, n_train=2, n_eval=1)

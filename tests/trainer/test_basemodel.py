@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
-
-from trainer import bootstrap
-from trainer.basemodel import (
+from fedpersona.trainer.commands import models as bootstrap
+from fedpersona.trainer.errors import DataError
+from fedpersona.trainer.models.basemodel import (
     MICRO,
     RECIPES,
     TINY,
@@ -22,8 +21,7 @@ from trainer.basemodel import (
     build_models,
     read_marker,
 )
-from trainer.errors import DataError
-from trainer.tokenizer import (
+from fedpersona.trainer.models.tokenizer import (
     ASSISTANT,
     BOS,
     END,
@@ -31,6 +29,7 @@ from trainer.tokenizer import (
     render_chat,
     train_tokenizer,
 )
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 CHAT = [
     {"role": "system", "content": "Answer briefly."},
@@ -277,7 +276,7 @@ def test_fedpersona_command_twice_builds_then_hits_the_cache(tmp_path: Path) -> 
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "service.cli", "models", "bootstrap", "--recipe", "micro"]
+    command = [sys.executable, "-m", "fedpersona", "models", "bootstrap", "--recipe", "micro"]
     command += ["--home", str(tmp_path), "--json"]
     results, weights = [], []
     for _ in range(2):

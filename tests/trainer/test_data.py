@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from trainer.basemodel import ModelPair
-from trainer.data import (
+from fedpersona.trainer.data.silo import (
     IGNORE_INDEX,
     batch_order,
     collate,
@@ -16,8 +14,9 @@ from trainer.data import (
     load_examples,
     read_chats,
 )
-from trainer.errors import DataError
-from trainer.lora_train import load_tokenizer
+from fedpersona.trainer.errors import DataError
+from fedpersona.trainer.learn.lora_train import load_tokenizer
+from fedpersona.trainer.models.basemodel import ModelPair
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -49,7 +48,7 @@ def _labelled_runs(example) -> list[list[int]]:  # type: ignore[no-untyped-def]
 def test_labels_cover_exactly_the_assistant_replies(tokenizer) -> None:  # type: ignore[no-untyped-def]
     example = encode_chat(tokenizer, CHAT, max_len=1000)
     text = tokenizer.decode(list(example.input_ids), skip_special_tokens=False)
-    # Hand-checked rendering of the template (trainer/tokenizer.py).
+    # Hand-checked rendering of the template (trainer/models/tokenizer.py).
     assert text == (
         "<|bos|><|system|>\nBe brief.<|end|><|user|>\nHi there<|end|>"
         "<|assistant|>\nHello, friend!<|end|><|user|>\nBye<|end|><|assistant|>\nFarewell.<|end|>"

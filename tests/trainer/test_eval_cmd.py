@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from trainer.eval_cmd import Comparison, render, save
+from fedpersona.trainer.commands.eval import Comparison, render, save
 
 
 def test_comparison_is_saved_as_json_and_png(

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from trainer.basemodel import ModelPair
-from trainer.data import encode_chat
-from trainer.errors import MethodError
-from trainer.evaluate import perplexity
-from trainer.lora_train import LoraSession, load_base_model, load_tokenizer
-from trainer.methods import LoraSpec
+from fedpersona.trainer.data.silo import encode_chat
+from fedpersona.trainer.errors import MethodError
+from fedpersona.trainer.learn.evaluate import perplexity
+from fedpersona.trainer.learn.lora_train import LoraSession, load_base_model, load_tokenizer
+from fedpersona.trainer.methods import LoraSpec
+from fedpersona.trainer.models.basemodel import ModelPair
 
 CHATS = [
     [

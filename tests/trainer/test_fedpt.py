@@ -1,7 +1,8 @@
 """FedPT training: FedAvg of a LoRA on the small model, published as proxy experts.
 
 Real PEFT training on the MICRO small model and a real store; the published experts are loaded
-back with the serving side's loader (`service.proxy_tuning.experts.ExpertLibrary`), and one run
+back with the serving side's loader (`fedpersona.service.proxy_tuning.experts.ExpertLibrary`), and
+one run
 goes through the real Flower Simulation Engine (`fedpersona train --algorithm fedpt`'s path).
 """
 
@@ -12,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from adapters import AdapterStore, Slot
-from service.proxy_tuning.experts import ExpertLibrary, ExpertRef, load_small_model
-from trainer.basemodel import ModelPair
-from trainer.fedpt import FedPT, params_nbytes, publish_experts, run_fedpt
-from trainer.methods import get_method
-from trainer.methods.base import LoraSpec, TrainConfig
-from trainer.personas import write_silos
+from fedpersona.adapters import AdapterStore, Slot
+from fedpersona.service.proxy_tuning.experts import ExpertLibrary, ExpertRef, load_small_model
+from fedpersona.trainer.data.personas import write_silos
+from fedpersona.trainer.methods import get_method
+from fedpersona.trainer.methods.base import LoraSpec, TrainConfig
+from fedpersona.trainer.methods.fedpt import FedPT, params_nbytes, publish_experts, run_fedpt
+from fedpersona.trainer.models.basemodel import ModelPair
 
 USERS = {"alice": "pirate", "bob": "chef"}
 CONFIG = TrainConfig(steps=2, lr=5e-3, batch_size=2, max_len=96, seed=0)
@@ -85,9 +85,9 @@ def test_rounds_average_uploads_and_personal_parts_stay_local(
 def test_flower_run_publishes_proxy_experts(
     micro_models: ModelPair, silos: dict[str, Path], tmp_path: Path
 ) -> None:
-    from trainer.runconfig import config_of
-    from trainer.runs import RoundSpec, RunRecords, RunState
-    from trainer.simulation import simulate
+    from fedpersona.trainer.flower.runconfig import config_of
+    from fedpersona.trainer.flower.simulation import simulate
+    from fedpersona.trainer.rounds.records import RoundSpec, RunRecords, RunState
 
     home = tmp_path / "home"
     (home / "silos").mkdir(parents=True)

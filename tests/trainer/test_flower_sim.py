@@ -13,16 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedpersona.adapters import AdapterStore, Slot, compose, load_lora
+from fedpersona.trainer.data.personas import write_silos
+from fedpersona.trainer.flower.runconfig import RunConfig, config_of
+from fedpersona.trainer.flower.simulation import simulate
+from fedpersona.trainer.flower.strategy import payload_bytes
+from fedpersona.trainer.models.basemodel import ModelPair
+from fedpersona.trainer.rounds.records import RoundSpec, RunRecords, RunState
 from flower_toy_method import GLOBAL_MODULE, CrashingToyMethod, ToyMethod, keys
 from flwr.app import Message
-
-from adapters import AdapterStore, Slot, compose, load_lora
-from trainer.basemodel import ModelPair
-from trainer.personas import write_silos
-from trainer.runconfig import RunConfig, config_of
-from trainer.runs import RoundSpec, RunRecords, RunState
-from trainer.simulation import simulate
-from trainer.strategy import payload_bytes
 
 pytestmark = pytest.mark.flower
 

@@ -8,16 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedpersona.adapters import compose, load_lora, save_lora
+from fedpersona.trainer.data import personas
+from fedpersona.trainer.data.silo import collate, load_examples
+from fedpersona.trainer.errors import MethodError
+from fedpersona.trainer.learn.evaluate import merge_adapter
+from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession, load_base_model
+from fedpersona.trainer.methods import LoraSpec, TrainConfig
+from fedpersona.trainer.models.basemodel import ModelPair
 from peft import PeftModel
-
-from adapters import compose, load_lora, save_lora
-from trainer import personas
-from trainer.basemodel import ModelPair
-from trainer.data import collate, load_examples
-from trainer.errors import MethodError
-from trainer.evaluate import merge_adapter
-from trainer.lora_train import LocalTrainer, LoraSession, load_base_model
-from trainer.methods import LoraSpec, TrainConfig
 
 SPEC = LoraSpec(rank=4, alpha=8.0)
 CONFIG = TrainConfig(steps=3, lr=1e-2, batch_size=4, max_len=96, seed=0)

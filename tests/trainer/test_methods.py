@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from adapters import LoraAdapter, compose
-from trainer import personas
-from trainer.basemodel import ModelPair
-from trainer.evaluate import perplexity
-from trainer.lora_train import adapter_from_params
-from trainer.methods import LoraSpec, TrainConfig, get_method
-from trainer.methods.base import ClientUpdate, Method
-from trainer.pruning import MASK_SUFFIX, kept, unpack_sparse
+from fedpersona.adapters import LoraAdapter, compose
+from fedpersona.trainer.data import personas
+from fedpersona.trainer.learn.evaluate import perplexity
+from fedpersona.trainer.learn.lora_train import adapter_from_params
+from fedpersona.trainer.methods import LoraSpec, TrainConfig, get_method
+from fedpersona.trainer.methods.base import ClientUpdate, Method
+from fedpersona.trainer.methods.pruning import MASK_SUFFIX, kept, unpack_sparse
+from fedpersona.trainer.models.basemodel import ModelPair
 
 CONFIG = TrainConfig(steps=6, lr=1e-2, batch_size=4, max_len=96, seed=0)
 SMALL = LoraSpec(rank=4, alpha=8.0)
@@ -57,7 +56,7 @@ def _adapter_equal(a: LoraAdapter, b: LoraAdapter) -> bool:
 
 
 def test_unknown_method_and_options_are_refused() -> None:
-    from trainer.errors import MethodError
+    from fedpersona.trainer.errors import MethodError
 
     with pytest.raises(MethodError, match="unknown method"):
         get_method("fedsgd")
@@ -230,7 +229,7 @@ def test_perfit_searches_a_mask_of_exactly_the_budget_and_keeps_it(
 
 
 def test_every_method_takes_the_rank_budget_as_spec() -> None:
-    from trainer.errors import MethodError
+    from fedpersona.trainer.errors import MethodError
 
     budget = LoraSpec(rank=6, alpha=3.0, target_modules=("q_proj", "v_proj"))
     for name in ("fedavg", "fedprox", "local", "pftt", "perfit"):

@@ -8,9 +8,13 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
-
-from trainer import personas
-from trainer.personas import PERSONAS, PROMPT_SPACE, persona_conversations, write_silos
+from fedpersona.trainer.data import personas
+from fedpersona.trainer.data.personas import (
+    PERSONAS,
+    PROMPT_SPACE,
+    persona_conversations,
+    write_silos,
+)
 
 
 def _answers(name: str, n: int = 60, seed: int = 0) -> list[str]:

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
-
-from trainer.errors import AggregationError, MethodError
-from trainer.pruning import (
+from fedpersona.trainer.errors import AggregationError, MethodError
+from fedpersona.trainer.methods.pruning import (
     MASK_SUFFIX,
     apply_mask,
     budget_schedule,
@@ -20,6 +16,9 @@ from trainer.pruning import (
     taylor_importance,
     unpack_sparse,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 SHAPES = {"m.lora_A.weight": (3, 5), "m.lora_B.weight": (6, 3)}
 scores_st = st.fixed_dictionaries(

@@ -11,16 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedpersona.adapters import AdapterStore, Slot, compose, load_lora
+from fedpersona.trainer.errors import PublishError
+from fedpersona.trainer.flower.strategy import Participant
+from fedpersona.trainer.methods import LoraSpec, get_method
+from fedpersona.trainer.methods.base import Method, Params
+from fedpersona.trainer.methods.pruning import apply_mask, pack_sparse
+from fedpersona.trainer.models.basemodel import ModelInfo, ModelPair
+from fedpersona.trainer.rounds.publish import (
+    RoundPublisher,
+    masks_from_upload,
+    personal_adapter,
+    publish_personal,
+)
 from flower_toy_method import ToyMethod, personal_state
-
-from adapters import AdapterStore, Slot, compose, load_lora
-from trainer.basemodel import ModelInfo, ModelPair
-from trainer.errors import PublishError
-from trainer.methods import LoraSpec, get_method
-from trainer.methods.base import Method, Params
-from trainer.pruning import apply_mask, pack_sparse
-from trainer.publish import RoundPublisher, masks_from_upload, personal_adapter, publish_personal
-from trainer.strategy import Participant
 
 RNG = np.random.default_rng(0)
 

@@ -6,13 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
+from fedpersona.trainer.errors import ConfigError, NoSilo, RoundBusy, RunNotFound
+from fedpersona.trainer.flower.runconfig import NodeIdentity, RunConfig, config_of, spec_of
+from fedpersona.trainer.rounds.lock import RunLock, resolve_users
+from fedpersona.trainer.rounds.metrics import TrainerMetrics
+from fedpersona.trainer.rounds.records import (
+    ClientRound,
+    RoundRecord,
+    RoundSpec,
+    RunRecords,
+    RunState,
+    new_run_id,
+)
 from prometheus_client import generate_latest
-
-from trainer.errors import ConfigError, NoSilo, RoundBusy, RunNotFound
-from trainer.metrics import TrainerMetrics
-from trainer.runconfig import NodeIdentity, RunConfig, config_of, spec_of
-from trainer.runlock import RunLock, resolve_users
-from trainer.runs import ClientRound, RoundRecord, RoundSpec, RunRecords, RunState, new_run_id
 
 
 def a_round(n: int) -> RoundRecord:

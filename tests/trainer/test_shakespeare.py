@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from trainer import shakespeare
-from trainer.data import read_chats
-from trainer.errors import DataError
-from trainer.shakespeare import build_silos, parse_blocks, user_id
+from fedpersona.trainer.data import shakespeare
+from fedpersona.trainer.data.shakespeare import build_silos, parse_blocks, user_id
+from fedpersona.trainer.data.silo import read_chats
+from fedpersona.trainer.errors import DataError
 
 
 def _corpus(turns: list[tuple[str, str]]) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from trainer.errors import MethodError
-from trainer.methods.base import (
+from fedpersona.trainer.errors import MethodError
+from fedpersona.trainer.methods.base import (
     ClientUpdate,
     LoraSpec,
     Method,
@@ -20,13 +20,17 @@ from trainer.methods.base import (
 
 # name -> (module, class, default options)
 _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "fedavg": ("trainer.methods.fedavg", "FedAvg", {}),
-    "fedprox": ("trainer.methods.fedavg", "FedAvg", {"prox_mu": 0.01, "name": "fedprox"}),
-    "local": ("trainer.methods.local", "LocalOnly", {}),
-    "pftt": ("trainer.methods.pftt", "Pftt", {}),
-    "perfit": ("trainer.methods.perfit", "PerFit", {}),
-    # FedPT: FedAvg on the SMALL model, published as proxy experts (trainer/fedpt.py).
-    "fedpt": ("trainer.fedpt", "FedPT", {}),
+    "fedavg": ("fedpersona.trainer.methods.fedavg", "FedAvg", {}),
+    "fedprox": (
+        "fedpersona.trainer.methods.fedavg",
+        "FedAvg",
+        {"prox_mu": 0.01, "name": "fedprox"},
+    ),
+    "local": ("fedpersona.trainer.methods.local", "LocalOnly", {}),
+    "pftt": ("fedpersona.trainer.methods.pftt", "Pftt", {}),
+    "perfit": ("fedpersona.trainer.methods.perfit", "PerFit", {}),
+    # FedPT: FedAvg on the SMALL model, published as proxy experts (trainer/methods/fedpt.py).
+    "fedpt": ("fedpersona.trainer.methods.fedpt", "FedPT", {}),
 }
 
 METHODS: tuple[str, ...] = tuple(_REGISTRY)

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-
-from adapters import LoraAdapter
-from trainer.basemodel import ModelInfo
-from trainer.errors import MethodError
+from fedpersona.adapters import LoraAdapter
+from fedpersona.trainer.errors import MethodError
+from fedpersona.trainer.models.basemodel import ModelInfo
 
 # PEFT key names ("<module>.lora_A.weight" / ".lora_B.weight") -> float32 arrays. PerFIT uploads
 # additionally carry "<key>.mask" bit-packed uint8 arrays (see trainer/methods/perfit.py).

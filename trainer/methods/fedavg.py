@@ -13,13 +13,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters import LoraAdapter
-from trainer.aggregation import weighted_mean
-from trainer.basemodel import ModelInfo
-from trainer.data import load_examples
-from trainer.errors import MethodError
-from trainer.lora_train import LocalTrainer, LoraSession, adapter_from_params
-from trainer.methods.base import (
+from fedpersona.adapters import LoraAdapter
+from fedpersona.trainer.data.silo import load_examples
+from fedpersona.trainer.errors import MethodError
+from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession, adapter_from_params
+from fedpersona.trainer.methods.aggregation import weighted_mean
+from fedpersona.trainer.methods.base import (
     DEFAULT_MAX_RANK,
     DEFAULT_SPEC,
     ClientUpdate,
@@ -28,6 +27,7 @@ from trainer.methods.base import (
     TrainConfig,
     order_seed,
 )
+from fedpersona.trainer.models.basemodel import ModelInfo
 
 SHARED = "shared"
 

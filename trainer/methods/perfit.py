@@ -8,10 +8,12 @@ from the expanded size to exactly the budget (the parameter count of the rank-`r
 The resulting 0/1 mask is the user's personal architecture; it is kept in the client state and
 reused in later rounds (the search runs once per user; later rounds fine-tune it).
 
-Upload: the kept values and the bit-packed mask (`trainer.pruning.pack_sparse`), i.e. the
+Upload: the kept values and the bit-packed mask (`fedpersona.trainer.methods.pruning.pack_sparse`),
+i.e. the
 budget's values plus one bit per expanded entry. The server averages each entry over the
 clients that kept it, weighted by examples; entries no participant kept keep their previous
-global value (`trainer.aggregation.masked_weighted_mean`). A user is served the global LoRA
+global value (`fedpersona.trainer.methods.aggregation.masked_weighted_mean`). A user is served the
+global LoRA
 with their own mask applied: a rank-`expansion * rank` LoRA with at most `budget` non-zeros.
 A user without a mask yet (never trained) is served the dense global LoRA.
 """
@@ -23,14 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from adapters import LoraAdapter
-from trainer.aggregation import masked_weighted_mean
-from trainer.basemodel import ModelInfo
-from trainer.data import load_examples
-from trainer.errors import MethodError
-from trainer.lora_train import LocalTrainer, LoraSession, adapter_from_params
-from trainer.methods.base import (
+from fedpersona.adapters import LoraAdapter
+from fedpersona.trainer.data.silo import load_examples
+from fedpersona.trainer.errors import MethodError
+from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession, adapter_from_params
+from fedpersona.trainer.methods.aggregation import masked_weighted_mean
+from fedpersona.trainer.methods.base import (
     DEFAULT_MAX_RANK,
     DEFAULT_SPEC,
     ClientUpdate,
@@ -39,7 +39,7 @@ from trainer.methods.base import (
     TrainConfig,
     order_seed,
 )
-from trainer.pruning import (
+from fedpersona.trainer.methods.pruning import (
     MASK_SUFFIX,
     apply_mask,
     budget_schedule,
@@ -49,6 +49,7 @@ from trainer.pruning import (
     prune_to_budget,
     unpack_sparse,
 )
+from fedpersona.trainer.models.basemodel import ModelInfo
 
 LORA = "expanded"
 

@@ -4,7 +4,7 @@ Every client attaches two LoRAs to the same base model, both active, trained joi
 chats: a *global* LoRA that is aggregated with FedAvg (weighted by examples), and a *personal*
 LoRA that is never aggregated and never uploaded. The personal LoRA stays in the client state
 (the driver may also publish it to that user's private `users/<u>/personal` slot). The user is
-served the exact composition `adapters.compose(global, personal)`, one LoRA of rank
+served the exact composition `fedpersona.adapters.compose(global, personal)`, one LoRA of rank
 `r_g + r_p` whose update equals the sum the model was trained with.
 
 Communication (the design's choice): given the rank budget `spec` that FedAvg would use (default
@@ -20,13 +20,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters import LoraAdapter, compose
-from trainer.aggregation import weighted_mean
-from trainer.basemodel import ModelInfo
-from trainer.data import load_examples
-from trainer.errors import MethodError
-from trainer.lora_train import LocalTrainer, LoraSession, adapter_from_params
-from trainer.methods.base import (
+from fedpersona.adapters import LoraAdapter, compose
+from fedpersona.trainer.data.silo import load_examples
+from fedpersona.trainer.errors import MethodError
+from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession, adapter_from_params
+from fedpersona.trainer.methods.aggregation import weighted_mean
+from fedpersona.trainer.methods.base import (
     DEFAULT_MAX_RANK,
     DEFAULT_SPEC,
     ClientUpdate,
@@ -35,6 +34,7 @@ from trainer.methods.base import (
     TrainConfig,
     order_seed,
 )
+from fedpersona.trainer.models.basemodel import ModelInfo
 
 GLOBAL = "global"
 PERSONAL = "personal"

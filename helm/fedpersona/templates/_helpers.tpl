@@ -160,7 +160,7 @@ imagePullSecrets:
 
 {{/*
 The vLLM server's flags after the module name. Same flags, same order as
-service.engine_config.engine_argv (tests/helm compares the two): the chart's GPU flags travel
+fedpersona.service.engine.config.engine_argv (tests/helm compares the two): the chart's GPU flags travel
 as the engine's extra args, after the flags the engine owns.
 */}}
 {{- define "fedpersona.vllmArgs" -}}
@@ -211,7 +211,7 @@ as the engine's extra args, after the flags the engine owns.
 {{- end }}
 
 {{/*
-The engine settings (service.engine_config.EngineSettings, env FEDPERSONA_ENGINE__...) that
+The engine settings (fedpersona.service.engine.config.EngineSettings, env FEDPERSONA_ENGINE__...) that
 match the vLLM flags above. The gateway reads them; on the vLLM container they make
 `fedpersona engine --exec` start exactly the command the chart renders (tests/helm checks it).
 */}}
@@ -272,7 +272,7 @@ match the vLLM flags above. The gateway reads them; on the vLLM container they m
 {{- if and .Values.roundSchedule.enabled (not .Values.trainer.enabled) }}
 {{- fail "roundSchedule.enabled needs trainer.enabled" }}
 {{- end }}
-{{- /* Mirrors service.settings: production refuses a short admin key (MIN_ADMIN_KEY_LENGTH). */}}
+{{- /* Mirrors fedpersona.service.settings: production refuses a short admin key (MIN_ADMIN_KEY_LENGTH). */}}
 {{- $key := .Values.auth.adminKey }}
 {{- if and $key (not .Values.auth.existingSecret) (eq .Values.gateway.environment "production") (lt (len $key) 24) }}
 {{- fail "auth.adminKey must be at least 24 characters in production (leave it empty to generate one)" }}
@@ -309,7 +309,7 @@ match the vLLM flags above. The gateway reads them; on the vLLM container they m
 {{- end }}
 
 {{/*
-The vLLM server's environment. Same variables and values as service.engine_config.engine_env
+The vLLM server's environment. Same variables and values as fedpersona.service.engine.config.engine_env
 (tests/helm compares the two), plus cache locations on a writable volume.
 */}}
 {{- define "fedpersona.vllmEnv" -}}

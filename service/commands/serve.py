@@ -1,0 +1,153 @@
+"""`fedpersona serve`: run the gateway with uvicorn, and by default the vLLM engine it fronts.
+
+Without `--engine-url` (and `FEDPERSONA_ENGINE__URL`) the gateway supervises its own vLLM child
+on loopback (`fedpersona.service.engine.supervisor`), started and stopped by the app's lifespan;
+with a URL it
+talks to a separately run engine (the Helm chart's layout). The trainer's round controller is
+wired in (unless `--no-rounds`), so `/admin/rounds` starts training runs in child processes.
+
+Shutdown on SIGTERM/SIGINT: uvicorn stops accepting connections and lets requests in flight
+(streams included) finish for up to `FEDPERSONA_SHUTDOWN_GRACE_S`; then the lifespan drains and
+stops vLLM (SIGTERM, then SIGKILL of its process group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fedpersona.service.metrics import Metrics
+from fedpersona.service.settings import Settings
+from pydantic import ValidationError
+
+# Named explicitly: as `python -m fedpersona.service.commands.serve` this module's __name__ is
+# "__main__".
+logger = logging.getLogger("fedpersona.service.commands.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", type=Path, help="fedpersona home (env FEDPERSONA_HOME)")
+    parser.add_argument("--host", help="address the gateway listens on (env FEDPERSONA_HOST)")
+    parser.add_argument("--port", type=int, help="gateway port (env FEDPERSONA_PORT)")
+    parser.add_argument(
+        "--engine-url",
+        help="use a running vLLM server at this URL instead of starting one "
+        "(env FEDPERSONA_ENGINE__URL)",
+    )
+    parser.add_argument(
+        "--no-rounds", action="store_true", help="do not offer /admin/rounds (no trainer here)"
+    )
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for field in ("home", "host", "port"):
+        value = getattr(args, field, None)
+        if value is not None:
+            overrides[field] = value
+    settings = Settings(**overrides)
+    if getattr(args, "engine_url", None):
+        engine = settings.engine.model_copy(update={"url": args.engine_url})
+        settings = settings.model_copy(update={"engine": engine})
+    return settings
+
+
+def build_supervisor(settings: Settings) -> Any:
+    """The embedded engine's supervisor (None when an engine URL is configured)."""
+    if not settings.engine.supervised:
+        return None
+    from fedpersona.service.engine.config import build_launch
+    from fedpersona.service.engine.supervisor import EngineSupervisor
+
+    launch = build_launch(settings.engine, home=settings.home, store_dir=settings.store_path)
+    return EngineSupervisor(
+        launch,
+        log_path=settings.home / "logs" / "vllm.log",
+        ready_timeout_s=settings.engine.ready_timeout_s,
+        progress=lambda message: logger.info("engine: %s", message),
+    )
+
+
+def build_round_controller(settings: Settings, metrics: Metrics) -> Any:
+    """`fedpersona.trainer.rounds.controller.RoundController` for this home; its metrics join the
+    gateway's `/metrics`."""
+    from fedpersona.trainer.rounds.controller import RoundController
+    from fedpersona.trainer.rounds.metrics import TrainerMetrics
+
+    return RoundController(
+        settings.home,
+        runs_dir=settings.runs_path,
+        metrics=TrainerMetrics(registry=metrics.registry),
+    )
+
+
+def build_app(settings: Settings, *, rounds: bool = True) -> Any:
+    # Imported here so that bad settings fail fast, before torch and friends load.
+    from fedpersona.service.engine.client import EngineClient
+    from fedpersona.service.http.app import create_app
+
+    supervisor = build_supervisor(settings)
+    engine = EngineClient(
+        supervisor.launch.base_url if supervisor is not None else settings.engine.base_url,
+        request_timeout_s=settings.engine.request_timeout_s,
+        gate=supervisor.check_available if supervisor is not None else None,
+    )
+    base_model = supervisor.launch.served_model_name if supervisor is not None else None
+    metrics = Metrics()
+    return create_app(
+        settings,
+        engine=engine,
+        supervisor=supervisor,
+        base_model=base_model,
+        metrics=metrics,
+        rounds_controller=build_round_controller(settings, metrics) if rounds else None,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = build_settings(args)
+    except ValidationError as e:
+        logger.error("invalid settings:\n%s", e)
+        return 2
+    try:
+        app = build_app(settings, rounds=not args.no_rounds)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    # httpx logs every engine request at INFO; the access log already has one line per request.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logger.info(
+        "gateway on http://%s:%d (engine: %s)",
+        settings.host,
+        settings.port,
+        "supervised" if settings.engine.supervised else settings.engine.url,
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep the root logging set up by `fedpersona`
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        proxy_headers=False,  # identity comes from API keys only, never from headers
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fedpersona.service.commands.serve`: the same as `fedpersona serve`."""
+    parser = argparse.ArgumentParser(prog="fedpersona serve")
+    add_arguments(parser)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

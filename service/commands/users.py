@@ -1,0 +1,150 @@
+"""`fedpersona users ...`: manage gateway users and their API keys in the registry.
+
+    fedpersona users add NAME [--alpha A]   create a user; prints their first API key once
+    fedpersona users issue NAME             another key for an existing user (printed once)
+    fedpersona users list [--json]          users with their active keys (never the keys)
+    fedpersona users keys [NAME] [--json]   key ids, owners, created/revoked times
+    fedpersona users revoke KEY_ID          revoke one key
+    fedpersona users revoke --user NAME     revoke all of a user's keys
+    fedpersona users delete NAME            delete a user and all their keys
+    fedpersona users alpha NAME VALUE       set the user's proxy-tuning alpha
+
+The raw key goes to stdout alone (scriptable: `KEY=$(fedpersona users add alice)`); everything
+else goes to stderr. Works directly on the SQLite registry, so it needs no running gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fedpersona.service.errors import GatewayError
+from fedpersona.service.registry import Registry
+from fedpersona.service.settings import Settings
+from rich.console import Console
+from rich.table import Table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", type=Path, help="fedpersona home (env FEDPERSONA_HOME)")
+    parser.add_argument(
+        "--registry", type=Path, help="registry file (default <home>/registry.sqlite)"
+    )
+    sub = parser.add_subparsers(dest="users_command", required=True)
+
+    add = sub.add_parser("add", help="create a user and print their first API key once")
+    add.add_argument("name")
+    add.add_argument("--alpha", type=float, help="proxy-tuning alpha (default from settings)")
+
+    issue = sub.add_parser("issue", help="issue another API key for a user (printed once)")
+    issue.add_argument("name")
+
+    listing = sub.add_parser("list", help="list users")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+    keys = sub.add_parser("keys", help="list API keys (ids only)")
+    keys.add_argument("name", nargs="?")
+    keys.add_argument("--json", action="store_true", help="machine-readable output")
+
+    revoke = sub.add_parser("revoke", help="revoke one key, or all keys of a user")
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("key_id", nargs="?", help="the key id shown by `users keys`")
+    target.add_argument("--user", help="revoke every active key of this user")
+
+    delete = sub.add_parser("delete", help="delete a user and their keys (adapters stay)")
+    delete.add_argument("name")
+
+    alpha = sub.add_parser("alpha", help="set a user's proxy-tuning alpha (FedPT strength)")
+    alpha.add_argument("name")
+    alpha.add_argument("value", type=float)
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    overrides: dict[str, object] = {}
+    if args.home is not None:
+        overrides["home"] = args.home
+    if args.registry is not None:
+        overrides["registry_path"] = args.registry
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    return Registry(settings.registry_file, default_alpha=settings.proxy_alpha_default)
+
+
+def _time(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def run(args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    try:
+        return _run(args, err)
+    except GatewayError as e:
+        err.print(f"[red]error:[/red] {e.message}")
+        return 1
+
+
+def _run(args: argparse.Namespace, err: Console) -> int:
+    registry = _registry(args)
+    command = args.users_command
+    if command == "add":
+        registry.create_user(args.name, proxy_alpha=args.alpha)
+        issued = registry.issue_key(args.name)
+        err.print(
+            f"created user [bold]{args.name}[/bold]; API key id {issued.key_id}. "
+            "The key below is shown once: only its hash is stored."
+        )
+        print(issued.api_key)
+    elif command == "issue":
+        issued = registry.issue_key(args.name)
+        err.print(f"new API key id {issued.key_id} for {args.name} (shown once):")
+        print(issued.api_key)
+    elif command == "list":
+        users = registry.list_users()
+        if args.json:
+            print(json.dumps([asdict(u) for u in users], indent=2))
+        else:
+            table = Table("user", "created", "active keys", "proxy alpha")
+            for u in users:
+                table.add_row(u.name, _time(u.created_at), str(u.active_keys), f"{u.proxy_alpha:g}")
+            Console().print(table)
+    elif command == "keys":
+        keys = registry.list_keys(args.name)
+        if args.json:
+            print(json.dumps([asdict(k) for k in keys], indent=2))
+        else:
+            table = Table("key id", "user", "created", "revoked")
+            for k in keys:
+                table.add_row(k.key_id, k.user, _time(k.created_at), _time(k.revoked_at))
+            Console().print(table)
+    elif command == "revoke":
+        if args.user is not None:
+            count = registry.revoke_user_keys(args.user)
+            err.print(f"revoked {count} key(s) of {args.user}")
+        else:
+            info = registry.revoke_key(args.key_id)
+            err.print(f"revoked key {info.key_id} of {info.user}")
+    elif command == "delete":
+        registry.delete_user(args.name)
+        err.print(f"deleted user {args.name} and their keys (their adapters stay in the store)")
+    elif command == "alpha":
+        if not 0 <= args.value <= 10:
+            err.print("[red]error:[/red] alpha must be between 0 and 10")
+            return 2
+        user = registry.set_proxy_alpha(args.name, args.value)
+        err.print(f"proxy alpha of {user.name} is now {user.proxy_alpha:g}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedpersona users")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Which user adapters vLLM has loaded: hot-load on demand, pin while in use, evict LRU.
+
+For each request, `AdapterManager.use(user)` reads the user's current served version from the
+store (so a newly published version is served from the next request on, with no restart), makes
+sure vLLM has it loaded under the name `u-<user>-<version id>`, and pins it until the request
+(including a whole stream) ends. Versions a user no longer serves are unloaded once nothing uses
+them; at most `max_loaded` adapters stay registered, the least recently used idle one being
+evicted first. A lock per adapter name makes concurrent first requests load it once.
+
+Invariant: a name is in `_loaded` only while vLLM has it registered (as far as we know). A load
+that fails leaves no entry; an unload removes the entry before it talks to vLLM, under the same
+per-name lock a loader takes, so a load and an unload of one name never interleave. When vLLM
+restarts it forgets every adapter: `reset()` forgets them here too, and a 404 from the engine
+for a name we think is loaded drops that name, so the next request loads it again.
+
+This module knows nothing about HTTP routes, API keys or request bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fedpersona.adapters import AdapterError, AdapterStore, Slot, Version
+from fedpersona.service.errors import AdapterLoadFailed, EngineRequestError, EngineUnavailable
+
+if TYPE_CHECKING:
+    from fedpersona.service.engine.client import EngineClient
+    from fedpersona.service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+NAME_PREFIX = "u-"
+
+
+def adapter_name(user: str, version_id: str) -> str:
+    """The name vLLM serves a user's adapter version under: `u-<user>-<version id>`."""
+    return f"{NAME_PREFIX}{user}-{version_id}"
+
+
+@dataclass(eq=False)
+class _Loaded:
+    name: str
+    user: str
+    generation: int
+    refs: int = 0
+    superseded: bool = False
+
+
+class AdapterManager:
+    """Keeps vLLM's registered LoRA adapters in step with the store's current user versions."""
+
+    def __init__(
+        self,
+        *,
+        store: AdapterStore,
+        engine: EngineClient,
+        max_loaded: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
+        self._store = store
+        self._engine = engine
+        self._max_loaded = max_loaded
+        self._metrics = metrics
+        self._loaded: OrderedDict[str, _Loaded] = OrderedDict()  # least recently used first
+        self._newest: dict[str, str] = {}  # user -> name of the version last served to them
+        # Names whose unload failed: vLLM may still hold them, so reload them in place.
+        self._stale: set[str] = set()
+        # Locks live only while someone holds or waits on them (thousands of users, few active).
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._generation = 0
+        # user -> (stat of their current.json, the version it named)
+        self._versions: dict[str, tuple[tuple[int, int, int], Version | None]] = {}
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> list[str]:
+        """Names registered in vLLM by this manager, least recently used first."""
+        return list(self._loaded)
+
+    def use(self, user_id: str) -> AbstractAsyncContextManager[str | None]:
+        """Pin `user_id`'s current adapter for the duration of a request.
+
+        Yields the vLLM model name to send, or None when the user has no served adapter yet (the
+        base model answers). Raises `AdapterLoadFailed` if vLLM refuses the adapter and
+        `EngineUnavailable` if the engine cannot be reached.
+        """
+        return self._use(user_id)
+
+    def reset(self) -> None:
+        """Forget everything loaded: the engine restarted and lost its adapters."""
+        self._generation += 1
+        dropped = len(self._loaded)
+        self._loaded.clear()
+        self._newest.clear()
+        self._stale.clear()
+        if dropped:
+            logger.info("engine restarted: forgot %d loaded adapters", dropped)
+
+    async def aclose(self) -> None:
+        """Wait for background unloads to finish (at shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the request path ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _use(self, user_id: str) -> AsyncIterator[str | None]:
+        version = self._current(user_id)
+        if version is None:
+            yield None
+            return
+        entry = await self._acquire(user_id, version)
+        try:
+            yield entry.name
+        except EngineRequestError as e:
+            if e.status == 404:
+                # vLLM does not know the name: it restarted behind our back (external engine)
+                # or dropped it. Forget it so the next request loads it again (in place, in
+                # case it does hold the name after all).
+                self._forget(entry)
+                self._stale.add(entry.name)
+            raise
+        finally:
+            self._release(entry)
+
+    def _current(self, user_id: str) -> Version | None:
+        """The user's current served version, re-read only when its manifest changed.
+
+        Publishing replaces `current.json` with `os.replace` (a new inode every time, see the
+        layout in `adapters/store.py`), so one `stat` per request tells whether the version
+        read last time is still current; reading and parsing the manifests costs ten times more.
+        """
+        try:
+            slot = Slot.user_served(user_id)
+            manifest = self._store.root / "slots" / slot.path / "current.json"
+            try:
+                st = os.stat(manifest)
+            except FileNotFoundError:
+                stamp = None
+            else:
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._versions.get(user_id)
+            if stamp is not None and cached is not None and cached[0] == stamp:
+                return cached[1]
+            version = self._store.current(slot)
+        except AdapterError as e:
+            logger.error("store: cannot read the served adapter of %s: %s", user_id, e)
+            raise AdapterLoadFailed() from e
+        if stamp is not None:
+            self._versions[user_id] = (stamp, version)
+        return version
+
+    async def _acquire(self, user: str, version: Version) -> _Loaded:
+        try:
+            return await self._acquire_version(user, version)
+        except AdapterLoadFailed:
+            # Retention may have removed the version between current() and the load; the
+            # store's contract is to retry with current() once.
+            newer = self._current(user)
+            if newer is None or newer.id == version.id:
+                raise
+            return await self._acquire_version(user, newer)
+
+    async def _acquire_version(self, user: str, version: Version) -> _Loaded:
+        name = adapter_name(user, version.id)
+        entry = self._loaded.get(name)
+        if entry is None:
+            async with self._lock(name):
+                entry = self._loaded.get(name)
+                if entry is None:
+                    entry = await self._load(user, name, version)
+                entry.refs += 1
+        else:
+            entry.refs += 1
+        self._loaded.move_to_end(name)
+        entry.superseded = False
+        previous = self._newest.get(user)
+        self._newest[user] = name
+        if previous is not None and previous != name:
+            old = self._loaded.get(previous)
+            if old is not None:
+                old.superseded = True
+                if old.refs == 0:
+                    self._spawn(self._unload(old, evicted=False))
+        return entry
+
+    def _release(self, entry: _Loaded) -> None:
+        entry.refs -= 1
+        if entry.refs > 0 or self._loaded.get(entry.name) is not entry:
+            return
+        if entry.superseded:
+            self._spawn(self._unload(entry, evicted=False))
+        elif len(self._loaded) > self._max_loaded:
+            self._spawn(self._trim())
+
+    def _forget(self, entry: _Loaded) -> None:
+        if self._loaded.get(entry.name) is entry:
+            del self._loaded[entry.name]
+            if self._newest.get(entry.user) == entry.name:
+                del self._newest[entry.user]
+
+    # -- talking to vLLM -------------------------------------------------------------------
+
+    async def _load(self, user: str, name: str, version: Version) -> _Loaded:
+        """Load `name` (caller holds its lock and found it absent)."""
+        await self._make_room(user)
+        generation = self._generation
+        started = time.perf_counter()
+        try:
+            try:
+                if name in self._stale:
+                    await self._engine.load_lora(name, str(version.path), replace=True)
+                else:
+                    await self._engine.load_lora(name, str(version.path))
+            except EngineRequestError as e:
+                if e.status != 400 or name in self._stale:
+                    raise
+                # vLLM refuses a name it already holds with a 400: registered by a previous
+                # gateway process (vLLM kept running) or another replica. Version names are
+                # content hashes, so loading the same files in place is safe.
+                await self._engine.load_lora(name, str(version.path), replace=True)
+        except EngineRequestError as e:
+            logger.error(
+                "engine refused adapter %s from %s: %s %s", name, version.path, e.status, e.message
+            )
+            raise AdapterLoadFailed() from e
+        elapsed = time.perf_counter() - started
+        if generation != self._generation:
+            # The engine restarted while we loaded: we cannot tell which engine has it.
+            raise EngineUnavailable("The inference engine restarted; retry shortly.", retry_after=1)
+        self._stale.discard(name)
+        entry = _Loaded(name=name, user=user, generation=generation)
+        self._loaded[name] = entry
+        if self._metrics is not None:
+            self._metrics.adapter_loads.inc()
+            self._metrics.adapter_load_seconds.observe(elapsed)
+        logger.info("loaded adapter %s in %.3f s (%d loaded)", name, elapsed, len(self._loaded))
+        return entry
+
+    async def _make_room(self, user: str) -> None:
+        """Evict idle adapters until one more fits: first the version `user` is leaving, then
+        the least recently used."""
+        previous = self._loaded.get(self._newest.get(user, ""))
+        if len(self._loaded) >= self._max_loaded and previous is not None and previous.refs == 0:
+            await self._unload(previous, evicted=False)
+        while len(self._loaded) >= self._max_loaded:
+            victim = next((e for e in self._loaded.values() if e.refs == 0), None)
+            if victim is None:
+                # Every loaded adapter is pinned by a request: go over the bound for now;
+                # `_release` trims back once requests finish.
+                logger.warning(
+                    "all %d loaded adapters are in use; loading one more", self._max_loaded
+                )
+                return
+            await self._unload(victim, evicted=True)
+
+    async def _trim(self) -> None:
+        while len(self._loaded) > self._max_loaded:
+            victim = next((e for e in self._loaded.values() if e.refs == 0), None)
+            if victim is None:
+                return
+            await self._unload(victim, evicted=True)
+
+    async def _unload(self, entry: _Loaded, *, evicted: bool) -> None:
+        """Unload `entry` if it is still registered and idle; otherwise do nothing."""
+        if self._loaded.get(entry.name) is not entry or entry.refs > 0:
+            return
+        # From here on a request for this name loads it again, in place (vLLM may still hold
+        # it until the unload below has run).
+        self._forget(entry)
+        self._stale.add(entry.name)
+        async with self._lock(entry.name):
+            if entry.name in self._loaded:
+                return  # reloaded in place while we waited for the lock: keep it
+            try:
+                await self._engine.unload_lora(entry.name)
+            except (EngineUnavailable, EngineRequestError) as e:
+                logger.warning("could not unload adapter %s: %s", entry.name, e)
+                return
+            if entry.generation == self._generation:
+                self._stale.discard(entry.name)
+        if self._metrics is not None:
+            self._metrics.adapter_unloads.inc()
+            if evicted:
+                self._metrics.adapter_evictions.inc()
+        logger.info("unloaded adapter %s (%s)", entry.name, "evicted" if evicted else "superseded")
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[name] = lock
+        return lock
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,243 @@
+"""The gateway's only way to talk to vLLM: an async HTTP client for its OpenAI server.
+
+`EngineClient` sends chat requests (whole or streamed), loads and unloads LoRA adapters by name,
+and checks health. It turns transport failures into `EngineUnavailable` and error statuses into
+`EngineRequestError(status, envelope)`; what a client then sees is decided by the gateway.
+
+It does not know users, adapters on disk or which version is current (`AdapterManager` does),
+and it never starts vLLM (`EngineSupervisor` does). It counts requests in flight so a shutdown
+can drain them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+from fedpersona.service.errors import EngineRequestError, EngineUnavailable
+
+logger = logging.getLogger(__name__)
+
+_JSON = {"Content-Type": "application/json"}
+DONE_LINE = b"data: [DONE]"
+
+# A callable that raises EngineUnavailable while the engine must not be used (e.g. restarting).
+Gate = Callable[[], None]
+
+
+def _envelope(response: httpx.Response) -> dict[str, Any]:
+    """vLLM's error body as an OpenAI envelope, whatever shape it came in."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return body
+    message = body.get("detail") if isinstance(body, dict) else None
+    return {
+        "error": {
+            "message": str(message or response.text[:500] or response.reason_phrase),
+            "type": "engine_error",
+            "param": None,
+            "code": response.status_code,
+        }
+    }
+
+
+def renamed_chunk(line: bytes, *, engine_model: str, public_model: str) -> bytes | None:
+    """Fast path for relaying vLLM's stream: a plain content chunk as an SSE event with its
+    `model` renamed by one byte replace, or None when the line needs a JSON parse (the usage
+    chunk, an error event, `[DONE]`, or a shape this does not recognise).
+
+    Safe without parsing because vLLM writes compact JSON: inside a JSON string every quote is
+    escaped, so an unescaped `"model":"<name>"` can only be the key itself; requiring exactly
+    one occurrence rules out a nested `model` key.
+    """
+    if not line.startswith(b"data: {") or b'"usage"' in line or b'"error"' in line:
+        return None
+    needle = b'"model":' + json.dumps(engine_model).encode()
+    if line.count(needle) != 1:
+        return None
+    return line.replace(needle, b'"model":' + json.dumps(public_model).encode(), 1) + b"\n\n"
+
+
+def chunk_has_content(line: bytes) -> bool:
+    """Whether a (fast-path) chunk line carries generated text, for time-to-first-token."""
+    return b'"content":"' in line and b'"content":""' not in line
+
+
+class EngineClient:
+    """Async client of one vLLM OpenAI-compatible server at `base_url`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        request_timeout_s: float = 600.0,
+        connect_timeout_s: float = 5.0,
+        gate: Gate | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._gate = gate
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
+            # Concurrency is bounded by the gateway and by vLLM's scheduler, not by a pool here:
+            # a pool limit would queue requests in front of an engine that batches them.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            transport=transport,
+        )
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Chat requests currently being answered (streams count until they end)."""
+        return self._in_flight
+
+    def _enter(self) -> None:
+        if self._gate is not None:
+            self._gate()
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _exit(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no chat request is in flight; False if `timeout` seconds passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- chat ------------------------------------------------------------------------------
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One non-streaming chat completion; returns vLLM's JSON answer."""
+        self._enter()
+        try:
+            response = await self._post("/v1/chat/completions", body)
+            try:
+                result: dict[str, Any] = response.json()
+            except ValueError as e:
+                raise EngineUnavailable("The inference engine sent an unreadable answer.") from e
+            return result
+        finally:
+            self._exit()
+
+    async def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Stream a chat completion: yields each non-empty SSE line without its terminator.
+
+        Lines look like `b'data: {...}'` and end with `b'data: [DONE]'`. An error status raises
+        `EngineRequestError` before the first line, so the caller can still answer with an error
+        status. Closing the iterator early closes the connection, which makes vLLM abort.
+        """
+        self._enter()
+        try:
+            request = self._client.build_request(
+                "POST", "/v1/chat/completions", content=json.dumps(body), headers=_JSON
+            )
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.TransportError as e:
+                raise self._unavailable(e) from e
+            try:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise EngineRequestError(response.status_code, _envelope(response))
+                chunks = response.aiter_bytes()
+                pending = b""
+                async for chunk in chunks:
+                    pending += chunk
+                    if b"\n" not in chunk:
+                        continue
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        line = line.rstrip(b"\r")
+                        if line == DONE_LINE:
+                            # Read the (empty) rest before handing out the last line: callers
+                            # stop at [DONE], and a fully read response returns its connection
+                            # to the pool instead of closing it (a new TCP connection per
+                            # request otherwise).
+                            async for _ in chunks:
+                                pass
+                        if line:
+                            yield line
+                if pending.strip():
+                    yield pending.rstrip(b"\r")
+            except httpx.TransportError as e:
+                raise self._unavailable(e) from e
+            finally:
+                await response.aclose()
+        finally:
+            self._exit()
+
+    # -- adapters --------------------------------------------------------------------------
+
+    async def load_lora(self, name: str, path: str, *, replace: bool = False) -> None:
+        """Register a PEFT adapter dir under `name`; vLLM validates and preloads it.
+
+        `replace` loads over a name vLLM may already hold (vLLM's `load_inplace`).
+        """
+        body: dict[str, Any] = {"lora_name": name, "lora_path": path}
+        if replace:
+            body["load_inplace"] = True
+        await self._post("/v1/load_lora_adapter", body)
+
+    async def unload_lora(self, name: str) -> None:
+        """Forget the adapter `name`; a 404 (already gone) is not an error."""
+        try:
+            await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+        except EngineRequestError as e:
+            if e.status != 404:
+                raise
+
+    async def models(self) -> list[str]:
+        """Ids of everything vLLM serves now: the base model and each registered adapter."""
+        try:
+            response = await self._client.get("/v1/models")
+        except httpx.TransportError as e:
+            raise self._unavailable(e) from e
+        if response.status_code != 200:
+            raise EngineRequestError(response.status_code, _envelope(response))
+        return [card["id"] for card in response.json().get("data", [])]
+
+    async def health(self) -> bool:
+        """True when vLLM answers /health with 200 (its engine loop is alive)."""
+        try:
+            response = await self._client.get("/health", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        try:
+            response = await self._client.post(path, content=json.dumps(body), headers=_JSON)
+        except httpx.TransportError as e:
+            raise self._unavailable(e) from e
+        if response.status_code >= 400:
+            raise EngineRequestError(response.status_code, _envelope(response))
+        return response
+
+    def _unavailable(self, error: httpx.TransportError) -> EngineUnavailable:
+        logger.warning("engine at %s unreachable: %r", self.base_url, error)
+        if isinstance(error, httpx.TimeoutException):
+            return EngineUnavailable("The inference engine timed out; retry later.")
+        return EngineUnavailable()

@@ -1,0 +1,230 @@
+"""The vLLM engine's settings and the exact command line that starts it.
+
+`EngineSettings` is nested in the gateway's `Settings` as `engine` (env `FEDPERSONA_ENGINE__...`).
+`build_launch` turns it into an `EngineLaunch` (argv + environment + where the server will
+listen). The supervisor runs that launch, and `fedpersona engine` prints or execs the same one, so
+the embedded mode and the vLLM container of the Helm chart share one command line.
+
+This module starts nothing and knows nothing about HTTP; its only I/O is reading the model's
+`fedpersona.json` to learn the served name when none is configured.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+# Ranks vLLM accepts for --max-lora-rank (vllm/config/lora.py).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+# Environment variables that would let vLLM resolve adapters by a client-supplied name (the
+# filesystem and Hugging Face resolver plugins join the requested model name into a path or a
+# repo id). The gateway alone decides which adapter is served, so they are always removed.
+_RESOLVER_ENV = ("VLLM_LORA_RESOLVER_CACHE_DIR", "VLLM_LORA_RESOLVER_HF_REPO_LIST")
+
+# Flags that build_launch owns; setting them through extra_args would silently fight it.
+_OWNED_FLAGS = frozenset(
+    {
+        "--model",
+        "--served-model-name",
+        "--host",
+        "--port",
+        "--enable-lora",
+        "--max-loras",
+        "--max-cpu-loras",
+        "--max-lora-rank",
+        "--max-model-len",
+        "--dtype",
+        "--logits-processors",
+        "--lora-modules",
+    }
+)
+
+
+class EngineSettings(BaseModel):
+    """How to reach (or start) the vLLM server. Defaults suit the CPU build on one machine."""
+
+    url: str | None = Field(
+        default=None,
+        description="base URL of a running vLLM server; None: the gateway supervises its own",
+    )
+    model_dir: Path | None = Field(
+        default=None, description="large base model dir; None: <home>/models/large"
+    )
+    served_model_name: str | None = Field(
+        default=None, description="None: the name in <model_dir>/fedpersona.json"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8100, ge=1, le=65535)
+    max_loras: int = Field(default=4, ge=1, description="adapters in one batch (vLLM slots)")
+    max_cpu_loras: int = Field(default=32, ge=1, description="vLLM's LRU cache above the slots")
+    max_lora_rank: int = 16
+    max_model_len: int = Field(default=1024, ge=16)
+    kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (CPU build)")
+    dtype: str = "float32"
+    extra_args: list[str] = Field(default_factory=list)
+    proxy_small_model: Path | None = Field(
+        default=None, description="small base model dir; set: enable the FedPT logits processor"
+    )
+    proxy_processor: str = Field(
+        default="fedpersona.service.proxy_tuning.processor:ProxyTuningLogitsProcessor",
+        description="module:Class of the FedPT vLLM logits processor",
+    )
+    ready_timeout_s: float = Field(default=600.0, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _known_rank(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {value}")
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_owned_flags(cls, value: list[str]) -> list[str]:
+        clashes = sorted({a.split("=", 1)[0] for a in value} & _OWNED_FLAGS)
+        if clashes:
+            raise ValueError(
+                f"extra_args may not set {', '.join(clashes)}: use the engine settings"
+            )
+        return value
+
+    @field_validator("proxy_processor")
+    @classmethod
+    def _qualified(cls, value: str) -> str:
+        module, sep, name = value.partition(":")
+        if not (module and sep and name):
+            raise ValueError(f"proxy_processor must look like 'module:Class', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _cpu_cache_holds_slots(self) -> EngineSettings:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras (vLLM refuses otherwise)")
+        return self
+
+    @property
+    def supervised(self) -> bool:
+        """True when the gateway starts vLLM itself (no url configured)."""
+        return self.url is None
+
+    @property
+    def base_url(self) -> str:
+        """Where the gateway sends requests: the configured url, else the local child's."""
+        if self.url is not None:
+            return self.url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    """Everything needed to start one vLLM server: the argv, the env overrides, the address."""
+
+    argv: list[str]
+    env: dict[str, str]
+    base_url: str
+    served_model_name: str
+    unset_env: tuple[str, ...] = field(default=_RESOLVER_ENV)
+
+    def environ(self, base: Mapping[str, str]) -> dict[str, str]:
+        """The child's full environment: `base` minus resolver variables, plus `env`."""
+        merged = {k: v for k, v in base.items() if k not in self.unset_env}
+        merged.update(self.env)
+        return merged
+
+    def shell(self) -> str:
+        """The launch as one copy-pasteable shell line."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return f"{env} {shlex.join(self.argv)}"
+
+
+def model_name(model_dir: Path) -> str:
+    """The served name of a model dir: `fedpersona.json`'s name, else the dir's name."""
+    meta = model_dir / "fedpersona.json"
+    try:
+        name = json.loads(meta.read_text())["name"]
+    except FileNotFoundError:
+        return model_dir.name
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta} has no readable 'name': {e}") from e
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{meta}: 'name' must be a non-empty string")
+    return name
+
+
+def engine_argv(
+    settings: EngineSettings, *, model_dir: Path, served_model_name: str, python: str
+) -> list[str]:
+    """The vLLM OpenAI server's argv. Pure: no I/O."""
+    argv = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_model_name,
+        "--enable-lora",
+        "--max-loras",
+        str(settings.max_loras),
+        "--max-cpu-loras",
+        str(settings.max_cpu_loras),
+        "--max-lora-rank",
+        str(settings.max_lora_rank),
+        "--max-model-len",
+        str(settings.max_model_len),
+        "--dtype",
+        settings.dtype,
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        # The gateway logs every request; vLLM's per-request access log would double it.
+        "--disable-uvicorn-access-log",
+    ]
+    if settings.proxy_small_model is not None:
+        argv += ["--logits-processors", settings.proxy_processor]
+    return argv + list(settings.extra_args)
+
+
+def engine_env(settings: EngineSettings, *, store_dir: Path) -> dict[str, str]:
+    """Environment overrides for the vLLM child. Pure: no I/O."""
+    env = {
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
+        # An allow-list naming no plugin: the LoRA resolver plugins stay off (see _RESOLVER_ENV).
+        "VLLM_PLUGINS": "",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    if settings.proxy_small_model is not None:
+        env["FEDPERSONA_PROXY_SMALL_MODEL"] = str(settings.proxy_small_model)
+        env["FEDPERSONA_STORE"] = str(store_dir)
+    return env
+
+
+def build_launch(
+    settings: EngineSettings,
+    *,
+    home: Path,
+    store_dir: Path | None = None,
+    python: str = sys.executable,
+) -> EngineLaunch:
+    """Resolve defaults against `home` and build the launch the supervisor runs."""
+    model_dir = (settings.model_dir or home / "models" / "large").resolve()
+    served = settings.served_model_name or model_name(model_dir)
+    store = (store_dir or home / "store").resolve()
+    return EngineLaunch(
+        argv=engine_argv(settings, model_dir=model_dir, served_model_name=served, python=python),
+        env=engine_env(settings, store_dir=store),
+        base_url=settings.base_url,
+        served_model_name=served,
+    )

@@ -1,0 +1,282 @@
+"""The gateway app factory: `create_app(settings, ...)` wires services, routes and error handling.
+
+Nothing is built at import time. Tests pass fakes (`engine=`, `adapters=`, `rounds=`); the
+`serve` command passes the real round controller and lets the factory build the engine client
+and adapter manager from settings. Every error leaves as the OpenAI envelope
+`{"error": {"message", "type", "param", "code"}}` with the status its `GatewayError` names;
+FastAPI's 422 for a malformed body becomes a 400 like OpenAI's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fedpersona.adapters import AdapterStore
+from fedpersona.service.engine.config import model_name
+from fedpersona.service.errors import BadRequest, GatewayError, PayloadTooLarge, error_envelope
+from fedpersona.service.http.chat import ChatConfig, ChatService
+from fedpersona.service.http.routes import admin, chat, health, models, rounds
+from fedpersona.service.metrics import Metrics
+from fedpersona.service.ratelimit import RateLimiter
+from fedpersona.service.registry import Registry
+from fedpersona.service.settings import Settings
+from fedpersona.service.state import Engine, Services
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_base_model(settings: Settings) -> str:
+    """The base model's served name: configured, else read from the local model dir."""
+    if settings.engine.served_model_name:
+        return settings.engine.served_model_name
+    model_dir = settings.engine.model_dir or settings.home / "models" / "large"
+    if not (Path(model_dir) / "fedpersona.json").is_file():
+        raise ValueError(
+            f"cannot tell the base model's name: {model_dir}/fedpersona.json is missing; set "
+            "FEDPERSONA_ENGINE__SERVED_MODEL_NAME or run `fedpersona models bootstrap`"
+        )
+    return model_name(Path(model_dir))
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    adapters: Any | None = None,
+    store: AdapterStore | None = None,
+    registry: Registry | None = None,
+    rounds_controller: Any | None = None,
+    base_model: str | None = None,
+    metrics: Metrics | None = None,
+    supervisor: Any | None = None,
+) -> FastAPI:
+    """Build the gateway. With a `supervisor` (embedded mode) the app starts vLLM when it starts
+    and stops it, after requests in flight, when it shuts down."""
+    base_model = base_model or resolve_base_model(settings)
+    if base_model == settings.personal_alias:
+        raise ValueError(f"the personal alias {settings.personal_alias!r} equals the base model")
+    metrics = metrics or Metrics()
+    store = store or AdapterStore(settings.store_path, max_rank=settings.adapter_max_rank)
+    registry = registry or Registry(
+        settings.registry_file, default_alpha=settings.proxy_alpha_default
+    )
+    if engine is None:
+        from fedpersona.service.engine.client import EngineClient
+
+        engine = EngineClient(
+            settings.engine.base_url, request_timeout_s=settings.engine.request_timeout_s
+        )
+    if adapters is None:
+        from fedpersona.service.engine.adapters import AdapterManager
+
+        adapters = AdapterManager(
+            store=store,
+            engine=engine,  # type: ignore[arg-type]
+            max_loaded=settings.engine.max_cpu_loras,
+            metrics=metrics,
+        )
+    chat_service = ChatService(
+        config=ChatConfig(
+            personal_alias=settings.personal_alias,
+            base_model=base_model,
+            max_model_len=settings.engine.max_model_len,
+            max_bytes_per_token=settings.max_bytes_per_token,
+            proxy_tuning=settings.proxy_tuning,
+        ),
+        engine=engine,
+        adapters=adapters,
+        store=store,
+        metrics=metrics,
+    )
+    services = Services(
+        settings=settings,
+        registry=registry,
+        store=store,
+        engine=engine,
+        adapters=adapters,
+        metrics=metrics,
+        limiter=RateLimiter.per_minute(settings.rate_limit_rpm, burst=settings.rate_limit_burst),
+        chat=chat_service,
+        base_model=base_model,
+        created=int(time.time()),
+        rounds=rounds_controller,
+        supervisor=supervisor,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        watcher: asyncio.Task[None] | None = None
+        if supervisor is not None:
+            reset = getattr(adapters, "reset", None)
+            if reset is not None:
+                supervisor.on_restart(reset)
+            await supervisor.start()
+            watcher = asyncio.create_task(_report_engine_start(supervisor))
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            close_rounds = getattr(rounds_controller, "close", None)
+            if close_rounds is not None:
+                # Stops a training run in progress: its child would outlive us otherwise.
+                await asyncio.to_thread(close_rounds)
+            if supervisor is not None:
+                wait_idle = getattr(engine, "wait_idle", None)
+                await supervisor.stop(settings.shutdown_grace_s, wait_idle=wait_idle)
+            close = getattr(adapters, "aclose", None)
+            if close is not None:
+                await close()
+            await engine.aclose()  # the app owns the engine client it was given
+
+    app = FastAPI(
+        title="fedpersona gateway",
+        summary="OpenAI-compatible chat with each user's own federated-trained adapter",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    _install_error_handlers(app)
+    for router in (chat.router, models.router, health.router, admin.router, rounds.router):
+        app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+async def _report_engine_start(supervisor: Any) -> None:
+    """Log when the supervised engine is ready, or loudly why it never will be."""
+    try:
+        await supervisor.wait_ready()
+    except Exception as e:  # EngineStartFailed, or anything the supervisor raised
+        logger.error("the inference engine could not start: %s", e)
+        return
+    logger.info("inference engine ready at %s", supervisor.launch.base_url)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(exc)
+        error = BadRequest(message, param=param)
+        return JSONResponse(error.envelope(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        body = error_envelope(str(exc.detail), type_=type_, code=str(exc.status_code))
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        body = error_envelope("Internal server error.", type_="internal_error")
+        return JSONResponse(body, status_code=500)
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable message naming the first offending field, like OpenAI's 400s."""
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request body.", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "invalid value"))
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None
+    if param:
+        message = f"{param}: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return message, param
+
+
+class BodySizeLimit:
+    """Refuse request bodies above `max_bytes` with 413, declared or streamed (chunked).
+
+    The body is read ahead (bounded by the limit) and replayed to the app, so an oversized
+    chunked body is refused before any handler runs rather than failing mid-parse.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await _send_error(send, PayloadTooLarge())
+                return
+        buffered: list[Message] = []
+        seen = 0
+        while True:
+            message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break  # a disconnect: let the app see it
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                await _send_error(send, PayloadTooLarge())
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_error(send: Send, error: GatewayError) -> None:
+    body = json.dumps(error.envelope()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class MetricsMiddleware:
+    """Counts requests by route template and status, and times them to the last body byte."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(template, scope.get("method", ""), str(status)).inc()
+            self.metrics.request_seconds.labels(template).observe(time.perf_counter() - started)

@@ -1,0 +1,320 @@
+"""Chat serving: from an authenticated, validated request to the engine and back.
+
+Steps: resolve the requested model (`fedpersona.service.routing`), refuse prompts that certainly do
+not fit,
+pin the caller's current adapter in the engine (`AdapterManager.use`, held until the response or
+the whole stream is done), build the engine body from the allow-listed request fields (plus the
+proxy-tuning `vllm_xargs` that only this module sets), forward, and write the public model name
+back into the response and into every stream chunk.
+
+Knows nothing about HTTP frameworks: it returns a dict or an async iterator of SSE bytes, and
+raises `GatewayError`s. Routes turn those into responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, suppress
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fedpersona.adapters import AdapterError, AdapterStore, Slot, Version
+from fedpersona.service.engine.client import chunk_has_content, renamed_chunk
+from fedpersona.service.errors import (
+    AdapterLoadFailed,
+    EngineRequestError,
+    GatewayError,
+    UpstreamError,
+)
+from fedpersona.service.http.protocol import ChatCompletionRequest
+from fedpersona.service.metrics import Metrics
+from fedpersona.service.registry import User
+from fedpersona.service.routing import (
+    ModelKind,
+    ModelRoute,
+    check_engine_name,
+    check_prompt_fits,
+    proxy_xargs,
+    resolve_model,
+)
+
+logger = logging.getLogger(__name__)
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class ChatEngine(Protocol):
+    """The part of `fedpersona.service.engine.client.EngineClient` chat serving needs."""
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[bytes]: ...
+
+
+class AdapterPinner(Protocol):
+    """The part of `fedpersona.service.engine.adapters.AdapterManager` chat serving needs."""
+
+    def use(self, user_id: str) -> Any: ...  # AbstractAsyncContextManager[str | None]
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    personal_alias: str
+    base_model: str
+    max_model_len: int
+    max_bytes_per_token: int
+    proxy_tuning: bool
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class ChatService:
+    def __init__(
+        self,
+        *,
+        config: ChatConfig,
+        engine: ChatEngine,
+        adapters: AdapterPinner,
+        store: AdapterStore,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.adapters = adapters
+        self.store = store
+        self.metrics = metrics
+
+    async def complete(
+        self, request: ChatCompletionRequest, *, user: User
+    ) -> dict[str, Any] | AsyncIterator[bytes]:
+        """A chat completion dict, or (for `stream=true`) an iterator of SSE events.
+
+        Every error that happens before the first byte is raised, so the route can still answer
+        with the right status; errors after that become an error event followed by `[DONE]`.
+        """
+        route = resolve_model(
+            request.model, alias=self.config.personal_alias, base_model=self.config.base_model
+        )
+        check_prompt_fits(
+            prompt_bytes=sum(len(m.text().encode()) for m in request.messages),
+            max_output_tokens=request.output_limit,
+            max_model_len=self.config.max_model_len,
+            max_bytes_per_token=self.config.max_bytes_per_token,
+        )
+        started = time.perf_counter()
+        try:
+            # Engine errors leave the `async with` unmapped, so the adapter pin sees them (a 404
+            # tells the adapter manager that vLLM lost the adapter), then they are translated.
+            async with AsyncExitStack() as stack:
+                body = await self._engine_body(request, route=route, user=user, stack=stack)
+                if request.stream:
+                    first, lines = await self._open_stream(body, stack=stack)
+                    # The relay owns the adapter pin and the engine stream from here on.
+                    return self._relay(
+                        first,
+                        lines,
+                        route=route,
+                        engine_model=body["model"],
+                        include_usage=request.include_usage,
+                        stack=stack.pop_all(),
+                        started=started,
+                    )
+                answer = await self.engine.chat(body)
+        except EngineRequestError as e:
+            raise self._engine_error(e) from e
+        self._count_usage(answer.get("usage"), route)
+        self.metrics.chat_seconds.labels(route.kind.value, "false").observe(
+            time.perf_counter() - started
+        )
+        answer["model"] = route.public_name
+        return answer
+
+    async def _engine_body(
+        self,
+        request: ChatCompletionRequest,
+        *,
+        route: ModelRoute,
+        user: User,
+        stack: AsyncExitStack,
+    ) -> dict[str, Any]:
+        engine_model = self.config.base_model
+        if route.kind is ModelKind.PERSONAL:
+            lora = await stack.enter_async_context(self.adapters.use(user.name))
+            if lora is not None:
+                engine_model = check_engine_name(user.name, lora)
+        body = request.engine_body(model=engine_model)
+        if route.kind is ModelKind.PERSONAL and self.config.proxy_tuning:
+            expert = await asyncio.to_thread(self._current_expert, user.name)
+            if expert is not None:
+                body["vllm_xargs"] = proxy_xargs(
+                    slot_path=expert.slot.path, version_id=expert.id, alpha=user.proxy_alpha
+                )
+        return body
+
+    def _current_expert(self, user: str) -> Version | None:
+        """The user's own proxy expert, else the federation's, else None."""
+        try:
+            return self.store.current(Slot.user_expert(user)) or self.store.current(
+                Slot.global_expert()
+            )
+        except AdapterError as e:
+            # Serving without the expert would silently drop part of the personalization.
+            logger.error("store: cannot read the proxy expert for %s: %s", user, e)
+            raise AdapterLoadFailed() from e
+
+    async def _open_stream(
+        self, body: dict[str, Any], *, stack: AsyncExitStack
+    ) -> tuple[bytes, AsyncIterator[bytes]]:
+        lines = aiter(self.engine.stream_chat(body))
+        stack.push_async_callback(_close_iterator, lines)
+        try:
+            first = await anext(lines)
+        except StopAsyncIteration as e:
+            raise UpstreamError("The inference engine closed the stream without answering.") from e
+        return first, lines
+
+    async def _relay(
+        self,
+        first: bytes,
+        lines: AsyncIterator[bytes],
+        *,
+        route: ModelRoute,
+        engine_model: str,
+        include_usage: bool,
+        stack: AsyncExitStack,
+        started: float,
+    ) -> AsyncIterator[bytes]:
+        kind = route.kind.value
+        self.metrics.streams_in_flight.inc()
+        first_token_seen = False
+        done = False
+        try:
+            line: bytes | None = first
+            while line is not None:
+                # Content chunks (all but the last few) are renamed without a JSON round trip.
+                fast = renamed_chunk(
+                    line, engine_model=engine_model, public_model=route.public_name
+                )
+                if fast is not None:
+                    if not first_token_seen and chunk_has_content(line):
+                        first_token_seen = True
+                        self.metrics.ttft_seconds.labels(kind).observe(
+                            time.perf_counter() - started
+                        )
+                    yield fast
+                    line = await anext(lines, None)
+                    continue
+                payload = _sse_payload(line)
+                if payload == b"[DONE]":
+                    done = True
+                    break
+                event = _parse_event(payload) if payload is not None else None
+                if event is not None:
+                    if "error" in event:
+                        self.metrics.stream_errors.inc()
+                        yield sse_event({"error": _public_error(event["error"])})
+                        yield DONE_EVENT
+                        return
+                    if event.get("usage"):
+                        self._count_usage(event["usage"], route)
+                    if not first_token_seen and _has_content(event):
+                        first_token_seen = True
+                        self.metrics.ttft_seconds.labels(kind).observe(
+                            time.perf_counter() - started
+                        )
+                    out = _rewrite_chunk(
+                        event, public_name=route.public_name, include_usage=include_usage
+                    )
+                    if out is not None:
+                        yield sse_event(out)
+                line = await anext(lines, None)
+            if not done:
+                raise UpstreamError("The inference engine ended the stream early.")
+            yield DONE_EVENT
+        except GatewayError as e:
+            self.metrics.stream_errors.inc()
+            logger.warning("stream failed midway: %s", e)
+            yield sse_event(e.envelope())
+            yield DONE_EVENT
+        except EngineRequestError as e:
+            self.metrics.stream_errors.inc()
+            yield sse_event(self._engine_error(e).envelope())
+            yield DONE_EVENT
+        finally:
+            self.metrics.streams_in_flight.dec()
+            self.metrics.chat_seconds.labels(kind, "true").observe(time.perf_counter() - started)
+            await stack.aclose()
+
+    def _engine_error(self, error: EngineRequestError) -> GatewayError:
+        mapped = error.to_gateway_error()
+        self.metrics.engine_errors.labels(type(mapped).__name__).inc()
+        if mapped.status >= 500:
+            logger.error("engine error %s: %s", error.status, error.message)
+        return mapped
+
+    def _count_usage(self, usage: Any, route: ModelRoute) -> None:
+        if not isinstance(usage, dict):
+            return
+        kind = route.kind.value
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int) and prompt >= 0:
+            self.metrics.prompt_tokens.labels(kind).inc(prompt)
+        if isinstance(completion, int) and completion >= 0:
+            self.metrics.completion_tokens.labels(kind).inc(completion)
+
+
+async def _close_iterator(iterator: AsyncIterator[bytes]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with suppress(Exception):
+            await aclose()
+
+
+def _sse_payload(line: bytes) -> bytes | None:
+    """The data of one SSE line, or None for comments, other fields and blank lines."""
+    line = line.strip()
+    if not line.startswith(b"data:"):
+        return None
+    return line[5:].strip()
+
+
+def _parse_event(payload: bytes) -> dict[str, Any] | None:
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        logger.warning("dropping unreadable stream chunk from the engine")
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _has_content(event: dict[str, Any]) -> bool:
+    for choice in event.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content"):
+            return True
+    return False
+
+
+def _rewrite_chunk(
+    event: dict[str, Any], *, public_name: str, include_usage: bool
+) -> dict[str, Any] | None:
+    """Put the public model name in; strip the usage the gateway asked for on its own behalf."""
+    if not include_usage:
+        if not event.get("choices") and "usage" in event:
+            return None  # the usage-only final chunk the client did not ask for
+        event.pop("usage", None)
+    event["model"] = public_name
+    return event
+
+
+def _public_error(error: Any) -> dict[str, Any]:
+    """An engine's mid-stream error as a gateway envelope: its message, our type and code."""
+    message = error.get("message") if isinstance(error, dict) else None
+    public = UpstreamError(message if isinstance(message, str) and message else None)
+    return dict(public.envelope()["error"])

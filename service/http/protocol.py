@@ -1,0 +1,161 @@
+"""Wire models of the gateway's HTTP API (OpenAI chat subset, admin API).
+
+The chat request model is an allow-list: fields not declared here (engine-internal ones such as
+`vllm_xargs` or `lora_request`, and any unknown extra) are dropped at parse time, so nothing the
+client sends can reach vLLM unless it is named below. Responses from the engine are forwarded as
+JSON dicts (see `fedpersona.service.http.chat`), not re-modelled, so new OpenAI fields pass through
+untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = Field(default=None, max_length=64)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+StopParam = Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(max_length=4)]
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI chat-completions request fields the gateway accepts and forwards."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: StopParam | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256, description="accepted, not forwarded")
+
+    @field_validator("messages")
+    @classmethod
+    def _no_empty_part_lists(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        for message in messages:
+            if isinstance(message.content, list) and not message.content:
+                raise ValueError("message content must not be an empty list")
+        return messages
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
+        return self
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def engine_body(self, *, model: str) -> dict[str, Any]:
+        """The body sent to vLLM: only declared fields, `model` replaced, nothing engine-internal.
+
+        Streams always ask the engine for usage (the gateway counts tokens);
+        `fedpersona.service.http.chat`
+        strips it again when the client did not ask.
+        """
+        body = self.model_dump(exclude_none=True, exclude={"user", "stream_options", "n"})
+        body["model"] = model
+        body["messages"] = [_message_body(m) for m in self.messages]
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+
+def _message_body(message: ChatMessage) -> dict[str, Any]:
+    body: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name is not None:
+        body["name"] = message.name
+    return body
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "fedpersona"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- admin API -------------------------------------------------------------------------------
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=63)
+    proxy_alpha: float | None = Field(default=None, ge=0, le=10)
+    issue_key: bool = Field(default=True, description="also issue a first API key")
+
+
+class UserUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    proxy_alpha: float = Field(ge=0, le=10)
+
+
+class UserOut(BaseModel):
+    name: str
+    created_at: float
+    proxy_alpha: float
+    active_keys: int
+
+
+class KeyOut(BaseModel):
+    key_id: str
+    user: str
+    created_at: float
+    revoked_at: float | None
+
+
+class IssuedKeyOut(BaseModel):
+    key_id: str
+    user: str
+    api_key: str = Field(description="shown once; only its hash is stored")
+
+
+class UserCreated(BaseModel):
+    user: UserOut
+    key: IssuedKeyOut | None

@@ -1,0 +1,25 @@
+"""Trainer subcommands of `fedpersona`, registered by the root CLI (`fedpersona.cli`).
+
+Each module named here exposes `add_arguments(parser)` and `run(args) -> int`; a space in a name
+makes a nested command ("models bootstrap").
+"""
+
+from __future__ import annotations
+
+# subcommand -> (module, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models bootstrap": (
+        "fedpersona.trainer.commands.models",
+        "build and briefly pretrain the tiny base models",
+    ),
+    "data shakespeare": (
+        "fedpersona.trainer.data.shakespeare",
+        "turn tinyshakespeare into per-speaker chat silos",
+    ),
+    "train": ("fedpersona.trainer.commands.train", "run federated rounds and publish adapters"),
+    "eval": ("fedpersona.trainer.commands.eval", "per-user held-out perplexity for each method"),
+    "trainer": (
+        "fedpersona.trainer.commands.serve",
+        "round controller HTTP API (+ Flower SuperLink)",
+    ),
+}

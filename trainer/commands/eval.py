@@ -1,0 +1,306 @@
+"""`fedpersona eval`: per-user held-out perplexity of the base model and of each method.
+
+    fedpersona eval --home DIR --rounds 3 [--methods base,fedavg,local,pftt,perfit] [--users ...]
+
+For every method this trains a fresh federated run (Flower's Simulation Engine, the same path as
+`fedpersona train`) on the home's silos and base model, into a store of its own under
+`<out>/<method>/` so the methods never overwrite each other's served adapters; then it computes,
+for every user, the perplexity of the adapter that user is served on their `eval.jsonl`, which
+no training step ever reads (`fedpersona.trainer.learn.evaluate`). `base` is the base model without
+an adapter.
+`--no-train` re-evaluates the stores of an earlier `eval` run.
+
+Writes `<out>/comparison.json` (per-user perplexities, means, uplink bytes per round, run ids)
+and `<out>/comparison.png`, and prints both tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedpersona.adapters import AdapterStore, Slot, load_lora
+from fedpersona.trainer.rounds.records import RoundSpec, RunRecords, RunState
+
+log = logging.getLogger(__name__)
+
+# The comparison of the acceptance benchmark: FedPT tunes another model and is evaluated apart.
+METHODS = ("base", "fedavg", "local", "pftt", "perfit")
+
+
+@dataclass
+class Comparison:
+    """The outcome of an evaluation, as plain data (what comparison.json holds)."""
+
+    users: list[str]
+    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> user -> ppl
+    uplink_bytes_per_round: dict[str, float] = field(default_factory=dict)
+    downlink_bytes_per_round: dict[str, float] = field(default_factory=dict)
+    train_seconds: dict[str, float] = field(default_factory=dict)
+    runs: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, object] = field(default_factory=dict)
+
+    def mean(self, method: str) -> float:
+        return statistics.fmean(self.perplexity[method].values())
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "settings": self.settings,
+            "users": self.users,
+            "perplexity": self.perplexity,
+            "mean_perplexity": {m: self.mean(m) for m in self.perplexity},
+            "uplink_bytes_per_round": self.uplink_bytes_per_round,
+            "downlink_bytes_per_round": self.downlink_bytes_per_round,
+            "train_seconds": self.train_seconds,
+            "runs": self.runs,
+        }
+
+
+def method_home(out: Path, method: str) -> Path:
+    return out / method
+
+
+def train_method(
+    *, home: Path, out: Path, method: str, spec: RoundSpec, users: list[str], cpus: int | None
+) -> str:
+    """One fresh federated run of `method` into `<out>/<method>/store`; returns the run id."""
+    from fedpersona.trainer.flower.runconfig import config_of
+    from fedpersona.trainer.flower.simulation import simulate
+
+    where = method_home(out, method)
+    runs = RunRecords(where / "runs")
+    method_spec = spec.model_copy(update={"algorithm": method})
+    status = runs.create(method_spec, users=users)
+    config = config_of(
+        method_spec,
+        run_id=status.id,
+        home=home,
+        users=tuple(users),
+        store=where / "store",
+        runs_dir=where / "runs",
+        resume=False,
+    )
+    final = simulate(config, cpus=cpus)
+    if final.state != RunState.succeeded:
+        raise RuntimeError(f"{method}: training run {final.id} failed: {final.error}")
+    return final.id
+
+
+def evaluate_method(
+    *, home: Path, out: Path, method: str, users: list[str], base_model: Path, max_len: int
+) -> dict[str, float]:
+    """Each user's held-out perplexity with the adapter `method` serves them (base: none)."""
+    from fedpersona.trainer.flower.apps import model_info
+    from fedpersona.trainer.learn.evaluate import perplexity
+
+    base = model_info(base_model)
+    store = None if method == "base" else AdapterStore(method_home(out, method) / "store")
+    result = {}
+    for user in users:
+        adapter = None
+        if store is not None:
+            version = store.current(Slot.user_served(user))
+            if version is None:
+                raise RuntimeError(f"{method}: no served adapter for {user} in {store.root}")
+            adapter = load_lora(version.path)
+        result[user] = perplexity(base, adapter, home / "silos" / user, "eval", max_len=max_len)
+        log.info("%s / %s: perplexity %.3f", method, user, result[user])
+    return result
+
+
+def traffic(out: Path, method: str, run_id: str) -> tuple[float, float, float]:
+    """(mean uplink bytes per round, mean downlink bytes per round, total wall seconds)."""
+    status = RunRecords(method_home(out, method) / "runs").read(run_id)
+    rounds = status.rounds or []
+    if not rounds:
+        return 0.0, 0.0, 0.0
+    up = statistics.fmean(r.bytes_up for r in rounds)
+    down = statistics.fmean(r.bytes_down for r in rounds)
+    return up, down, sum(r.wall_s for r in rounds)
+
+
+def compare(
+    *,
+    home: Path,
+    out: Path,
+    methods: list[str],
+    users: list[str],
+    spec: RoundSpec,
+    base_model: Path,
+    train: bool = True,
+    cpus: int | None = None,
+) -> Comparison:
+    """Train (unless `train=False`) and evaluate every method; nothing here reads eval data
+    before all training is done."""
+    comparison = Comparison(
+        users=users,
+        settings={
+            **spec.model_dump(mode="json", exclude={"algorithm"}),
+            "methods": methods,
+            "home": str(home),
+        },
+    )
+    for method in methods:
+        if method == "base":
+            continue
+        if train:
+            comparison.runs[method] = train_method(
+                home=home, out=out, method=method, spec=spec, users=users, cpus=cpus
+            )
+        else:
+            records = RunRecords(method_home(out, method) / "runs").list_all()
+            done = [r for r in records if r.state == RunState.succeeded]
+            if not done:
+                raise RuntimeError(f"{method}: no finished run under {method_home(out, method)}")
+            comparison.runs[method] = done[-1].id
+        up, down, seconds = traffic(out, method, comparison.runs[method])
+        comparison.uplink_bytes_per_round[method] = up
+        comparison.downlink_bytes_per_round[method] = down
+        comparison.train_seconds[method] = seconds
+    for method in methods:
+        comparison.perplexity[method] = evaluate_method(
+            home=home,
+            out=out,
+            method=method,
+            users=users,
+            base_model=base_model,
+            max_len=spec.max_len,
+        )
+    return comparison
+
+
+def save(comparison: Comparison, out: Path, *, stem: str = "comparison") -> tuple[Path, Path]:
+    """Write `<stem>.json` and `<stem>.png` under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{stem}.json"
+    json_path.write_text(json.dumps(comparison.to_json(), indent=2) + "\n", encoding="utf-8")
+    png_path = out / f"{stem}.png"
+    save_chart(comparison, png_path)
+    return json_path, png_path
+
+
+def save_chart(comparison: Comparison, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(comparison.perplexity)
+    users = comparison.users
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(max(8.0, 1.1 * len(users) + 4), 4.5), gridspec_kw={"width_ratios": [3, 1]}
+    )
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        xs = [u + (i - (len(methods) - 1) / 2) * width for u in range(len(users))]
+        left.bar(xs, [comparison.perplexity[method][u] for u in users], width, label=method)
+    left.set_xticks(range(len(users)), users, rotation=45, ha="right")
+    left.set_ylabel("held-out perplexity (lower is better)")
+    left.set_yscale("log")
+    left.legend(fontsize="small")
+    left.set_title("per-user perplexity")
+    sent = [m for m in methods if m in comparison.uplink_bytes_per_round]
+    right.bar(sent, [comparison.uplink_bytes_per_round[m] / 1024 for m in sent], color="gray")
+    right.set_ylabel("uplink KiB per round (all clients)")
+    right.set_title("communication")
+    right.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(comparison: Comparison) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    methods = list(comparison.perplexity)
+    table = Table(title="held-out perplexity per user (lower is better)")
+    table.add_column("user")
+    for method in methods:
+        table.add_column(method, justify="right")
+    for user in comparison.users:
+        table.add_row(user, *(f"{comparison.perplexity[m][user]:.2f}" for m in methods))
+    table.add_row("[bold]mean", *(f"[bold]{comparison.mean(m):.2f}" for m in methods))
+    traffic_table = Table(title="communication per round (all clients)")
+    for column in ("method", "uplink bytes", "downlink bytes", "train s"):
+        traffic_table.add_column(column, justify="right")
+    for method, up in comparison.uplink_bytes_per_round.items():
+        traffic_table.add_row(
+            method,
+            f"{up:,.0f}",
+            f"{comparison.downlink_bytes_per_round[method]:,.0f}",
+            f"{comparison.train_seconds[method]:.1f}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(traffic_table)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = RoundSpec()
+    parser.add_argument("--home", type=Path, default=None, help="fedpersona home (FEDPERSONA_HOME)")
+    parser.add_argument("--out", type=Path, default=None, help="default <home>/eval")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    parser.add_argument("--users", default=None, help="comma-separated (default: every silo)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=defaults.local_steps)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--max-len", type=int, default=defaults.max_len)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--base-model", type=Path, default=None, help="default <home>/models/large")
+    parser.add_argument("--cpus", type=int, default=None, help="ClientApps training at once")
+    parser.add_argument("--no-train", action="store_true", help="evaluate the stores under --out")
+    parser.add_argument("--json", action="store_true", help="print comparison.json to stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedpersona.trainer.commands.train import resolve_home
+    from fedpersona.trainer.errors import TrainerError
+    from fedpersona.trainer.rounds.lock import resolve_users
+
+    home = resolve_home(args.home)
+    out = (args.out or home / "eval").resolve()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        log.error("unknown methods %s; choose from %s", unknown, ", ".join(METHODS))
+        return 2
+    try:
+        users = resolve_users(home, tuple(args.users.split(",")) if args.users else None)
+        spec = RoundSpec(
+            rounds=args.rounds,
+            users=tuple(users),
+            local_steps=args.local_steps,
+            lr=args.lr,
+            rank=args.rank,
+            batch_size=args.batch_size,
+            max_len=args.max_len,
+            seed=args.seed,
+        )
+        comparison = compare(
+            home=home,
+            out=out,
+            methods=methods,
+            users=users,
+            spec=spec,
+            base_model=(args.base_model or home / "models" / "large").resolve(),
+            train=not args.no_train,
+            cpus=args.cpus,
+        )
+    except (TrainerError, ValueError, RuntimeError) as e:
+        log.error("%s", e)
+        return 2
+    json_path, png_path = save(comparison, out)
+    if args.json:
+        print(json.dumps(comparison.to_json(), indent=2))
+    else:
+        render(comparison)
+        log.info("wrote %s and %s", json_path, png_path)
+    return 0 if all(math.isfinite(comparison.mean(m)) for m in methods) else 1

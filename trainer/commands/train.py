@@ -1,0 +1,189 @@
+"""`fedpersona train`: run federated rounds and publish adapters, in the foreground.
+
+    fedpersona train --algorithm pftt --rounds 3 --users alice,bob --home DIR
+
+Runs in Flower's Simulation Engine (one virtual SuperNode per user), or with
+`--superlink HOST:PORT` on the Deployment Engine (`fedpersona.trainer.flower.deployment`), holding
+the home's run
+lock for the whole run, and prints the run record as a table (and as JSON with `--json`). The round
+controller starts this same module as its child (`python -m fedpersona.trainer.commands.train
+--run-id ...`)
+after writing a queued record; that is the only use of `--run-id`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedpersona.trainer.errors import TrainerError
+from fedpersona.trainer.flower.runconfig import config_of
+from fedpersona.trainer.rounds.lock import RunLock, resolve_users
+from fedpersona.trainer.rounds.records import (
+    ALGORITHMS,
+    RoundSpec,
+    RunRecords,
+    RunState,
+    RunStatus,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = RoundSpec()
+    parser.add_argument("--home", type=Path, default=None, help="fedpersona home (FEDPERSONA_HOME)")
+    parser.add_argument("--algorithm", choices=ALGORITHMS, default=defaults.algorithm)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument(
+        "--users", default=None, help="comma-separated user ids (default: every silo)"
+    )
+    parser.add_argument("--local-steps", type=int, default=defaults.local_steps)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--max-len", type=int, default=defaults.max_len)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--base-model", type=Path, default=None, help="default <home>/models/large")
+    parser.add_argument("--store", type=Path, default=None, help="default <home>/store")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="default <home>/runs")
+    parser.add_argument("--max-rank", type=int, default=16, help="the store's (= vLLM's) max rank")
+    parser.add_argument("--cpus", type=int, default=None, help="ClientApps training at once")
+    parser.add_argument("--no-resume", action="store_true", help="start from a fresh global")
+    parser.add_argument(
+        "--superlink",
+        default=None,
+        metavar="HOST:PORT",
+        help="run on the Deployment Engine: submit to this SuperLink Control API with `flwr run` "
+        "(its SuperNodes name their users and silos); default: the Simulation Engine",
+    )
+    parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help="print the run record as JSON")
+
+
+def resolve_home(home: Path | None) -> Path:
+    return Path(home or os.environ.get("FEDPERSONA_HOME") or ".fedpersona").resolve()
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedpersona.trainer.flower.simulation import (
+        simulate,
+    )  # imports Flower and Ray: only when training
+
+    home = resolve_home(args.home)
+    runs_dir = (args.runs_dir or home / "runs").resolve()
+    records = RunRecords(runs_dir)
+    try:
+        if args.run_id:
+            status = records.read(args.run_id)
+            spec, users = status.spec, status.users
+        else:
+            users_arg = tuple(u.strip() for u in args.users.split(",")) if args.users else None
+            spec = RoundSpec(
+                algorithm=args.algorithm,
+                rounds=args.rounds,
+                users=users_arg,
+                local_steps=args.local_steps,
+                lr=args.lr,
+                rank=args.rank,
+                batch_size=args.batch_size,
+                max_len=args.max_len,
+                seed=args.seed,
+            )
+            if args.superlink:  # the silos live on the SuperNodes, not under this home
+                if not spec.users:
+                    raise ValueError("--superlink needs --users (the users the SuperNodes serve)")
+                users = list(spec.users)
+            else:
+                users = resolve_users(home, spec.users)
+            status = None
+        with RunLock(runs_dir):
+            if status is None:
+                status = records.create(spec, users=users)
+            config = config_of(
+                spec,
+                run_id=status.id,
+                home=home,
+                users=tuple(users),
+                store=args.store,
+                base_model=args.base_model,
+                runs_dir=runs_dir,
+                max_rank=args.max_rank,
+                resume=not args.no_resume,
+            )
+            if args.superlink:
+                from fedpersona.trainer.flower.deployment import submit
+
+                final = submit(
+                    config,
+                    control=args.superlink,
+                    flwr_home=home / "flwr",
+                    log_file=runs_dir / f"{status.id}.flwr.log",
+                )
+            else:
+                final = simulate(config, cpus=args.cpus)
+    except (TrainerError, ValueError) as e:
+        if args.run_id:
+            _mark_failed(records, args.run_id, e)
+        log.error("%s", e)
+        return 2
+    _report(final, as_json=args.json)
+    return 0 if final.state == RunState.succeeded else 1
+
+
+def _mark_failed(records: RunRecords, run_id: str, error: Exception) -> None:
+    with contextlib.suppress(TrainerError):
+        records.update(
+            run_id,
+            state=RunState.failed,
+            finished_at=utcnow(),
+            error=f"{type(error).__name__}: {error}",
+        )
+
+
+def _report(status: RunStatus, *, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(json.loads(status.model_dump_json()), indent=2) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run {status.id}: {status.spec.algorithm}, {status.state.value}")
+    for column in ("round", "train loss", "uplink bytes", "downlink bytes", "wall s", "global"):
+        table.add_column(column, justify="right")
+    for r in status.rounds:
+        table.add_row(
+            str(r.round),
+            "-" if r.train_loss is None else f"{r.train_loss:.4f}",
+            f"{r.bytes_up:,}",
+            f"{r.bytes_down:,}",
+            f"{r.wall_s:.1f}",
+            r.global_version or "-",
+        )
+    console = Console()
+    console.print(table)
+    if status.error:
+        console.print(f"[red]error:[/red] {status.error}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedpersona.trainer.commands.train", description=__doc__
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""`MethodStrategy`: a Flower strategy whose aggregation is a `Method`'s and that publishes rounds.
+
+Flower's `Strategy.start` drives the loop (send the global, wait for replies, aggregate, repeat);
+this class fills in each step from the `Method` protocol:
+
+- `configure_train` sends every connected SuperNode the current global params (ArrayRecord
+  "global") and the round number, and notes the serialized bytes each node receives.
+- `aggregate_train` refuses a round with failed clients (nothing of it gets published), reads
+  each reply's upload, example count, loss and user, calls `Method.aggregate` (pure), then hands
+  the new global and the participants to the publisher, and only then records the round.
+
+The strategy keeps the global params of the run in memory (they are the server's model); all
+per-user state lives on the clients (`context.state` and their silos). It knows nothing about
+how a method trains or what its params mean.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from fedpersona.trainer.errors import RoundFailed
+from fedpersona.trainer.methods.base import Method, Params
+from fedpersona.trainer.rounds.records import ClientRound, RoundRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+log = logging.getLogger(__name__)
+
+# Record keys of the messages between the ServerApp and the ClientApp.
+GLOBAL_KEY = "global"  # ArrayRecord, server -> client: the current global params
+CONFIG_KEY = "config"  # ConfigRecord, server -> client: {"server-round": n}
+UPLOAD_KEY = "upload"  # ArrayRecord, client -> server: what the method shares
+METRICS_KEY = "metrics"  # MetricRecord, client -> server: num-examples, train-loss, ...
+CLIENT_KEY = "client"  # ConfigRecord, client -> server: user, personal-version
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+
+
+def to_record(params: Params) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+
+
+def from_record(record: ArrayRecord) -> Params:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """The serialized array bytes a message carries (what the round's accounting counts)."""
+    return sum(record.count_bytes() for record in content.array_records.values())
+
+
+@dataclass(frozen=True)
+class Participant:
+    """One client's reply, as the publisher needs it."""
+
+    user: str
+    node_id: int
+    num_examples: int
+    personal_version: str | None
+    upload: Params
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Published:
+    global_version: str | None
+    served_versions: dict[str, str]
+
+
+Publisher = Callable[[int, Params, list[Participant]], Published]
+RoundSink = Callable[[RoundRecord], None]
+MessageObserver = Callable[[str, Message], None]
+
+
+@dataclass
+class _RoundBook:
+    started: float = 0.0
+    bytes_down: dict[int, int] = field(default_factory=dict)
+
+
+class MethodStrategy(Strategy):
+    """Send the global, aggregate with `method.aggregate`, publish, record. All nodes train."""
+
+    def __init__(
+        self,
+        *,
+        method: Method,
+        initial: Params,
+        publisher: Publisher,
+        on_round: RoundSink,
+        min_nodes: int,
+        observer: MessageObserver | None = None,
+    ) -> None:
+        self.method = method
+        self.current: Params = dict(initial)
+        self.publisher = publisher
+        self.on_round = on_round
+        self.min_nodes = max(1, min_nodes)
+        self.observer = observer
+        self._book = _RoundBook()
+
+    def summary(self) -> None:
+        log.info(
+            "MethodStrategy: method=%s, waiting for %d nodes", self.method.name, self.min_nodes
+        )
+
+    # ------------------------------------------------------------------------------ train
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._book = _RoundBook(started=time.monotonic())
+        nodes = self._wait_for_nodes(grid)
+        messages = []
+        for node_id in nodes:
+            content = RecordDict(
+                {
+                    GLOBAL_KEY: arrays,
+                    CONFIG_KEY: ConfigRecord({**config, "server-round": server_round}),
+                }
+            )
+            message = Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN)
+            self._book.bytes_down[node_id] = payload_bytes(content)
+            self._observe("down", message)
+            messages.append(message)
+        log.info("round %d: sending the global to %d nodes", server_round, len(messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for reply in replies:
+            self._observe("up", reply)
+        failed = [r for r in replies if r.has_error()]
+        if failed:
+            reasons = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed)
+            raise RoundFailed(f"round {server_round}: {len(failed)} client(s) failed: {reasons}")
+        missing = set(self._book.bytes_down) - {r.metadata.src_node_id for r in replies}
+        if missing or not replies:
+            raise RoundFailed(
+                f"round {server_round}: no reply from {len(missing) or 'any'} node(s) in time"
+            )
+
+        participants = [self._participant(r) for r in replies]
+        users = [p.user for p in participants]
+        if len(set(users)) != len(users):
+            raise RoundFailed(f"round {server_round}: two nodes claim the same user: {users}")
+        new_global = self.method.aggregate(
+            previous=self.current,
+            results=[(p.upload, p.num_examples) for p in participants],
+        )
+        published = self.publisher(server_round, new_global, participants)
+        self.current = new_global
+
+        clients = [
+            ClientRound(
+                user=p.user,
+                num_examples=p.num_examples,
+                bytes_up=payload_bytes(r.content),
+                bytes_down=self._book.bytes_down[p.node_id],
+                train_loss=p.metrics.get(TRAIN_LOSS),
+            )
+            for p, r in zip(participants, replies, strict=True)
+        ]
+        loss = _weighted_loss(clients)
+        record = RoundRecord(
+            round=server_round,
+            wall_s=round(time.monotonic() - self._book.started, 3),
+            train_loss=loss,
+            bytes_up=sum(c.bytes_up for c in clients),
+            bytes_down=sum(c.bytes_down for c in clients),
+            clients=sorted(clients, key=lambda c: c.user),
+            global_version=published.global_version,
+            served_versions=published.served_versions,
+        )
+        self.on_round(record)
+        metrics = MetricRecord({"bytes-up": record.bytes_up, "bytes-down": record.bytes_down})
+        if loss is not None:
+            metrics[TRAIN_LOSS] = loss
+        return to_record(new_global), metrics
+
+    # --------------------------------------------------------------------------- evaluate
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # held-out evaluation is `fedpersona eval`'s job, on the published adapters
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_nodes:
+            log.info("waiting for nodes: %d of %d connected", len(nodes), self.min_nodes)
+            time.sleep(1.0)
+        return nodes
+
+    def _participant(self, reply: Message) -> Participant:
+        content = reply.content
+        node = reply.metadata.src_node_id
+        try:
+            client = content.config_records[CLIENT_KEY]
+            metrics = content.metric_records[METRICS_KEY]
+            upload = from_record(content.array_records[UPLOAD_KEY])
+            num_examples = int(metrics[NUM_EXAMPLES])  # type: ignore[arg-type]
+            user = str(client["user"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise RoundFailed(f"node {node} sent a malformed reply: {e!r}") from e
+        if num_examples <= 0:
+            raise RoundFailed(f"node {node} ({user}) trained on no examples")
+        version = str(client.get("personal-version", "") or "") or None
+        return Participant(
+            user=user,
+            node_id=node,
+            num_examples=num_examples,
+            personal_version=version,
+            upload=upload,
+            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        )
+
+    def _observe(self, direction: str, message: Message) -> None:
+        if self.observer is not None:
+            self.observer(direction, message)
+
+
+def _weighted_loss(clients: list[ClientRound]) -> float | None:
+    pairs = [(c.train_loss, c.num_examples) for c in clients if c.train_loss is not None]
+    if not pairs:
+        return None
+    total = sum(n for _, n in pairs)
+    return float(sum(loss * n for loss, n in pairs) / total)
+
+
+def _last_line(reason: str, limit: int = 300) -> str:
+    """The gist of a client's error (Flower sends the whole remote traceback)."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    gist = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
+    return gist[-limit:]

@@ -1,0 +1,204 @@
+"""Run records: what a training run asked for, how far it got and what each round measured.
+
+A run record is one JSON file, `<home>/runs/<run id>.json`, rewritten atomically (temporary file,
+fsync, rename) every time the run advances, so a reader (the round controller, the gateway, a
+person with `cat`) always sees a whole record. The process that runs the rounds writes it; the
+controller only reads it, plus marks a run failed when that process died without saying so.
+
+This module knows the record's shape and its file; it knows nothing about Flower or training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from fedpersona.adapters import InvalidName, validate_user_id
+from fedpersona.trainer.errors import RunNotFound
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Algorithm = Literal["fedavg", "local", "pftt", "perfit", "fedpt"]
+ALGORITHMS: tuple[str, ...] = ("fedavg", "local", "pftt", "perfit", "fedpt")
+
+_RUN_ID = re.compile(r"^r-[0-9]{8}t[0-9]{6}-[0-9a-f]{6}$")
+
+
+class RunState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class RoundSpec(BaseModel):
+    """What a run should do. `users=None` means every user that has a silo under the home."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    algorithm: Algorithm = "pftt"
+    rounds: int = Field(default=1, ge=1, le=1000)
+    users: tuple[str, ...] | None = None
+    local_steps: int = Field(default=8, ge=1, le=100_000)
+    lr: float = Field(default=2e-3, gt=0, le=1.0)
+    rank: int = Field(default=8, ge=1, le=64)
+    batch_size: int = Field(default=4, ge=1, le=1024)
+    max_len: int = Field(default=128, ge=8, le=8192)
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("users")
+    @classmethod
+    def _check_users(cls, users: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if users is None:
+            return None
+        if not users:
+            raise ValueError("users must name at least one user (or be null for all)")
+        if len(set(users)) != len(users):
+            raise ValueError("users must not repeat")
+        for user in users:
+            try:
+                validate_user_id(user)
+            except InvalidName as e:
+                raise ValueError(str(e)) from e
+        return users
+
+
+class ClientRound(BaseModel):
+    """One client's share of one round. Bytes are the serialized array payloads of its messages."""
+
+    user: str
+    num_examples: int
+    bytes_up: int
+    bytes_down: int
+    train_loss: float | None = None
+
+
+class RoundRecord(BaseModel):
+    round: int
+    wall_s: float
+    train_loss: float | None
+    bytes_up: int
+    bytes_down: int
+    clients: list[ClientRound]
+    global_version: str | None = None
+    served_versions: dict[str, str] = Field(default_factory=dict)
+
+
+class RunStatus(BaseModel):
+    """A run as the controller and the gateway report it (`GET /admin/rounds/{id}`)."""
+
+    id: str
+    state: RunState
+    spec: RoundSpec
+    users: list[str] = Field(default_factory=list)
+    progress: float = 0.0
+    rounds: list[RoundRecord] = Field(default_factory=list)
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    pid: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in (RunState.succeeded, RunState.failed)
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dt%H%M%S")
+    return f"r-{stamp}-{secrets.token_hex(3)}"
+
+
+def check_run_id(run_id: str) -> str:
+    """`run_id` if it has the shape `new_run_id` makes (it names a file); else RunNotFound."""
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        raise RunNotFound(f"no run {run_id!r} (run ids look like r-20260101t120000-abcdef)")
+    return run_id
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class RunRecords:
+    """The run records below one directory (created on first write)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, run_id: str) -> Path:
+        return self.root / f"{check_run_id(run_id)}.json"
+
+    def write(self, status: RunStatus) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        target = self.path(status.id)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        data = status.model_dump_json(indent=2).encode()
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        dir_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def read(self, run_id: str) -> RunStatus:
+        path = self.path(run_id)
+        try:
+            return RunStatus.model_validate_json(path.read_bytes())
+        except FileNotFoundError as e:
+            raise RunNotFound(f"no run {run_id!r}") from e
+        except (ValidationError, ValueError) as e:
+            raise RunNotFound(f"run record {path} is unreadable: {e}") from e
+
+    def list_all(self) -> list[RunStatus]:
+        """Every readable run record, oldest first."""
+        found = []
+        if self.root.is_dir():
+            for path in self.root.glob("r-*.json"):
+                try:
+                    found.append(self.read(path.stem))
+                except RunNotFound:
+                    continue
+        return sorted(found, key=lambda s: (s.created_at, s.id))
+
+    def create(self, spec: RoundSpec, *, users: list[str], run_id: str | None = None) -> RunStatus:
+        """Write a new queued record for `spec` (a fresh id unless `run_id` is given)."""
+        status = RunStatus(
+            id=check_run_id(run_id) if run_id else new_run_id(),
+            state=RunState.queued,
+            spec=spec,
+            users=users,
+            created_at=utcnow(),
+        )
+        self.write(status)
+        return status
+
+    def update(self, run_id: str, **changes: object) -> RunStatus:
+        """Read, change fields, write back (only the run's own process writes, so no race)."""
+        status = self.read(run_id).model_copy(update=changes)
+        self.write(status)
+        return status
+
+
+def summary_line(status: RunStatus) -> str:
+    """A one-line human summary (for logs and the CLI)."""
+    last = status.rounds[-1] if status.rounds else None
+    loss = f" loss {last.train_loss:.4f}" if last and last.train_loss is not None else ""
+    return (
+        f"{status.id} {status.spec.algorithm} {status.state.value} "
+        f"{len(status.rounds)}/{status.spec.rounds} rounds{loss}"
+        + (f" error: {status.error}" if status.error else "")
+    )
+
+
+def dumps(status: RunStatus) -> str:
+    return json.dumps(json.loads(status.model_dump_json()), indent=2)
