@@ -7,7 +7,8 @@ corpus (next-token loss, AdamW, warmup then cosine) and saves them, each with it
 `fedpersona.json`, under `<staging>/large` and `<staging>/small`. Runs single-threaded with
 deterministic algorithms, so the same recipe and corpus give byte-identical weights.
 
-Kept apart from `basemodel` so that recipes, the cache check and the CLI never import torch.
+Kept apart from `basemodel` so that recipes, the cache check and the CLI never import torch;
+both import the recipe types from `recipe`, so neither imports the other at module level.
 This module knows nothing about the cache, atomic renames or where models finally live.
 """
 
@@ -20,16 +21,12 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from fedpersona.trainer.errors import DataError
-from fedpersona.trainer.models.basemodel import HEAD_DIM, MARKER, ROLES
+from fedpersona.trainer.models.recipe import HEAD_DIM, MARKER, ROLES, ModelSize, Recipe
 from fedpersona.trainer.models.tokenizer import train_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-if TYPE_CHECKING:
-    from fedpersona.trainer.models.basemodel import ModelSize, Recipe
 
 log = logging.getLogger(__name__)
 
