@@ -49,3 +49,8 @@ class RoundFailed(TrainerError):
 
 class PublishError(TrainerError):
     """A round's adapters could not be built or staged; nothing of the round was published."""
+
+
+class ModelImportError(TrainerError, ValueError):
+    """A model source that cannot be imported: missing, corrupt, truncated, unsupported, or a
+    small/large pair whose tokenizers differ. Nothing was written."""
