@@ -31,12 +31,29 @@ class RoundBusy(TrainerError):
     """A training run is already in progress (the gateway answers 409)."""
 
 
-class NoSilo(TrainerError, ValueError):
+class InvalidRoundSpec(TrainerError, ValueError):
+    """A round spec this trainer cannot run; `param` names the offending field (HTTP 400)."""
+
+    param: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        if param is not None:
+            self.param = param
+
+
+class NoSilo(InvalidRoundSpec):
     """A run names a user without a silo, or the home has no silos at all."""
+
+    param = "users"
 
 
 class RunNotFound(TrainerError, LookupError):
     """No run record has this id (or the id is malformed)."""
+
+
+class RoundsUnreachable(TrainerError):
+    """The round controller cannot be reached or refused this caller (HTTP 503)."""
 
 
 class ConfigError(TrainerError, ValueError):
