@@ -2,8 +2,9 @@
 
 Built by `fedpersona.service.http.app.create_app` and kept on `app.state.services`; routes and
 dependencies get
-it through `get_services`. Tests build apps with fakes injected instead of the real engine or
-round controller. Nothing here does I/O.
+it through `get_services`. Tests build apps with fakes injected instead of the real engine. (The round
+controller is not a service of the gateway's own: it sits on `app.state.rounds`, see
+`fedpersona.service.http.routes.rounds`.) Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -47,9 +48,6 @@ class Services:
     chat: ChatService
     base_model: str
     created: int  # unix time, reported as the models' `created`
-    rounds: Any | None = (
-        None  # fedpersona.trainer.rounds.controller.RoundController (or a fake); None: no round API
-    )
     supervisor: Any | None = (
         None  # fedpersona.service.engine.supervisor.EngineSupervisor in embedded mode
     )
