@@ -2,8 +2,8 @@
 
 Built by `fedpersona.service.http.app.create_app` and kept on `app.state.services`; routes and
 dependencies get
-it through `get_services`. Tests build apps with fakes injected instead of the real engine. (The round
-controller is not a service of the gateway's own: it sits on `app.state.rounds`, see
+it through `get_services`. Tests build apps with fakes injected instead of the real engine.
+(The round controller is not one of these services: it sits on `app.state.rounds`, see
 `fedpersona.service.http.routes.rounds`.) Nothing here does I/O.
 """
 
