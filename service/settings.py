@@ -39,6 +39,10 @@ class Settings(BaseSettings):
         default=None, description="users and key hashes; default <home>/registry.sqlite"
     )
     runs_dir: Path | None = Field(default=None, description="round records; default <home>/runs")
+    rounds_url: str | None = Field(
+        default=None,
+        description="a trainer pod's /admin/rounds URL: rounds run there, not in this process",
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
