@@ -7,7 +7,7 @@ Steps, each through the project's public pieces:
   (`fedpersona.trainer.data.personas.write_silos`) and
      API keys in the gateway registry (`fedpersona.service.registry`, as `fedpersona users add`
      does);
-  3. federated training: a PFTT run through `fedpersona.trainer.rounds.controller.RoundController`
+  3. federated training: a PFTT run through `fedpersona.trainer.rounds.interface.in_process`
   (the same controller
      behind `POST /admin/rounds`), which publishes each user's served adapter to the store;
   4. the stack: `fedpersona serve` as a child process, which supervises its own vLLM;
@@ -149,7 +149,7 @@ def _users(home: Path, console: Console) -> dict[str, str]:
 
 def _train(home: Path, args: argparse.Namespace, console: Console) -> bool:
     from fedpersona.adapters import AdapterStore, Slot
-    from fedpersona.trainer.rounds.controller import RoundController, RoundSpec, RunState
+    from fedpersona.trainer.rounds.interface import RoundSpec, RunState, in_process
 
     store = AdapterStore(home / "store")
     served = {u: store.current(Slot.user_served(u)) for u in DEMO_USERS}
@@ -158,7 +158,7 @@ def _train(home: Path, args: argparse.Namespace, console: Console) -> bool:
         for user, version in served.items():
             console.print(f"  {user}: users/{user}/served@{version.id if version else '?'}")
         return True
-    controller = RoundController(home)
+    controller = in_process(home)
     spec = RoundSpec(
         algorithm="pftt",
         rounds=args.rounds,
