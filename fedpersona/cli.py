@@ -2,8 +2,9 @@
 
 The root belongs to neither side. Each package lists its subcommands in a `COMMANDS` table of its
 `commands` package (`name -> (module, help)`; a space makes a nested command, "models import"),
-and each command module exposes `add_arguments(parser)` and `run(args) -> int`. This module only
-wires the tables into argparse; it knows nothing about what a command does.
+and each command module exposes `add_arguments(parser)` and `run(args) -> int`. Commands that
+take from both packages are the root's own (`ROOT_COMMANDS`: the trainer pod's API).
+This module only wires the tables into argparse; it knows nothing about what a command does.
 """
 
 from __future__ import annotations
@@ -17,8 +18,20 @@ from collections.abc import Sequence
 from fedpersona.service.commands import COMMANDS as SERVICE_COMMANDS
 from fedpersona.trainer.commands import COMMANDS as TRAINER_COMMANDS
 
+# Composed in the root from both packages.
+ROOT_COMMANDS: dict[str, tuple[str, str]] = {
+    "trainer": (
+        "fedpersona.trainer_api",
+        "the trainer pod's HTTP API: /admin/rounds (+ Flower SuperLink)",
+    ),
+}
+
 # Order of `fedpersona --help`.
-COMMAND_TABLES: tuple[dict[str, tuple[str, str]], ...] = (SERVICE_COMMANDS, TRAINER_COMMANDS)
+COMMAND_TABLES: tuple[dict[str, tuple[str, str]], ...] = (
+    SERVICE_COMMANDS,
+    TRAINER_COMMANDS,
+    ROOT_COMMANDS,
+)
 
 
 def _add_command(sub: argparse._SubParsersAction, name: str, module: str, help_: str) -> None:

@@ -3,8 +3,10 @@
 Without `--engine-url` (and `FEDPERSONA_ENGINE__URL`) the gateway supervises its own vLLM child
 on loopback (`fedpersona.service.engine.supervisor`), started and stopped by the app's lifespan;
 with a URL it
-talks to a separately run engine (the Helm chart's layout). The trainer's round controller is
-wired in (unless `--no-rounds`), so `/admin/rounds` starts training runs in child processes.
+talks to a separately run engine (the Helm chart's layout). `/admin/rounds` is served through
+the trainer's round-controller interface (`fedpersona.trainer.rounds.interface`, the only part
+of the trainer the gateway imports): in-process (training runs in child processes here) unless
+`FEDPERSONA_ROUNDS_URL` names a trainer pod to forward to; `--no-rounds` turns it off.
 
 Shutdown on SIGTERM/SIGINT: uvicorn stops accepting connections and lets requests in flight
 (streams included) finish for up to `FEDPERSONA_SHUTDOWN_GRACE_S`; then the lifespan drains and
@@ -22,6 +24,8 @@ from typing import Any
 import uvicorn
 from fedpersona.service.metrics import Metrics
 from fedpersona.service.settings import Settings
+from fedpersona.trainer.rounds import interface as rounds
+from fedpersona.trainer.rounds.interface import RoundController
 from pydantic import ValidationError
 
 # Named explicitly: as `python -m fedpersona.service.commands.serve` this module's __name__ is
@@ -72,16 +76,13 @@ def build_supervisor(settings: Settings) -> Any:
     )
 
 
-def build_round_controller(settings: Settings, metrics: Metrics) -> Any:
-    """`fedpersona.trainer.rounds.controller.RoundController` for this home; its metrics join the
-    gateway's `/metrics`."""
-    from fedpersona.trainer.rounds.controller import RoundController
-    from fedpersona.trainer.rounds.metrics import TrainerMetrics
-
-    return RoundController(
-        settings.home,
-        runs_dir=settings.runs_path,
-        metrics=TrainerMetrics(registry=metrics.registry),
+def build_round_controller(settings: Settings, metrics: Metrics) -> RoundController:
+    """Remote when `rounds_url` is set (the admin key authenticates this gateway to the trainer);
+    else in-process, its round metrics joining the gateway's `/metrics`."""
+    if settings.rounds_url:
+        return rounds.remote(settings.rounds_url, admin_key=settings.admin_key.get_secret_value())
+    return rounds.in_process(
+        settings.home, runs_dir=settings.runs_path, metrics_registry=metrics.registry
     )
 
 

@@ -1,8 +1,9 @@
 """The gateway app factory: `create_app(settings, ...)` wires services, routes and error handling.
 
-Nothing is built at import time. Tests pass fakes (`engine=`, `adapters=`, `rounds=`); the
-`serve` command passes the real round controller and lets the factory build the engine client
-and adapter manager from settings. Every error leaves as the OpenAI envelope
+Nothing is built at import time. Tests pass fakes (`engine=`, `adapters=`,
+`rounds_controller=`); the `serve` command passes a round controller from
+`fedpersona.trainer.rounds.interface` (in-process or remote) and lets the factory build the
+engine client and adapter manager from settings. Every error leaves as the OpenAI envelope
 `{"error": {"message", "type", "param", "code"}}` with the status its `GatewayError` names;
 FastAPI's 422 for a malformed body becomes a 400 like OpenAI's.
 """
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse
 from fedpersona.adapters import AdapterStore
 from fedpersona.service.engine.config import model_name
 from fedpersona.service.errors import BadRequest, GatewayError, PayloadTooLarge, error_envelope
+from fedpersona.service.http.auth import gateway_admin_guard
 from fedpersona.service.http.chat import ChatConfig, ChatService
 from fedpersona.service.http.routes import admin, chat, health, models, rounds
 from fedpersona.service.metrics import Metrics
@@ -31,6 +33,7 @@ from fedpersona.service.ratelimit import RateLimiter
 from fedpersona.service.registry import Registry
 from fedpersona.service.settings import Settings
 from fedpersona.service.state import Engine, Services
+from fedpersona.trainer.rounds.interface import RoundController
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,7 +60,7 @@ def create_app(
     adapters: Any | None = None,
     store: AdapterStore | None = None,
     registry: Registry | None = None,
-    rounds_controller: Any | None = None,
+    rounds_controller: RoundController | None = None,
     base_model: str | None = None,
     metrics: Metrics | None = None,
     supervisor: Any | None = None,
@@ -111,7 +114,6 @@ def create_app(
         chat=chat_service,
         base_model=base_model,
         created=int(time.time()),
-        rounds=rounds_controller,
         supervisor=supervisor,
     )
 
@@ -129,10 +131,9 @@ def create_app(
         finally:
             if watcher is not None:
                 watcher.cancel()
-            close_rounds = getattr(rounds_controller, "close", None)
-            if close_rounds is not None:
+            if rounds_controller is not None:
                 # Stops a training run in progress: its child would outlive us otherwise.
-                await asyncio.to_thread(close_rounds)
+                await asyncio.to_thread(rounds_controller.close)
             if supervisor is not None:
                 wait_idle = getattr(engine, "wait_idle", None)
                 await supervisor.stop(settings.shutdown_grace_s, wait_idle=wait_idle)
@@ -147,7 +148,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.services = services
-    _install_error_handlers(app)
+    app.state.admin_guard = gateway_admin_guard(services)
+    app.state.rounds = rounds_controller
+    install_error_handlers(app)
     for router in (chat.router, models.router, health.router, admin.router, rounds.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
@@ -165,7 +168,9 @@ async def _report_engine_start(supervisor: Any) -> None:
     logger.info("inference engine ready at %s", supervisor.launch.base_url)
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as the OpenAI envelope (shared with `fedpersona.trainer_api`)."""
+
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers())

@@ -1,15 +1,21 @@
 """Who is calling: Bearer API keys for users, one admin key for `/admin`, and rate limiting.
 
 FastAPI dependencies, declared once as `Annotated` aliases (`CurrentUser`, `LimitedUser`,
-`AdminAccess`) for the routers. Key checks are in `fedpersona.service.registry` (hashes, constant
-time);
-this module only reads the header and maps outcomes to `AuthenticationFailed` (401, no or bad
-key) and `PermissionDenied` (403, a valid user key on an admin route).
+`AdminAccess`) for the routers. User key checks are in `fedpersona.service.registry` (hashes,
+constant time); this module only reads the header and maps outcomes to `AuthenticationFailed`
+(401, no or bad key) and `PermissionDenied` (403, a valid user key on an admin route, or no
+admin key configured).
+
+The admin rules live in `AdminGuard`, kept on `app.state.admin_guard`, so that every app serving
+an admin route applies the same ones: the gateway (whose guard also recognises user keys) and
+the trainer pod's API (`fedpersona.trainer_api`, which has no users).
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -63,18 +69,43 @@ def rate_limited_user(
 LimitedUser = Annotated[User, Depends(rate_limited_user)]
 
 
-def require_admin(request: Request, services: Annotated[Services, Depends(get_services)]) -> None:
-    admin_key = services.settings.admin_key.get_secret_value()
-    token = bearer_token(request)
-    if token is None:
-        raise AuthenticationFailed(_MISSING)
-    if admin_key and hmac.compare_digest(token.encode(), admin_key.encode()):
-        return
-    if services.registry.authenticate(token) is not None:
-        raise PermissionDenied()
-    if not admin_key:
-        raise PermissionDenied("The admin API is disabled: set FEDPERSONA_ADMIN_KEY.")
-    raise AuthenticationFailed()
+def _no_users(_: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class AdminGuard:
+    """The admin key rules. `key=""` disables the admin API (403, never open);
+    `is_user_key` tells a valid user key (403: authenticated, not allowed) from a wrong one."""
+
+    key: str
+    is_user_key: Callable[[str], bool] = _no_users
+
+    def check(self, token: str | None) -> None:
+        if token is None:
+            raise AuthenticationFailed(_MISSING)
+        if self.key and hmac.compare_digest(token.encode(), self.key.encode()):
+            return
+        if self.is_user_key(token):
+            raise PermissionDenied()
+        if not self.key:
+            raise PermissionDenied("The admin API is disabled: set FEDPERSONA_ADMIN_KEY.")
+        raise AuthenticationFailed()
+
+
+def gateway_admin_guard(services: Services) -> AdminGuard:
+    """The gateway's guard: its admin key, and its registry for user keys."""
+    registry = services.registry
+    return AdminGuard(
+        key=services.settings.admin_key.get_secret_value(),
+        is_user_key=lambda token: registry.authenticate(token) is not None,
+    )
+
+
+# A plain `def`: the user-key look-up (SQLite) runs in FastAPI's thread pool.
+def require_admin(request: Request) -> None:
+    guard: AdminGuard = request.app.state.admin_guard
+    guard.check(bearer_token(request))
 
 
 AdminAccess = Depends(require_admin)

@@ -1,11 +1,19 @@
-"""`/admin/rounds` on a fake controller (state machine) and on the real `RoundController`."""
+"""`/admin/rounds` on a fake controller (state machine) and on the real in-process controller.
+
+The gateway reaches the trainer through `fedpersona.trainer.rounds.interface` only, so these
+tests do too. The same router behind the trainer pod's API, and the HTTP implementation of the
+interface, are tested in `tests/test_trainer_api.py`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from fedpersona.trainer.rounds.controller import (
+from fastapi.testclient import TestClient
+from fedpersona.trainer.rounds import interface
+from fedpersona.trainer.rounds.interface import (
+    InvalidRoundSpec,
     RoundBusy,
     RoundController,
     RoundSpec,
@@ -26,6 +34,10 @@ class FakeRounds:
     closed: bool = False
 
     def start(self, spec: RoundSpec) -> str:
+        if spec.rounds == 999:
+            raise InvalidRoundSpec("rounds: 999 is too many for this trainer", param="rounds")
+        if spec.local_steps == 999:
+            raise ValueError("a bug in the controller, not the caller's fault")
         if any(not run.done for run in self.runs.values()):
             raise RoundBusy("run r-1 is still in progress")
         run_id = f"r-{len(self.runs) + 1}"
@@ -56,6 +68,7 @@ class FakeRounds:
 
 def test_start_follow_and_conflict(make_gateway: GatewayFactory) -> None:
     rounds = FakeRounds()
+    assert isinstance(rounds, RoundController)
     gw = make_gateway(rounds=rounds)
     started = gw.client.post(
         "/admin/rounds", json={"algorithm": "pftt", "rounds": 2, "users": ["alice"]}, headers=ADMIN
@@ -85,6 +98,12 @@ def test_bad_specs_and_auth(make_gateway: GatewayFactory) -> None:
         response = gw.client.post("/admin/rounds", json=body, headers=ADMIN)
         assert response.status_code == 400, body
     assert gw.client.post("/admin/rounds", json={}).status_code == 401
+    invalid = gw.client.post("/admin/rounds", json={"rounds": 999}, headers=ADMIN)
+    assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "rounds"
+    # Only the interface's InvalidRoundSpec is the caller's fault; any other ValueError is a 500.
+    unraised = TestClient(gw.client.app, raise_server_exceptions=False)
+    bug = unraised.post("/admin/rounds", json={"local_steps": 999}, headers=ADMIN)
+    assert bug.status_code == 500 and bug.json()["error"]["type"] == "internal_error"
     user_key = gw.auth("alice")
     assert gw.client.post("/admin/rounds", json={}, headers=user_key).status_code == 403
     assert gw.client.get("/admin/rounds/r-1", headers=user_key).status_code == 403
@@ -104,9 +123,10 @@ def test_controller_closed_at_shutdown(make_gateway: GatewayFactory) -> None:
 
 def test_real_controller_refuses_users_without_data(make_gateway: GatewayFactory) -> None:
     gw = make_gateway()
-    controller = RoundController(gw.settings.home)
-    gw.client.app.state.services.rounds = controller  # type: ignore[attr-defined]
+    controller = interface.in_process(gw.settings.home)
+    gw.client.app.state.rounds = controller  # type: ignore[attr-defined]
     response = gw.client.post("/admin/rounds", json={"users": ["alice"]}, headers=ADMIN)
     assert response.status_code == 400, response.text
     assert "alice" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == "users"
     assert gw.client.get("/admin/rounds", headers=ADMIN).json() == []

@@ -1,4 +1,4 @@
-"""`RoundController`: background runs in child processes, one at a time, with records and metrics.
+"""`InProcessRounds`: background runs in child processes, one at a time, with records and metrics.
 
 The slow test starts real `python -m fedpersona.trainer.commands.train` children that run FedAvg in
 Flower's
@@ -17,7 +17,8 @@ from fedpersona.adapters import AdapterStore, Slot
 from fedpersona.trainer.data.personas import write_silos
 from fedpersona.trainer.errors import NoSilo
 from fedpersona.trainer.models.basemodel import ModelPair
-from fedpersona.trainer.rounds.controller import (
+from fedpersona.trainer.rounds.controller import InProcessRounds
+from fedpersona.trainer.rounds.interface import (
     RoundBusy,
     RoundController,
     RoundSpec,
@@ -49,12 +50,14 @@ def make_home(tmp_path: Path, models: ModelPair) -> Path:
 def test_start_refuses_while_another_process_holds_the_home(tmp_path: Path) -> None:
     home = tmp_path / "home"
     write_silos(home / "silos", {"alice": "pirate"}, n_train=2, n_eval=1)
-    controller = RoundController(home)
+    controller = InProcessRounds(home)
+    assert isinstance(controller, RoundController)  # the interface's in-process implementation
     with RunLock(home / "runs"), pytest.raises(RoundBusy):
         controller.start(RoundSpec(users=("alice",)))
     assert controller.list() == []  # nothing was queued
-    with pytest.raises(NoSilo, match="carol"):
+    with pytest.raises(NoSilo, match="carol") as missing:
         controller.start(RoundSpec(users=("carol",)))
+    assert missing.value.param == "users"
     with pytest.raises(RunNotFound):
         controller.get("r-20260101t000000-abcdef")
     with pytest.raises(RunNotFound):
@@ -74,7 +77,7 @@ def test_one_run_at_a_time_a_killed_run_fails_cleanly_and_the_next_succeeds(
     tmp_path: Path, micro_models: ModelPair
 ) -> None:
     home = make_home(tmp_path, micro_models)
-    controller = RoundController(home, extra_args=["--cpus", "1"], poll_s=0.2)
+    controller = InProcessRounds(home, extra_args=["--cpus", "1"], poll_s=0.2)
     store = AdapterStore(home / "store")
 
     killed = controller.start(SPEC)
@@ -100,38 +103,3 @@ def test_one_run_at_a_time_a_killed_run_fails_cleanly_and_the_next_succeeds(
     assert 'fedpersona_trainer_runs_total{algorithm="fedavg",state="failed"} 1.0' in text
     assert 'fedpersona_trainer_runs_total{algorithm="fedavg",state="succeeded"} 1.0' in text
     assert 'fedpersona_trainer_client_uplink_bytes_count{algorithm="fedavg"} 2.0' in text
-
-
-def test_http_api_status_codes(tmp_path: Path) -> None:
-    """The `fedpersona trainer` routes. The child is `/bin/true`: runs end at once, unfinished."""
-    from fastapi.testclient import TestClient
-    from fedpersona.trainer.commands.serve import create_app
-
-    home = tmp_path / "home"
-    write_silos(home / "silos", {"alice": "pirate"}, n_train=2, n_eval=1)
-    controller = RoundController(home, python="/bin/true", poll_s=0.05)
-    key = "k" * 24
-    auth = {"Authorization": f"Bearer {key}"}
-    with TestClient(create_app(controller, admin_key=key)) as client:
-        assert client.get("/health").status_code == 200
-        assert client.post("/admin/rounds", json={}).status_code == 401
-        assert (
-            client.get("/admin/rounds", headers={"Authorization": "Bearer nope"}).status_code == 401
-        )
-        assert client.post("/admin/rounds", json={"rounds": 0}, headers=auth).status_code == 422
-        missing = client.post("/admin/rounds", json={"users": ["carol"]}, headers=auth)
-        assert missing.status_code == 400 and "carol" in missing.text
-        with RunLock(home / "runs"):
-            assert client.post("/admin/rounds", json={}, headers=auth).status_code == 409
-        started = client.post("/admin/rounds", json={"algorithm": "fedavg"}, headers=auth)
-        assert started.status_code == 202, started.text
-        run_id = started.json()["id"]
-        assert started.json()["spec"]["algorithm"] == "fedavg"
-        assert started.json()["users"] == ["alice"]
-        controller.wait(run_id, timeout=30)
-        got = client.get(f"/admin/rounds/{run_id}", headers=auth).json()
-        assert got["state"] == "failed" and "exited with code 0" in got["error"]
-        assert [r["id"] for r in client.get("/admin/rounds", headers=auth).json()] == [run_id]
-        assert client.get("/admin/rounds/r-20260101t000000-abcdef", headers=auth).status_code == 404
-        assert client.get("/admin/rounds/..%2F..%2Fetc", headers=auth).status_code == 404
-        assert "fedpersona_trainer_runs_total" in client.get("/metrics").text

@@ -1,7 +1,8 @@
 """Trainer subcommands of `fedpersona`, registered by the root CLI (`fedpersona.cli`).
 
 Each module named here exposes `add_arguments(parser)` and `run(args) -> int`; a space in a name
-makes a nested command ("models bootstrap").
+makes a nested command ("models bootstrap"). The trainer pod's HTTP API (`fedpersona trainer`)
+is not here: it is composed from both packages in the root (`fedpersona.trainer_api`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,4 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train": ("fedpersona.trainer.commands.train", "run federated rounds and publish adapters"),
     "eval": ("fedpersona.trainer.commands.eval", "per-user held-out perplexity for each method"),
-    "trainer": (
-        "fedpersona.trainer.commands.serve",
-        "round controller HTTP API (+ Flower SuperLink)",
-    ),
 }

@@ -1,12 +1,13 @@
-"""The trainer's public interface: start training runs in the background and follow them.
+"""Training runs in child processes on this machine: the in-process round controller.
 
-The gateway (`POST /admin/rounds`, `GET /admin/rounds/{id}`) and `fedpersona trainer` import
-this module and nothing else of the trainer. `RoundController.start` writes a queued run record
+`InProcessRounds` implements `fedpersona.trainer.rounds.interface.RoundController`; callers
+outside the trainer reach it through that interface (`interface.in_process(home)`), never by
+importing this module: the gateway in embedded mode, and the trainer pod's HTTP API
+(`fedpersona trainer`, composed in `fedpersona.trainer_api`). `start` writes a queued run record
 and starts `python -m fedpersona.trainer.commands.train --run-id ...` as a child process: a crash,
-a leak or a
-stuck native library in training then cannot take the gateway down, and killing the child is a
-clean way to abort. One run at a time: a second `start` raises `RoundBusy` (HTTP 409), also when
-another process (a `fedpersona train` in a shell) holds the runs lock.
+a leak or a stuck native library in training then cannot take the caller down, and killing the
+child is a clean way to abort. One run at a time: a second `start` raises `RoundBusy` (HTTP
+409), also when another process (a `fedpersona train` in a shell) holds the runs lock.
 
 A watcher thread per run follows its record (the child writes it round by round), feeds the
 Prometheus metrics, and marks the run failed if the child exits without finishing it.
@@ -36,12 +37,12 @@ from fedpersona.trainer.rounds.records import (
     utcnow,
 )
 
-__all__ = ["RoundBusy", "RoundController", "RoundSpec", "RunNotFound", "RunState", "RunStatus"]
+__all__ = ["InProcessRounds"]
 
 log = logging.getLogger(__name__)
 
 
-class RoundController:
+class InProcessRounds:
     """Runs training runs one at a time in child processes; reads their records.
 
     `extra_args` are appended to the child's command line (e.g. `--base-model`, `--cpus`);

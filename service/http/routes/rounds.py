@@ -1,21 +1,29 @@
 """`/admin/rounds`: start a federated training run in the background and follow it.
 
-The controller is `fedpersona.trainer.rounds.controller.RoundController` (the trainer's only public
-interface), injected
-into the app by `fedpersona serve` (tests inject a fake); without one these routes answer 503.
-One run at a time: starting another while one runs is a 409.
+One router for every app that serves rounds: the gateway and the trainer pod's API
+(`fedpersona.trainer_api`) include this same router, so both answer with the same statuses, the
+same OpenAI error envelope and the same admin-key rules (`AdminAccess`). The controller is any
+`fedpersona.trainer.rounds.interface.RoundController` (in-process, remote, or a test fake) kept
+on `app.state.rounds`; without one these routes answer 503. One run at a time: starting another
+while one runs is a 409; a spec the trainer cannot run is a 400 on the field it names.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 from fedpersona.service.errors import BadRequest, Conflict, GatewayError, NotFound
 from fedpersona.service.http.auth import AdminAccess
-from fedpersona.service.http.routes.deps import ServicesDep
-from fedpersona.trainer.rounds.controller import RoundBusy, RoundSpec, RunNotFound, RunStatus
+from fedpersona.trainer.rounds.interface import (
+    InvalidRoundSpec,
+    RoundBusy,
+    RoundController,
+    RoundSpec,
+    RoundsUnreachable,
+    RunNotFound,
+    RunStatus,
+)
 
 router = APIRouter(prefix="/admin/rounds", tags=["rounds"], dependencies=[AdminAccess])
 
@@ -27,36 +35,41 @@ class RoundsUnavailable(GatewayError):
     default_message = "This gateway has no round controller (started with --no-rounds)."
 
 
-def _controller(services: ServicesDep) -> Any:
-    if services.rounds is None:
+def _controller(request: Request) -> RoundController:
+    controller: RoundController | None = getattr(request.app.state, "rounds", None)
+    if controller is None:
         raise RoundsUnavailable()
-    return services.rounds
+    return controller
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED)
-async def start_round(spec: RoundSpec, services: ServicesDep) -> RunStatus:
-    controller = _controller(services)
+async def start_round(spec: RoundSpec, request: Request) -> RunStatus:
+    controller = _controller(request)
     try:
         run_id = await asyncio.to_thread(controller.start, spec)
+        return await asyncio.to_thread(controller.get, run_id)
     except RoundBusy as e:
         raise Conflict(f"A training run is already in progress: {e}") from e
-    except ValueError as e:  # NoSilo: a named user has no data under the home
-        raise BadRequest(str(e), param="users") from e
-    run: RunStatus = await asyncio.to_thread(controller.get, run_id)
-    return run
+    except InvalidRoundSpec as e:
+        raise BadRequest(str(e), param=e.param) from e
+    except RoundsUnreachable as e:
+        raise RoundsUnavailable(f"The trainer is not available: {e}", retry_after=5) from e
 
 
 @router.get("")
-async def list_rounds(services: ServicesDep) -> list[RunStatus]:
-    runs: list[RunStatus] = await asyncio.to_thread(_controller(services).list)
-    return runs
+async def list_rounds(request: Request) -> list[RunStatus]:
+    try:
+        return await asyncio.to_thread(_controller(request).list)
+    except RoundsUnreachable as e:
+        raise RoundsUnavailable(f"The trainer is not available: {e}", retry_after=5) from e
 
 
 @router.get("/{run_id}")
-async def get_round(run_id: str, services: ServicesDep) -> RunStatus:
-    controller = _controller(services)
+async def get_round(run_id: str, request: Request) -> RunStatus:
+    controller = _controller(request)
     try:
-        run: RunStatus = await asyncio.to_thread(controller.get, run_id)
+        return await asyncio.to_thread(controller.get, run_id)
     except RunNotFound as e:
         raise NotFound("No such training run.") from e
-    return run
+    except RoundsUnreachable as e:
+        raise RoundsUnavailable(f"The trainer is not available: {e}", retry_after=5) from e
