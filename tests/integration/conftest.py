@@ -7,16 +7,15 @@ logits processor on (requests without proxy arguments are untouched by it). Ever
 needs a real engine shares it (marker `vllm`); adapters are content-named, so tests cannot see
 each other's.
 
-`gateway` (module scope) runs the full app (`fedpersona.service.http.app.create_app`) under uvicorn
-on a free
-port in a thread, with its own home (store, registry) and an `AdapterManager` loading into the
-shared server. Tests talk to it with the official `openai` SDK.
+`gateway` (module scope) runs the full app (`fedpersona.service.http.app.create_app`, built by
+`support.gateway.running_gateway`) under uvicorn on a free port in a thread, with its own home
+(store, registry) and an `AdapterManager` loading into the shared server. Tests talk to it with
+the official `openai` SDK.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -26,27 +25,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import uvicorn
-from fedpersona.adapters import AdapterStore, Slot, Version
-from fedpersona.service.engine.adapters import AdapterManager
-from fedpersona.service.engine.client import EngineClient
+from fedpersona.adapters import Slot, Version
 from fedpersona.service.engine.config import EngineSettings, build_launch
 from fedpersona.service.engine.supervisor import EngineSupervisor
 from fedpersona.service.errors import EngineStartFailed
-from fedpersona.service.http.app import create_app
-from fedpersona.service.registry import Registry
-from fedpersona.service.settings import Settings
-from lora_factory import random_lora
+from support.gateway import RunningGateway, running_gateway
+from support.lora import strong_lora
+from support.servers import free_port
 
 T = TypeVar("T")
 ADMIN_KEY = "integration-admin-key-0123456789"
 MAX_MODEL_LEN = 256
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LoopThread:
@@ -140,18 +129,11 @@ def vllm_server(
 
 
 @dataclass
-class GatewayUnderTest:
-    url: str  # OpenAI base URL, .../v1
-    root: str
-    store: AdapterStore
-    registry: Registry
-    manager: AdapterManager
-    engine: EngineClient
+class GatewayUnderTest(RunningGateway):
     vllm: VllmServer
-    keys: dict[str, str]
 
     def publish(self, user: str, seed: int) -> Version:
-        adapter = random_lora(self.vllm.model_dir, self.vllm.model, seed)
+        adapter = strong_lora(self.vllm.model_dir, self.vllm.model, seed)
         return self.store.publish_lora(Slot.user_served(user), adapter, metadata={"seed": seed})
 
 
@@ -162,61 +144,14 @@ USERS = ("alice", "bob", "carol", "dave", "erin", "frank")
 def gateway(
     vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayUnderTest]:
-    home = tmp_path_factory.mktemp("gateway-home")
-    settings = Settings.model_validate(
-        {
-            "home": home,
-            "admin_key": ADMIN_KEY,
-            "rate_limit_rpm": 0,
-            "engine": {
-                "url": vllm_server.base_url,
-                "served_model_name": vllm_server.model,
-                "max_model_len": MAX_MODEL_LEN,
-                "max_loras": 2,
-                "max_cpu_loras": 4,
-            },
-        }
-    )
-    store = AdapterStore(settings.store_path, max_rank=settings.adapter_max_rank)
-    registry = Registry(settings.registry_file)
-    keys = {}
-    for user in USERS:
-        registry.create_user(user)
-        keys[user] = registry.issue_key(user).api_key
-    engine = EngineClient(settings.engine.base_url, gate=vllm_server.supervisor.check_available)
-    manager = AdapterManager(store=store, engine=engine, max_loaded=4)
-    vllm_server.supervisor.on_restart(manager.reset)
-    app = create_app(
-        settings,
-        engine=engine,
-        adapters=manager,
-        store=store,
-        registry=registry,
-        base_model=vllm_server.model,
-    )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the gateway did not start")
-        time.sleep(0.05)
-    root = f"http://127.0.0.1:{port}"
-    try:
-        yield GatewayUnderTest(
-            url=f"{root}/v1",
-            root=root,
-            store=store,
-            registry=registry,
-            manager=manager,
-            engine=engine,
-            vllm=vllm_server,
-            keys=keys,
-        )
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with running_gateway(
+        home=tmp_path_factory.mktemp("gateway-home"),
+        engine_url=vllm_server.base_url,
+        model=vllm_server.model,
+        max_model_len=MAX_MODEL_LEN,
+        admin_key=ADMIN_KEY,
+        users=USERS,
+        gate=vllm_server.supervisor.check_available,
+    ) as running:
+        vllm_server.supervisor.on_restart(running.manager.reset)
+        yield GatewayUnderTest(**vars(running), vllm=vllm_server)

@@ -28,8 +28,8 @@ from fedpersona.adapters import (
     save_lora,
     validate_adapter_dir,
 )
-from lora_factory import random_lora
 from peft import LoraConfig, PeftModel, get_peft_model
+from support.lora import strong_lora
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.vllm
@@ -115,11 +115,11 @@ def test_composed_adapter_served_by_vllm_equals_global_plus_personal_in_peft(
     vllm_server: VllmServer, loader: Loader, tmp_path: Path
 ) -> None:
     model_dir, base = vllm_server.model_dir, vllm_server.model
-    g = random_lora(
-        model_dir, base, seed=1, r=4, targets=("q_proj", "v_proj", "down_proj"), b_scale=0.3
+    g = strong_lora(
+        model_dir, base, seed=1, r=4, targets=("q_proj", "v_proj", "down_proj"), scale=0.3
     )
-    p = random_lora(
-        model_dir, base, seed=2, r=8, targets=("v_proj", "o_proj", "up_proj"), b_scale=0.3
+    p = strong_lora(
+        model_dir, base, seed=2, r=8, targets=("v_proj", "o_proj", "up_proj"), scale=0.3
     )
     store = AdapterStore(tmp_path / "store", max_rank=MAX_RANK)
     served = store.publish_lora(Slot.user_served("alice"), compose(g, p), metadata={"round": 1})

@@ -17,9 +17,6 @@ outputs. Checked:
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,16 +27,12 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from fedpersona.adapters import AdapterStore, Slot, Version, load_lora
-from fedpersona.service.engine.adapters import AdapterManager, adapter_name
-from fedpersona.service.engine.client import EngineClient
-from fedpersona.service.http.app import create_app
+from fedpersona.service.engine.adapters import adapter_name
 from fedpersona.service.proxy_tuning.experts import merge_lora
-from fedpersona.service.registry import Registry
-from fedpersona.service.settings import Settings
 from fedpersona.trainer.models.basemodel import ModelPair
-from lora_factory import random_lora
+from support.gateway import RunningGateway, running_gateway
+from support.lora import strong_lora
 from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.vllm
@@ -49,12 +42,6 @@ ADMIN_KEY = "proxy-integration-admin-key-0123456789"
 # This module takes the session server only as a fixture, never `from conftest import ...`:
 # with several conftest.py in the suite, which one that names depends on collection order.
 VllmServer = Any  # tests/integration/conftest.py's VllmServer (base_url, model, supervisor)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # Greedy picks where two logits lie closer than this are ties the two float paths (vLLM's CPU
@@ -71,7 +58,7 @@ class ProxyEnv:
     max_model_len: int
 
     def publish_expert(self, slot: Slot, seed: int, *, model_dir: Path | None = None) -> Version:
-        adapter = random_lora(model_dir or self.models.small.path, self.models.small.name, seed)
+        adapter = strong_lora(model_dir or self.models.small.path, self.models.small.name, seed)
         return self.store.publish_lora(slot, adapter, metadata={"seed": seed})
 
     def stats(self) -> dict[str, int]:
@@ -265,74 +252,30 @@ def test_no_state_growth_over_100_requests(proxy: ProxyEnv) -> None:
 # ------------------------------------------------------------------ through the gateway
 
 
-@dataclass
-class ProxyGateway:
-    url: str
-    registry: Registry
-    keys: dict[str, str]
-
-
 @pytest.fixture(scope="module")
 def proxy_gateway(
     proxy: ProxyEnv, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyGateway]:
+) -> Iterator[RunningGateway]:
     """The real app with proxy tuning on, sharing the vLLM server's store."""
-    home = tmp_path_factory.mktemp("proxy-gateway-home")
-    settings = Settings.model_validate(
-        {
-            "home": home,
-            "store_dir": proxy.store.root,
-            "admin_key": ADMIN_KEY,
-            "rate_limit_rpm": 0,
-            "proxy_tuning": True,
-            "engine": {
-                "url": proxy.server.base_url,
-                "served_model_name": proxy.server.model,
-                "max_model_len": proxy.max_model_len,
-                "max_loras": 2,
-                "max_cpu_loras": 4,
-            },
-        }
-    )
-    store = AdapterStore(settings.store_path, max_rank=settings.adapter_max_rank)
-    registry = Registry(settings.registry_file)
-    keys = {}
-    for user in ("pia", "quinn"):
-        registry.create_user(user)
-        keys[user] = registry.issue_key(user).api_key
-    engine = EngineClient(settings.engine.base_url, gate=proxy.server.supervisor.check_available)
-    manager = AdapterManager(store=store, engine=engine, max_loaded=4)
-    app = create_app(
-        settings,
-        engine=engine,
-        adapters=manager,
-        store=store,
-        registry=registry,
-        base_model=proxy.server.model,
-    )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, name="proxy-gateway", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the gateway did not start")
-        time.sleep(0.05)
-    try:
-        yield ProxyGateway(url=f"http://127.0.0.1:{port}/v1", registry=registry, keys=keys)
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with running_gateway(
+        home=tmp_path_factory.mktemp("proxy-gateway-home"),
+        engine_url=proxy.server.base_url,
+        model=proxy.server.model,
+        max_model_len=proxy.max_model_len,
+        admin_key=ADMIN_KEY,
+        users=("pia", "quinn"),
+        gate=proxy.server.supervisor.check_available,
+        store_dir=proxy.store.root,
+        proxy_tuning=True,
+    ) as running:
+        yield running
 
 
 MESSAGES = [{"role": "user", "content": PROMPTS[2]}]
 CHAT: dict[str, Any] = {"temperature": 0.0, "max_tokens": 16}
 
 
-def ask(gw: ProxyGateway, user: str) -> str:
+def ask(gw: RunningGateway, user: str) -> str:
     client = openai.OpenAI(base_url=gw.url, api_key=gw.keys[user], max_retries=0, timeout=120)
     answer = client.chat.completions.create(model="personal", messages=MESSAGES, **CHAT)  # type: ignore[arg-type]
     return answer.choices[0].message.content or ""
@@ -349,11 +292,11 @@ def direct(proxy: ProxyEnv, model: str, expert: Version | None, alpha: float = 1
 
 
 def test_gateway_combines_the_users_lora_with_their_proxy_expert(
-    proxy: ProxyEnv, proxy_gateway: ProxyGateway
+    proxy: ProxyEnv, proxy_gateway: RunningGateway
 ) -> None:
     lora = proxy.store.publish_lora(
         Slot.user_served("pia"),
-        random_lora(proxy.models.large.path, proxy.models.large.name, 31),
+        strong_lora(proxy.models.large.path, proxy.models.large.name, 31),
         metadata={},
     )
     expert = proxy.publish_expert(Slot.user_expert("pia"), seed=32)
@@ -370,7 +313,7 @@ def test_gateway_combines_the_users_lora_with_their_proxy_expert(
 
 
 def test_gateway_falls_back_to_the_global_expert(
-    proxy: ProxyEnv, proxy_gateway: ProxyGateway
+    proxy: ProxyEnv, proxy_gateway: RunningGateway
 ) -> None:
     glob = proxy.store.current(Slot.global_expert()) or proxy.publish_expert(
         Slot.global_expert(), seed=41
