@@ -189,9 +189,18 @@ def test_chart_command_lines_parse_with_the_real_cli(helm_bin: Path) -> None:
     assert gateway["command"] == ["fedpersona"]
     args = _parse(gateway["args"])
     assert args.command == "serve"
-    # Rounds belong to the trainer pod, never to each gateway replica.
-    assert args.no_rounds is True
+    # Rounds belong to the trainer pod, never to each gateway replica: the gateway forwards
+    # /admin/rounds to the trainer Service (the HTTP round controller).
+    assert args.no_rounds is False
     assert args.engine_url == env_map(gateway)["FEDPERSONA_ENGINE__URL"]
+    service = rendered.get("Service", "trainer")
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "api")
+    assert env_map(gateway)["FEDPERSONA_ROUNDS_URL"] == (
+        f"http://{service['metadata']['name']}:{port}/admin/rounds"
+    )
+    alone = render(helm_bin, files=[dev], values={"trainer": {"enabled": False}})
+    assert _parse(alone.container("gateway")["args"]).no_rounds is True
+    assert "FEDPERSONA_ROUNDS_URL" not in env_map(alone.container("gateway"))
 
     trainer = rendered.container("trainer")
     assert trainer["command"] == ["fedpersona"]
@@ -307,7 +316,7 @@ def test_round_schedule_job_posts_the_spec_with_the_admin_key(
     assert proc.returncode == 0, proc.stderr
     assert recorder.seen == [{"path": "/admin/rounds", "auth": f"Bearer {ADMIN_KEY}", "body": spec}]
     # The body is a spec the trainer's public interface accepts.
-    from fedpersona.trainer.rounds.controller import RoundSpec
+    from fedpersona.trainer.rounds.interface import RoundSpec
 
     assert RoundSpec(**recorder.seen[0]["body"]).rounds == 2
 
@@ -378,14 +387,15 @@ def test_helm_test_pod_checks_the_gateway_ready_endpoint(
 def test_trainer_env_is_read_by_the_real_trainer_settings(
     helm_bin: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedpersona.trainer.commands.serve import TrainerSettings
+    from fedpersona.trainer_api import TrainerApiSettings
+    from pydantic import ValidationError
 
     container = render(helm_bin).container("trainer")
     names = [n for n in env_map(container) if n.startswith("FEDPERSONA_")]
     unknown = [
         n
         for n in names
-        if n.removeprefix("FEDPERSONA_").lower() not in TrainerSettings.model_fields
+        if n.removeprefix("FEDPERSONA_").lower() not in TrainerApiSettings.model_fields
     ]
     assert unknown == []
     for key in list(os.environ):
@@ -394,9 +404,13 @@ def test_trainer_env_is_read_by_the_real_trainer_settings(
     for key, value in plain_env(container, FEDPERSONA_ADMIN_KEY=ADMIN_KEY).items():
         if key.startswith("FEDPERSONA_"):
             monkeypatch.setenv(key, value)
-    settings = TrainerSettings(host="0.0.0.0")
-    settings.check()  # a non-loopback listener needs the admin key the Secret provides
+    settings = TrainerApiSettings(host="0.0.0.0")
     assert settings.home == Path("/data")
+    assert settings.environment == "production" and settings.admin_enabled
+    # The gateway's rule, applied by the same settings class: no weak key in production.
+    monkeypatch.setenv("FEDPERSONA_ADMIN_KEY", "short")
+    with pytest.raises(ValidationError, match="admin_key"):
+        TrainerApiSettings(host="0.0.0.0")
 
 
 def test_superlink_container_has_every_flag_the_trainer_would_use(helm_bin: Path) -> None:

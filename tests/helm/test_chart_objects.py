@@ -71,7 +71,7 @@ def test_logits_processor_only_with_proxy_tuning(helm_bin: Path) -> None:
     assert on["--logits-processors"] == "m.p:C"
     env = env_map(on_render.container("vllm"))
     assert env["FEDPERSONA_PROXY_SMALL_MODEL"] == "/data/models/small"
-    assert env["FEDPERSONA_STORE"] == "/data/store"
+    assert env["FEDPERSONA_STORE_DIR"] == "/data/store"
     assert env_map(on_render.container("gateway"))["FEDPERSONA_PROXY_TUNING"] == "true"
 
 

@@ -1,7 +1,7 @@
 """FedPT inside the real vLLM server: the proxy-tuning logits processor, end to end.
 
 The session server (`vllm_server`, tests/integration/conftest.py) runs with the processor on,
-the MICRO small model as the proxy base, and its store at `FEDPERSONA_STORE`; experts are
+the MICRO small model as the proxy base, and its store at `FEDPERSONA_STORE_DIR`; experts are
 published there as random LoRAs on the small model with weights large enough to change greedy
 outputs. Checked:
 - greedy decoding through vLLM equals, token for token, `large + alpha * (expert - small)`
@@ -90,11 +90,11 @@ class ProxyEnv:
 @pytest.fixture(scope="module")
 def proxy(vllm_server: VllmServer, micro_models: ModelPair) -> ProxyEnv:
     env, argv = vllm_server.supervisor.launch.env, vllm_server.supervisor.launch.argv
-    assert "FEDPERSONA_STORE" in env, "the session vLLM server runs without proxy tuning"
+    assert "FEDPERSONA_STORE_DIR" in env, "the session vLLM server runs without proxy tuning"
     assert "FEDPERSONA_PROXY_STATS_FILE" in env, "the session server writes no proxy stats"
     return ProxyEnv(
         server=vllm_server,
-        store=AdapterStore(env["FEDPERSONA_STORE"], max_rank=64),
+        store=AdapterStore(env["FEDPERSONA_STORE_DIR"], max_rank=64),
         stats_file=Path(env["FEDPERSONA_PROXY_STATS_FILE"]),
         models=micro_models,
         max_model_len=int(argv[argv.index("--max-model-len") + 1]),

@@ -328,7 +328,7 @@ The vLLM server's environment. Same variables and values as fedpersona.service.e
 {{- if .Values.proxyTuning.enabled }}
 - name: FEDPERSONA_PROXY_SMALL_MODEL
   value: {{ include "fedpersona.smallModelDir" . | quote }}
-- name: FEDPERSONA_STORE
+- name: FEDPERSONA_STORE_DIR
   value: {{ include "fedpersona.storeDir" . | quote }}
 {{- end }}
 {{- end }}
