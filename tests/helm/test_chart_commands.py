@@ -387,8 +387,9 @@ def test_helm_test_pod_checks_the_gateway_ready_endpoint(
 def test_trainer_env_is_read_by_the_real_trainer_settings(
     helm_bin: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedpersona.trainer_api import TrainerApiSettings
     from pydantic import ValidationError
+
+    from fedpersona.trainer_api import TrainerApiSettings
 
     container = render(helm_bin).container("trainer")
     names = [n for n in env_map(container) if n.startswith("FEDPERSONA_")]
