@@ -49,7 +49,7 @@ async def start_round(spec: RoundSpec, request: Request) -> RunStatus:
         run_id = await asyncio.to_thread(controller.start, spec)
         return await asyncio.to_thread(controller.get, run_id)
     except RoundBusy as e:
-        raise Conflict(f"A training run is already in progress: {e}") from e
+        raise Conflict(str(e)) from e  # says which run, or that another process trains
     except InvalidRoundSpec as e:
         raise BadRequest(str(e), param=e.param) from e
     except RoundsUnreachable as e:
