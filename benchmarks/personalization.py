@@ -6,11 +6,13 @@
    last 15% of each speaker's turns are held out (`eval.jsonl`).
 2. The TINY base model is pretrained on the corpus *minus every held-out speech* (so the base
    never saw the evaluation text), or `--base-model DIR` uses one built before (e.g. TINY on
-   the default persona corpus, which never saw Shakespeare at all).
-3. `fedpersona eval`: one fresh federated run per method (FedAvg, local-only, PFTT, PerFIT) in
+   the default persona corpus, which never saw Shakespeare at all) where it lies.
+3. `fedpersona eval`: one fresh federated run per method that serves users a LoRA (FedAvg,
+   FedProx, local-only, PFTT, PerFIT: `fedpersona.trainer.commands.eval.evaluable_methods`) in
    Flower's Simulation Engine, all with the same rank budget, rounds, local steps and learning
    rate (fixed up front, never tuned on the held-out split), then each user's held-out
-   perplexity with the adapter they are served, and the base model's.
+   perplexity with the adapter they are served, and the base model's. The training flags are
+   `RoundSpec`'s (`fedpersona.trainer.commands.spec_args`) with this benchmark's defaults.
 
 Prints the per-user perplexity table and the uplink bytes per round of each method, checks the
 targets (PFTT and PerFIT mean perplexity >= 10% below FedAvg, the better one >= 23% below; PFTT
@@ -22,13 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from fedpersona.trainer.commands.spec_args import add_spec_arguments, spec_from_args
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+# The benchmark's settings where they differ from RoundSpec's defaults (rank 8 is FedAvg's LoRA
+# rank, the budget every method gets).
+BENCHMARK_SPEC = {"rounds": 3, "lr": 5e-3}
 
 
 def pretraining_text(corpus: str, held_out: set[tuple[str, str]]) -> str:
@@ -47,20 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, required=True, help="tinyshakespeare.txt")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-personalization")
-    parser.add_argument("--users", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=8, help="FedAvg's LoRA rank (the budget)")
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--users", type=int, default=8, help="speakers that become users")
+    add_spec_arguments(
+        parser.add_argument_group("training (RoundSpec)"),
+        exclude={"algorithm", "users"},
+        defaults=BENCHMARK_SPEC,
+    )
     parser.add_argument("--recipe", choices=("micro", "tiny"), default="tiny")
     parser.add_argument(
         "--base-model",
         type=Path,
         default=None,
         help="an already built large model dir (e.g. from `fedpersona models bootstrap`) instead "
-        "of pretraining one on the corpus; copied into the work dir",
+        "of pretraining one on the corpus",
     )
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -70,11 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     log = logging.getLogger("benchmark")
 
-    from fedpersona.trainer.commands.eval import METHODS, compare, render, save
+    from fedpersona.trainer.commands.eval import compare, evaluable_methods, render, save
     from fedpersona.trainer.data.shakespeare import convert
     from fedpersona.trainer.flower.apps import model_info
     from fedpersona.trainer.models.basemodel import RECIPES, build_models
-    from fedpersona.trainer.rounds.records import RoundSpec
 
     started = time.monotonic()
     home = args.work / "home"
@@ -82,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     users = [s.user for s in silos]
     held_out = {(s.user, chat["messages"][-1]["content"]) for s in silos for chat in s.eval}
     if args.base_model is not None:
-        base_dir = home / "models" / "large"
-        shutil.rmtree(base_dir, ignore_errors=True)
-        shutil.copytree(args.base_model, base_dir)
-        base = model_info(base_dir)
+        base = model_info(args.base_model.resolve())
         pretrained_on = f"given: {args.base_model}"
     else:
         corpus = args.corpus.read_text(encoding="utf-8")
@@ -95,19 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         pretrained_on = "the corpus minus the held-out speeches"
     log.info("base model %s ready after %.0f s", base.name, time.monotonic() - started)
 
-    spec = RoundSpec(
-        rounds=args.rounds,
-        users=tuple(users),
-        local_steps=args.local_steps,
-        lr=args.lr,
-        rank=args.rank,
-        batch_size=args.batch_size,
-        max_len=args.max_len,
-    )
+    spec = spec_from_args(args, users=tuple(users))
     comparison = compare(
         home=home,
         out=args.work / "eval",
-        methods=list(METHODS),
+        methods=list(evaluable_methods()),
         users=users,
         spec=spec,
         base_model=base.path,

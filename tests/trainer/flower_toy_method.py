@@ -9,11 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from fedpersona.adapters import LoraAdapter, compose
-from fedpersona.trainer.methods.base import ClientUpdate, Params, TrainConfig
+from fedpersona.trainer.methods.base import (
+    BaseRole,
+    Behaviour,
+    ClientUpdate,
+    Params,
+    Product,
+    Shares,
+    TrainConfig,
+)
 from fedpersona.trainer.models.basemodel import ModelInfo
 
 GLOBAL_MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -37,10 +46,20 @@ def user_value(silo: Path) -> float:
     return float(len((silo / "train.jsonl").read_text().splitlines()))
 
 
+# Declared like PFTT: a global part averaged, a personal part published by the client, a served
+# composition per user on the large model.
+TOY_BEHAVIOUR = Behaviour(
+    shares=Shares.GLOBAL_LORA,
+    publishes=frozenset({Product.GLOBAL, Product.SERVED, Product.PERSONAL}),
+    base_role=BaseRole.LARGE,
+)
+
+
 @dataclass
 class ToyMethod:
     name: str = "pftt"
     aggregations: int = 0  # rounds aggregated by this (server-side) instance
+    behaviour: ClassVar[Behaviour] = TOY_BEHAVIOUR
 
     def init_global(self, *, base_model: ModelInfo, seed: int) -> Params:
         a, b = keys(GLOBAL_MODULE)

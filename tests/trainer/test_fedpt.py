@@ -17,7 +17,7 @@ from fedpersona.adapters import AdapterStore, Slot
 from fedpersona.service.proxy_tuning.experts import ExpertLibrary, ExpertRef, load_small_model
 from fedpersona.trainer.data.personas import write_silos
 from fedpersona.trainer.methods import get_method
-from fedpersona.trainer.methods.base import LoraSpec, TrainConfig
+from fedpersona.trainer.methods.base import BaseRole, LoraSpec, TrainConfig
 from fedpersona.trainer.methods.fedpt import FedPT, params_nbytes, publish_experts, run_fedpt
 from fedpersona.trainer.models.basemodel import ModelPair
 
@@ -33,7 +33,8 @@ def silos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_registered_as_a_method() -> None:
     method = get_method("fedpt", spec=SPEC)
-    assert isinstance(method, FedPT) and method.publishes_experts
+    assert isinstance(method, FedPT) and method.behaviour.experts
+    assert method.behaviour.base_role == BaseRole.SMALL
 
 
 def test_rounds_average_uploads_and_personal_parts_stay_local(

@@ -1,14 +1,18 @@
 """`fedpersona eval`: per-user held-out perplexity of the base model and of each method.
 
-    fedpersona eval --home DIR --rounds 3 [--methods base,fedavg,local,pftt,perfit] [--users ...]
+    fedpersona eval --home DIR --rounds 3 [--methods base,fedavg,pftt] [--users ...]
+                    [--base-model DIR]
 
 For every method this trains a fresh federated run (Flower's Simulation Engine, the same path as
-`fedpersona train`) on the home's silos and base model, into a store of its own under
-`<out>/<method>/` so the methods never overwrite each other's served adapters; then it computes,
-for every user, the perplexity of the adapter that user is served on their `eval.jsonl`, which
-no training step ever reads (`fedpersona.trainer.learn.evaluate`). `base` is the base model without
-an adapter.
-`--no-train` re-evaluates the stores of an earlier `eval` run.
+`fedpersona train`) on the home's silos and base model (`--base-model`, default
+`<home>/models/large`), into a store of its own under `<out>/<method>/` so the methods never
+overwrite each other's served adapters; then it computes, for every user, the perplexity of the
+adapter that user is served on their `eval.jsonl`, which no training step ever reads
+(`fedpersona.trainer.learn.evaluate`). `base` is the base model without an adapter. The methods
+are every registered method whose behaviour serves each user a LoRA on the large model (FedPT's
+proxy experts are measured by `benchmarks/proxy_tuning.py`). The training flags are generated
+from `RoundSpec` (`fedpersona.trainer.commands.spec_args`). `--no-train` re-evaluates the
+stores of an earlier `eval` run.
 
 Writes `<out>/comparison.json` (per-user perplexities, means, uplink bytes per round, run ids)
 and `<out>/comparison.png`, and prints both tables.
@@ -25,12 +29,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedpersona.adapters import AdapterStore, Slot, load_lora
+from fedpersona.trainer.commands.spec_args import add_spec_arguments, comma_list, spec_from_args
+from fedpersona.trainer.flower.runconfig import RunConfig
+from fedpersona.trainer.methods import Product, behaviour_of, method_names
 from fedpersona.trainer.rounds.records import RoundSpec, RunRecords, RunState
 
 log = logging.getLogger(__name__)
 
-# The comparison of the acceptance benchmark: FedPT tunes another model and is evaluated apart.
-METHODS = ("base", "fedavg", "local", "pftt", "perfit")
+BASE = "base"  # the base model without an adapter: the reference every method is compared to
+
+
+def evaluable_methods() -> tuple[str, ...]:
+    """`base` and every registered method that serves each user a LoRA on the large model."""
+    served = tuple(n for n in method_names() if Product.SERVED in behaviour_of(n).publishes)
+    return (BASE, *served)
 
 
 @dataclass
@@ -65,25 +77,47 @@ def method_home(out: Path, method: str) -> Path:
     return out / method
 
 
-def train_method(
-    *, home: Path, out: Path, method: str, spec: RoundSpec, users: list[str], cpus: int | None
-) -> str:
-    """One fresh federated run of `method` into `<out>/<method>/store`; returns the run id."""
+def method_run_config(
+    *, home: Path, out: Path, run_id: str, spec: RoundSpec, users: list[str], base_model: Path
+) -> RunConfig:
+    """The run config of one method's fresh run: its own store and runs, the given base model."""
     from fedpersona.trainer.flower.runconfig import config_of
-    from fedpersona.trainer.flower.simulation import simulate
 
-    where = method_home(out, method)
-    runs = RunRecords(where / "runs")
-    method_spec = spec.model_copy(update={"algorithm": method})
-    status = runs.create(method_spec, users=users)
-    config = config_of(
-        method_spec,
-        run_id=status.id,
+    where = method_home(out, spec.algorithm)
+    return config_of(
+        spec,
+        run_id=run_id,
         home=home,
         users=tuple(users),
         store=where / "store",
         runs_dir=where / "runs",
+        base_model=base_model,
         resume=False,
+    )
+
+
+def train_method(
+    *,
+    home: Path,
+    out: Path,
+    method: str,
+    spec: RoundSpec,
+    users: list[str],
+    base_model: Path,
+    cpus: int | None,
+) -> str:
+    """One fresh federated run of `method` into `<out>/<method>/store`; returns the run id."""
+    from fedpersona.trainer.flower.simulation import simulate
+
+    method_spec = spec.model_copy(update={"algorithm": method})
+    status = RunRecords(method_home(out, method) / "runs").create(method_spec, users=users)
+    config = method_run_config(
+        home=home,
+        out=out,
+        run_id=status.id,
+        spec=method_spec,
+        users=users,
+        base_model=base_model,
     )
     final = simulate(config, cpus=cpus)
     if final.state != RunState.succeeded:
@@ -99,7 +133,7 @@ def evaluate_method(
     from fedpersona.trainer.learn.evaluate import perplexity
 
     base = model_info(base_model)
-    store = None if method == "base" else AdapterStore(method_home(out, method) / "store")
+    store = None if method == BASE else AdapterStore(method_home(out, method) / "store")
     result = {}
     for user in users:
         adapter = None
@@ -146,11 +180,17 @@ def compare(
         },
     )
     for method in methods:
-        if method == "base":
+        if method == BASE:
             continue
         if train:
             comparison.runs[method] = train_method(
-                home=home, out=out, method=method, spec=spec, users=users, cpus=cpus
+                home=home,
+                out=out,
+                method=method,
+                spec=spec,
+                users=users,
+                base_model=base_model,
+                cpus=cpus,
             )
         else:
             records = RunRecords(method_home(out, method) / "runs").list_all()
@@ -242,19 +282,26 @@ def render(comparison: Comparison) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = RoundSpec()
     parser.add_argument("--home", type=Path, default=None, help="fedpersona home (FEDPERSONA_HOME)")
     parser.add_argument("--out", type=Path, default=None, help="default <home>/eval")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
-    parser.add_argument("--users", default=None, help="comma-separated (default: every silo)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=defaults.local_steps)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--rank", type=int, default=defaults.rank)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--max-len", type=int, default=defaults.max_len)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--base-model", type=Path, default=None, help="default <home>/models/large")
+    parser.add_argument(
+        "--methods",
+        type=comma_list,
+        default=evaluable_methods(),
+        help=f"comma-separated (default: {','.join(evaluable_methods())})",
+    )
+    add_spec_arguments(
+        parser.add_argument_group("training (RoundSpec)"),
+        exclude={"algorithm"},
+        defaults={"rounds": 3},
+    )
+    parser.add_argument(
+        "--base-model",
+        type=Path,
+        default=None,
+        help="the large model every method trains and is evaluated on "
+        "(default <home>/models/large)",
+    )
     parser.add_argument("--cpus", type=int, default=None, help="ClientApps training at once")
     parser.add_argument("--no-train", action="store_true", help="evaluate the stores under --out")
     parser.add_argument("--json", action="store_true", help="print comparison.json to stdout")
@@ -267,23 +314,19 @@ def run(args: argparse.Namespace) -> int:
 
     home = resolve_home(args.home)
     out = (args.out or home / "eval").resolve()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    methods = list(args.methods)
+    unknown = sorted(set(methods) - set(evaluable_methods()))
     if unknown or not methods:
-        log.error("unknown methods %s; choose from %s", unknown, ", ".join(METHODS))
+        log.error(
+            "cannot evaluate methods %s; choose from %s (methods publishing proxy experts are "
+            "measured by benchmarks/proxy_tuning.py)",
+            unknown,
+            ", ".join(evaluable_methods()),
+        )
         return 2
     try:
-        users = resolve_users(home, tuple(args.users.split(",")) if args.users else None)
-        spec = RoundSpec(
-            rounds=args.rounds,
-            users=tuple(users),
-            local_steps=args.local_steps,
-            lr=args.lr,
-            rank=args.rank,
-            batch_size=args.batch_size,
-            max_len=args.max_len,
-            seed=args.seed,
-        )
+        users = resolve_users(home, args.users)
+        spec = spec_from_args(args, users=tuple(users))
         comparison = compare(
             home=home,
             out=out,

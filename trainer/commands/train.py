@@ -1,6 +1,11 @@
 """`fedpersona train`: run federated rounds and publish adapters, in the foreground.
 
     fedpersona train --algorithm pftt --rounds 3 --users alice,bob --home DIR
+    fedpersona train --algorithm fedprox --prox-mu 0.05 --rounds 3
+
+The training flags (`--algorithm`, `--rounds`, `--users`, `--local-steps`, `--lr`, `--rank`,
+`--batch-size`, `--max-len`, `--seed`, `--prox-mu`) are generated from `RoundSpec`'s fields
+(`fedpersona.trainer.commands.spec_args`); the rest say where the run lives and how it runs.
 
 Runs in Flower's Simulation Engine (one virtual SuperNode per user), or with
 `--superlink HOST:PORT` on the Deployment Engine (`fedpersona.trainer.flower.deployment`), holding
@@ -22,36 +27,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedpersona.trainer.commands.spec_args import add_spec_arguments, spec_from_args
 from fedpersona.trainer.errors import TrainerError
 from fedpersona.trainer.flower.runconfig import config_of
 from fedpersona.trainer.rounds.lock import RunLock, resolve_users
-from fedpersona.trainer.rounds.records import (
-    ALGORITHMS,
-    RoundSpec,
-    RunRecords,
-    RunState,
-    RunStatus,
-    utcnow,
-)
+from fedpersona.trainer.rounds.records import RunRecords, RunState, RunStatus, utcnow
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = RoundSpec()
     parser.add_argument("--home", type=Path, default=None, help="fedpersona home (FEDPERSONA_HOME)")
-    parser.add_argument("--algorithm", choices=ALGORITHMS, default=defaults.algorithm)
-    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    add_spec_arguments(parser.add_argument_group("training (RoundSpec)"))
     parser.add_argument(
-        "--users", default=None, help="comma-separated user ids (default: every silo)"
+        "--base-model",
+        type=Path,
+        default=None,
+        help="default <home>/models/<role>: large, or small for a method that tunes proxy experts",
     )
-    parser.add_argument("--local-steps", type=int, default=defaults.local_steps)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--rank", type=int, default=defaults.rank)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--max-len", type=int, default=defaults.max_len)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--base-model", type=Path, default=None, help="default <home>/models/large")
     parser.add_argument("--store", type=Path, default=None, help="default <home>/store")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default <home>/runs")
     parser.add_argument("--max-rank", type=int, default=16, help="the store's (= vLLM's) max rank")
@@ -85,18 +78,7 @@ def run(args: argparse.Namespace) -> int:
             status = records.read(args.run_id)
             spec, users = status.spec, status.users
         else:
-            users_arg = tuple(u.strip() for u in args.users.split(",")) if args.users else None
-            spec = RoundSpec(
-                algorithm=args.algorithm,
-                rounds=args.rounds,
-                users=users_arg,
-                local_steps=args.local_steps,
-                lr=args.lr,
-                rank=args.rank,
-                batch_size=args.batch_size,
-                max_len=args.max_len,
-                seed=args.seed,
-            )
+            spec = spec_from_args(args)
             if args.superlink:  # the silos live on the SuperNodes, not under this home
                 if not spec.users:
                     raise ValueError("--superlink needs --users (the users the SuperNodes serve)")

@@ -75,7 +75,7 @@ def model_info(path: Path) -> ModelInfo:
 
 def default_method(config: RunConfig) -> Method:
     """The method a run config names, with its LoRA rank (alpha = 2 * rank)."""
-    return _cached_method(config.algorithm, config.rank)
+    return _cached_method(config.spec.algorithm, config.spec.rank)
 
 
 @lru_cache(maxsize=4)
@@ -87,16 +87,15 @@ def _cached_method(algorithm: str, rank: int) -> Method:
 
 def train_config(config: RunConfig, *, round_idx: int, user: str) -> TrainConfig:
     # A different, reproducible seed per user and round.
-    seed = int(
-        np.random.SeedSequence([config.seed, round_idx, *user.encode()]).generate_state(1)[0]
-    )
+    spec = config.spec
+    seed = int(np.random.SeedSequence([spec.seed, round_idx, *user.encode()]).generate_state(1)[0])
     return TrainConfig(
-        steps=config.local_steps,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        max_len=config.max_len,
+        steps=spec.local_steps,
+        lr=spec.lr,
+        batch_size=spec.batch_size,
+        max_len=spec.max_len,
         seed=seed % (2**31),
-        prox_mu=config.prox_mu,
+        prox_mu=spec.prox_mu,
     )
 
 
@@ -123,15 +122,15 @@ def run_server(
         method = method_factory(config)
         base = model_info(config.base_model)
         store = AdapterStore(config.store, max_rank=config.max_rank)
-        checkpoint = Checkpoint(config.runs_dir / "checkpoints" / f"{config.algorithm}.npz")
-        initial = method.init_global(base_model=base, seed=config.seed)
+        checkpoint = Checkpoint(config.runs_dir / "checkpoints" / f"{config.spec.algorithm}.npz")
+        initial = method.init_global(base_model=base, seed=config.spec.seed)
         if config.resume:
             initial = checkpoint.load(like=initial) or initial
         publisher = RoundPublisher(
             store=store,
             method=method,
             base_model=base,
-            algorithm=config.algorithm,
+            algorithm=config.spec.algorithm,
             run_id=config.run_id,
             staging_root=config.runs_dir / "staging" / config.run_id,
             on_published=lambda _round, params: checkpoint.save(params),
@@ -147,7 +146,7 @@ def run_server(
         strategy.start(
             grid=grid,
             initial_arrays=to_record(initial),
-            num_rounds=config.rounds,
+            num_rounds=config.spec.rounds,
             timeout=config.round_timeout,
         )
     except Exception as e:
@@ -191,7 +190,7 @@ def run_client(
     round_idx = int(message.content.config_records[CONFIG_KEY]["server-round"])  # type: ignore[arg-type]
     global_params = from_record(message.content.array_records[GLOBAL_KEY])
 
-    states = ClientState(context, node.silo, config.algorithm)
+    states = ClientState(context, node.silo, config.spec.algorithm)
     update = method.client_update(
         base_model=base,
         silo=node.silo,

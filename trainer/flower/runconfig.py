@@ -2,21 +2,26 @@
 
 Flower hands a ServerApp/ClientApp flat `{str: scalar}` mappings (`context.run_config`,
 `context.node_config`). Everything the apps need is read here, with defaults resolved against
-the home directory, so no code deeper down looks up `run_config["..."]` by itself. The same keys
-are the `[tool.flwr.app.config]` of the Deployment Engine app
-(`trainer/flower/flwr_app/pyproject.toml`)
-and what `RunConfig.to_flower` writes for `flwr run --run-config`.
+the home directory, so no code deeper down looks up `run_config["..."]` by itself. Settings flow
+one way: a `RoundSpec` (what to train: the API's JSON, the CLI's flags) becomes `RunConfig.spec`,
+next to where this run lives (`home`, `store`, `base_model`, `runs_dir`) and how it waits for
+nodes; `to_flower` flattens both into the keys of the Deployment Engine app's
+`[tool.flwr.app.config]` (`trainer/flower/flwr_app/pyproject.toml`), and `from_flower` parses
+them back (pydantic validates the spec's part). The base model defaults to
+`<home>/models/<role>`, the role the method's behaviour declares.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fedpersona.adapters import InvalidName, validate_user_id
-from fedpersona.trainer.errors import ConfigError
-from fedpersona.trainer.rounds.records import ALGORITHMS, RoundSpec, check_run_id
+from fedpersona.trainer.errors import ConfigError, MethodError
+from fedpersona.trainer.methods import behaviour_of
+from fedpersona.trainer.rounds.records import RoundSpec, check_run_id
+from pydantic import ValidationError
 
 Scalar = bool | int | float | str | bytes
 
@@ -26,20 +31,11 @@ class RunConfig:
     """Settings of one run, identical on the server and on every client."""
 
     run_id: str
-    algorithm: str
+    spec: RoundSpec
     home: Path
     store: Path
     base_model: Path
     runs_dir: Path
-    rounds: int = 1
-    users: tuple[str, ...] = ()
-    local_steps: int = 8
-    lr: float = 2e-3
-    batch_size: int = 4
-    max_len: int = 128
-    rank: int = 8
-    seed: int = 0
-    prox_mu: float = 0.0
     max_rank: int = 16
     min_nodes: int = 0
     round_timeout: float = 3600.0
@@ -47,18 +43,17 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_run_id(self.run_id)
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        for name in ("rounds", "local_steps", "batch_size", "max_len", "rank", "max_rank"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        for user in self.users:
-            try:
-                validate_user_id(user)
-            except InvalidName as e:
-                raise ConfigError(f"users: {e}") from e
+        if self.max_rank < 1:
+            raise ConfigError(f"max_rank must be at least 1, got {self.max_rank}")
+        if self.min_nodes < 0:
+            raise ConfigError(f"min_nodes must be >= 0, got {self.min_nodes}")
+        if not self.round_timeout > 0:
+            raise ConfigError(f"round_timeout must be positive, got {self.round_timeout}")
+
+    @property
+    def users(self) -> tuple[str, ...]:
+        """The users this run trains (its spec names them; empty: the SuperNodes say)."""
+        return self.spec.users or ()
 
     @property
     def expected_nodes(self) -> int:
@@ -71,66 +66,87 @@ class RunConfig:
         # Empty strings are the Flower App's "unset" defaults
         # (trainer/flower/flwr_app/pyproject.toml).
         values = {k.replace("-", "_"): v for k, v in config.items() if v != ""}
-        unknown = set(values) - {f.name for f in fields(cls)}
+        own = {f.name for f in fields(cls)} - {"spec"}
+        unknown = set(values) - own - set(RoundSpec.model_fields)
         if unknown:
             raise ConfigError(f"unknown run config keys: {sorted(unknown)}")
         if "home" not in values or "run_id" not in values or "algorithm" not in values:
             raise ConfigError("run config needs at least home, run-id and algorithm")
+        spec = _spec({k: v for k, v in values.items() if k in RoundSpec.model_fields})
         home = Path(str(values["home"]))
-        kwargs: dict[str, object] = {}
-        for f in fields(cls):
-            if f.name not in values:
-                continue
-            raw = values[f.name]
-            try:
-                kwargs[f.name] = _convert(f.name, raw)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"run config {f.name.replace('_', '-')}={raw!r}: {e}") from e
-        kwargs["home"] = home
-        for name, default in (
-            ("store", home / "store"),
-            # FedPT tunes the small model (its experts steer the large one at serving time).
-            (
-                "base_model",
-                home / "models" / ("small" if values["algorithm"] == "fedpt" else "large"),
-            ),
-            ("runs_dir", home / "runs"),
+        try:
+            role = behaviour_of(spec.algorithm).base_role
+        except MethodError as e:
+            raise ConfigError(f"run config algorithm: {e}") from e
+        paths = {
+            "store": home / "store",
+            "base_model": home / "models" / role.value,
+            "runs_dir": home / "runs",
+        }
+        kwargs: dict[str, object] = {
+            name: Path(str(values[name])) if name in values else default
+            for name, default in paths.items()
+        }
+        for name, parse in (
+            ("max_rank", _integer),
+            ("min_nodes", _integer),
+            ("round_timeout", float),
+            ("resume", _boolean),
         ):
-            value = kwargs.get(name)
-            kwargs[name] = Path(str(value)) if value not in (None, "") else default
-        return cls(**kwargs)  # type: ignore[arg-type]
+            if name in values:
+                try:
+                    kwargs[name] = parse(values[name])  # type: ignore[operator]
+                except (TypeError, ValueError) as e:
+                    key = name.replace("_", "-")
+                    raise ConfigError(f"run config {key}={values[name]!r}: {e}") from e
+        return cls(run_id=str(values["run_id"]), spec=spec, home=home, **kwargs)  # type: ignore[arg-type]
 
     def to_flower(self) -> dict[str, Scalar]:
         """The inverse of `from_flower`: flat, dash-separated, scalar values."""
-        out: dict[str, Scalar] = {}
-        for key, value in asdict(self).items():
-            if isinstance(value, Path):
-                value = str(value)
-            elif isinstance(value, tuple):
-                value = ",".join(value)
-            out[key.replace("_", "-")] = value
+        out: dict[str, Scalar] = {"run-id": self.run_id, **_flat_spec(self.spec)}
+        for f in fields(self):
+            if f.name in ("run_id", "spec"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = str(value) if isinstance(value, Path) else value
         return out
 
 
-_INT = {"rounds", "local_steps", "batch_size", "max_len", "rank", "seed", "max_rank", "min_nodes"}
-_FLOAT = {"lr", "prox_mu", "round_timeout"}
+def _flat_spec(spec: RoundSpec) -> dict[str, Scalar]:
+    """A spec as run config keys (dashes; users comma-separated, empty for all)."""
+    out: dict[str, Scalar] = {}
+    for key, value in spec.model_dump().items():
+        if key == "users":
+            value = ",".join(value or ())
+        out[key.replace("_", "-")] = value
+    return out
 
 
-def _convert(name: str, raw: Scalar) -> object:
-    if name in _INT:
-        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-            raise ValueError("expected an integer")
-        return int(raw)  # type: ignore[arg-type]
-    if name in _FLOAT:
-        return float(raw)  # type: ignore[arg-type]
-    if name == "resume":
-        if isinstance(raw, str):
-            return raw.lower() in ("1", "true", "yes")
-        return bool(raw)
-    if name == "users":
-        text = str(raw).strip()
-        return tuple(u.strip() for u in text.split(",") if u.strip()) if text else ()
-    return str(raw)
+def _spec(values: Mapping[str, Scalar]) -> RoundSpec:
+    values = dict(values)
+    if "users" in values:
+        text = str(values["users"]).strip()
+        values["users"] = tuple(u.strip() for u in text.split(",") if u.strip()) or None  # type: ignore[assignment]
+    try:
+        return RoundSpec.model_validate(values)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise ConfigError(f"run config: {problems}") from e
+
+
+def _integer(raw: Scalar) -> int:
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise ValueError("expected an integer")
+    return int(raw)  # type: ignore[arg-type]
+
+
+def _boolean(raw: Scalar) -> bool:
+    if isinstance(raw, str):
+        return raw.lower() in ("1", "true", "yes")
+    return bool(raw)
 
 
 @dataclass(frozen=True)
@@ -177,36 +193,19 @@ class NodeIdentity:
 
 def spec_of(config: RunConfig) -> RoundSpec:
     """The `RoundSpec` a run config carries out (for records of runs started by `flwr run`)."""
-    return RoundSpec(
-        algorithm=config.algorithm,  # type: ignore[arg-type]
-        rounds=config.rounds,
-        users=config.users or None,
-        local_steps=config.local_steps,
-        lr=config.lr,
-        rank=config.rank,
-        batch_size=config.batch_size,
-        max_len=config.max_len,
-        seed=config.seed,
-    )
+    return config.spec
 
 
 def config_of(
     spec: RoundSpec, *, run_id: str, home: Path, users: tuple[str, ...], **overrides: object
 ) -> RunConfig:
-    """The run config that carries out `spec` for `users` under `home`."""
-    values: dict[str, Scalar] = {
-        "run-id": run_id,
-        "home": str(home),
-        "algorithm": spec.algorithm,
-        "rounds": spec.rounds,
-        "users": ",".join(users),
-        "local-steps": spec.local_steps,
-        "lr": spec.lr,
-        "rank": spec.rank,
-        "batch-size": spec.batch_size,
-        "max-len": spec.max_len,
-        "seed": spec.seed,
-    }
+    """The run config that carries out `spec` for `users` under `home`.
+
+    `overrides` set the run config's own keys (`store`, `base_model`, `runs_dir`, `max_rank`,
+    `min_nodes`, `round_timeout`, `resume`); None keeps the default.
+    """
+    resolved = spec.model_copy(update={"users": tuple(users) or None})
+    values: dict[str, Scalar] = {"run-id": run_id, "home": str(home), **_flat_spec(resolved)}
     for key, value in overrides.items():
         if value is not None:
             values[key.replace("_", "-")] = str(value) if isinstance(value, Path) else value  # type: ignore[assignment]

@@ -26,7 +26,7 @@ import torch
 from fedpersona.adapters import LoraAdapter
 from fedpersona.trainer.data.silo import Example, batch_order, collate
 from fedpersona.trainer.errors import MethodError
-from fedpersona.trainer.methods.base import LoraSpec, Params, TrainConfig
+from fedpersona.trainer.methods.base import LoraSpec, Params, TrainConfig, adapter_from_params
 from fedpersona.trainer.models.basemodel import ModelInfo
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,20 +76,6 @@ def lora_config(spec: LoraSpec) -> LoraConfig:
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
-    )
-
-
-def adapter_from_params(params: Params, *, spec: LoraSpec, base_model: str) -> LoraAdapter:
-    """A servable `LoraAdapter` from PEFT-keyed arrays (copies the data)."""
-    tensors = {
-        key: torch.tensor(np.asarray(value, dtype=np.float32)) for key, value in params.items()
-    }
-    return LoraAdapter(
-        r=spec.rank,
-        alpha=spec.alpha,
-        target_modules=spec.target_modules,
-        base_model=base_model,
-        tensors=tensors,
     )
 
 

@@ -1,4 +1,5 @@
-"""The contract every federated method implements, and the value types it exchanges.
+"""The contract every federated method implements, what it declares about itself, and the
+shared client-update template.
 
 A method splits one federated round into pure pieces that a driver (the Flower apps, a test, a
 benchmark) calls in order:
@@ -9,21 +10,35 @@ benchmark) calls in order:
     adapter = method.served_adapter(global_params=global, state=s_u')    # what user u is served
 
 `ClientUpdate.upload` is exactly what leaves the client; `ClientUpdate.state` never does (the
-driver keeps it on the client, e.g. in Flower's `context.state`). This module holds no training
-code and imports no torch model code.
+driver keeps it on the client, e.g. in Flower's `context.state`). Every method also declares its
+`Behaviour`: what it uploads, what a round publishes (and so to which store slots) and which base
+model it trains (the large, served one or the small proxy). Drivers read the behaviour and never
+branch on a method's name.
+
+`LoraMethod` is the template the built-in methods share: one local session of named LoRAs per
+client round, FedProx on the shared LoRA, deterministic batch order; a method fills in only what
+its round makes of the trained session. The training code (torch, PEFT, transformers) is imported
+when a client round runs, so importing a method (to list it, read its behaviour or aggregate) does
+not load it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
-from fedpersona.adapters import LoraAdapter
+from fedpersona.adapters import Slot
 from fedpersona.trainer.errors import MethodError
-from fedpersona.trainer.models.basemodel import ModelInfo
+
+if TYPE_CHECKING:
+    from fedpersona.adapters import LoraAdapter
+    from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession
+    from fedpersona.trainer.models.basemodel import ModelInfo
 
 # PEFT key names ("<module>.lora_A.weight" / ".lora_B.weight") -> float32 arrays. PerFIT uploads
 # additionally carry "<key>.mask" bit-packed uint8 arrays (see trainer/methods/perfit.py).
@@ -94,10 +109,76 @@ class ClientUpdate:
     served: LoraAdapter  # this user's servable adapter after this round's local training
 
 
+class BaseRole(StrEnum):
+    """Which base model a method trains (`<home>/models/<role>`)."""
+
+    LARGE = "large"  # the served model: the method's LoRAs are served by vLLM on it
+    SMALL = "small"  # the proxy model: the method's LoRAs steer the large one as experts
+
+
+class Shares(StrEnum):
+    """What a client uploads each round."""
+
+    NOTHING = "nothing"  # the upload is empty (local-only)
+    LORA = "lora"  # the whole trained LoRA (FedAvg, FedProx, FedPT)
+    GLOBAL_LORA = "global-lora"  # only the global one of its LoRAs (PFTT)
+    SPARSE_LORA = "sparse-lora"  # the kept entries of a pruned LoRA and its bit mask (PerFIT)
+
+
+class Product(StrEnum):
+    """What a round publishes to the store."""
+
+    GLOBAL = "global"  # the new global part, once per round
+    SERVED = "served"  # per participant: the LoRA vLLM serves them (`users/<u>/served`)
+    PERSONAL = "personal"  # per participant: their personal LoRA, published by the client itself
+    EXPERTS = "experts"  # global and per-user parts as proxy-tuning experts, not served LoRAs
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What a method shares, publishes and trains on; drivers read this, never the name.
+
+    A round publishes, per participant, exactly one of a served LoRA (`SERVED`, on the large
+    model) or an expert (`EXPERTS`, on the small model); `GLOBAL` adds the global part.
+    """
+
+    shares: Shares
+    publishes: frozenset[Product]
+    base_role: BaseRole
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "publishes", frozenset(self.publishes))
+        per_user = {Product.SERVED, Product.EXPERTS} & self.publishes
+        if len(per_user) != 1:
+            raise MethodError(
+                f"a method publishes exactly one of served or experts per user, got {per_user}"
+            )
+        needed = BaseRole.SMALL if Product.EXPERTS in self.publishes else BaseRole.LARGE
+        if self.base_role != needed:
+            raise MethodError(f"a method publishing {per_user} trains the {needed} model")
+
+    @property
+    def experts(self) -> bool:
+        return Product.EXPERTS in self.publishes
+
+    def global_slot(self, method: str) -> Slot | None:
+        """Where a round's global part goes (None: the method has none)."""
+        if Product.GLOBAL not in self.publishes:
+            return None
+        return Slot.global_expert() if self.experts else Slot.global_adapter(method)
+
+    def user_slot(self, user: str) -> Slot:
+        """Where a participant's adapter goes: their served LoRA or their expert."""
+        return Slot.user_expert(user) if self.experts else Slot.user_served(user)
+
+
 class Method(Protocol):
-    """One federated method (FedAvg, local-only, PFTT, PerFIT)."""
+    """One federated method (FedAvg, FedProx, local-only, PFTT, PerFIT, FedPT)."""
 
     name: str
+
+    @property
+    def behaviour(self) -> Behaviour: ...
 
     def init_global(self, *, base_model: ModelInfo, seed: int) -> Params: ...
 
@@ -118,6 +199,11 @@ class Method(Protocol):
         self, *, base_model: ModelInfo, global_params: Params, state: Params
     ) -> LoraAdapter: ...
 
+    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter:
+        """The user's personal LoRA alone (for `users/<u>/personal`); only called for methods
+        whose behaviour publishes `Product.PERSONAL`, with a non-empty state."""
+        ...
+
 
 def order_seed(config: TrainConfig, *, round_idx: int, silo: Path) -> tuple[int, ...]:
     """Seed words for one client's batch order: run seed, round and a stable hash of the silo.
@@ -126,3 +212,140 @@ def order_seed(config: TrainConfig, *, round_idx: int, silo: Path) -> tuple[int,
     """
     digest = hashlib.sha256(Path(silo).name.encode("utf-8")).digest()
     return (config.seed, round_idx, int.from_bytes(digest[:8], "big"))
+
+
+def adapter_from_params(params: Params, *, spec: LoraSpec, base_model: str) -> LoraAdapter:
+    """A servable `LoraAdapter` from PEFT-keyed arrays (copies the data)."""
+    import torch
+    from fedpersona.adapters import LoraAdapter
+
+    tensors = {
+        key: torch.tensor(np.asarray(value, dtype=np.float32)) for key, value in params.items()
+    }
+    return LoraAdapter(
+        r=spec.rank,
+        alpha=spec.alpha,
+        target_modules=spec.target_modules,
+        base_model=base_model,
+        tensors=tensors,
+    )
+
+
+# ------------------------------------------------------------------------ client template
+
+
+@dataclass
+class LocalRound:
+    """One client's round in progress: its inputs and the trained session (`LoraMethod`)."""
+
+    base_model: ModelInfo
+    silo: Path
+    global_params: Params
+    state: Params
+    config: TrainConfig
+    round_idx: int
+    session: LoraSession
+    trainer: LocalTrainer
+
+
+@dataclass
+class LocalResult:
+    """What a method makes of a trained session: the `ClientUpdate` less what the template adds."""
+
+    upload: Params
+    state: Params
+    served: LoraAdapter
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LoraMethod:
+    """The client-update template: named LoRAs trained jointly on one local session.
+
+    A subclass names its LoRAs (`loras`, all trained, in a fixed order that seeds their
+    initialization), which one starts from the global params and carries the FedProx term
+    (`SHARED`, None: nothing shared), which one starts from the client state (`KEPT`), and what
+    a trained round yields (`finish`; it may train further, e.g. PerFIT's pruning search). The
+    template loads the session and the user's chats, trains `config.steps` steps unless
+    `finish` trains itself (`TRAINS_ITSELF`), and assembles the `ClientUpdate`.
+    """
+
+    name: str
+    spec: LoraSpec
+    prox_mu: float = 0.0
+    SHARED: ClassVar[str | None] = None
+    KEPT: ClassVar[str | None] = None
+    TRAINS_ITSELF: ClassVar[bool] = False
+
+    def loras(self) -> dict[str, LoraSpec]:
+        raise NotImplementedError
+
+    def finish(self, local: LocalRound) -> LocalResult:
+        raise NotImplementedError
+
+    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter:
+        raise MethodError(f"{self.name}: keeps no personal LoRA")
+
+    def proximal_mu(self, config: TrainConfig) -> float:
+        """The FedProx coefficient of a round: the run's (`config.prox_mu`) if set, else ours."""
+        return config.prox_mu if config.prox_mu > 0 else self.prox_mu
+
+    def adapter(self, params: Params, spec: LoraSpec, base_model: ModelInfo) -> LoraAdapter:
+        return adapter_from_params(params, spec=spec, base_model=base_model.name)
+
+    def client_update(
+        self,
+        *,
+        base_model: ModelInfo,
+        silo: Path,
+        global_params: Params,
+        state: Params,
+        config: TrainConfig,
+        round_idx: int,
+    ) -> ClientUpdate:
+        # Imported here: torch, PEFT and transformers load only where a client trains.
+        from fedpersona.trainer.data.silo import load_examples
+        from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession
+
+        loras = self.loras()
+        session = LoraSession(base_model, loras, seed=config.seed)
+        if self.SHARED is not None:
+            session.write(self.SHARED, global_params)
+        if self.KEPT is not None and state:
+            # A first round starts from the session's seeded initialization instead.
+            session.write(self.KEPT, state)
+        examples = load_examples(silo, "train", session.tokenizer, max_len=config.max_len)
+        prox: dict[str, Params] | None = None
+        extra: dict[str, float] = {}
+        if self.SHARED is not None:
+            mu = self.proximal_mu(config)
+            config = dataclasses.replace(config, prox_mu=mu)
+            prox = {self.SHARED: global_params}
+            extra["prox_mu"] = mu
+        trainer = LocalTrainer(
+            session,
+            examples,
+            config=config,
+            adapters=list(loras),
+            order_seed=order_seed(config, round_idx=round_idx, silo=silo),
+            prox=prox,
+        )
+        if not self.TRAINS_ITSELF:
+            trainer.run(config.steps)
+        local = LocalRound(
+            base_model=base_model,
+            silo=silo,
+            global_params=global_params,
+            state=state,
+            config=config,
+            round_idx=round_idx,
+            session=session,
+            trainer=trainer,
+        )
+        result = self.finish(local)
+        return ClientUpdate(
+            upload=result.upload,
+            num_examples=len(examples),
+            metrics={**trainer.metrics(), **extra, **result.metrics},
+            state=result.state,
+            served=result.served,
+        )

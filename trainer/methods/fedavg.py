@@ -3,43 +3,53 @@
 Each client starts from the global LoRA, trains it on its own chats and uploads all of it; the
 server replaces the global by the example-weighted mean. With a proximal coefficient `mu > 0`
 local training adds `mu / 2 * ||w - w_global||^2` (FedProx, Li et al. 2020), which keeps
-clients with very different data from drifting far from the global model. A user is served the
-global LoRA (after local training: their locally trained copy). Nothing stays on the client.
+clients with very different data from drifting far from the global model; the registry's
+`fedprox` is this class with `prox_mu = 0.01`. A user is served the global LoRA (after local
+training: their locally trained copy). Nothing stays on the client.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
-from fedpersona.adapters import LoraAdapter
-from fedpersona.trainer.data.silo import load_examples
 from fedpersona.trainer.errors import MethodError
-from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession, adapter_from_params
 from fedpersona.trainer.methods.aggregation import weighted_mean
 from fedpersona.trainer.methods.base import (
     DEFAULT_MAX_RANK,
     DEFAULT_SPEC,
-    ClientUpdate,
+    BaseRole,
+    Behaviour,
+    LocalResult,
+    LocalRound,
+    LoraMethod,
     LoraSpec,
     Params,
-    TrainConfig,
-    order_seed,
+    Product,
+    Shares,
 )
-from fedpersona.trainer.models.basemodel import ModelInfo
+
+if TYPE_CHECKING:
+    from fedpersona.adapters import LoraAdapter
+    from fedpersona.trainer.models.basemodel import ModelInfo
 
 SHARED = "shared"
 
 
 @dataclass(frozen=True)
-class FedAvg:
+class FedAvg(LoraMethod):
     """FedAvg over one LoRA; `prox_mu` > 0 makes it FedProx (a `TrainConfig.prox_mu` > 0 wins)."""
 
     spec: LoraSpec = DEFAULT_SPEC
     prox_mu: float = 0.0
     max_rank: int = DEFAULT_MAX_RANK
     name: str = "fedavg"
+    SHARED: ClassVar[str | None] = SHARED
+    behaviour: ClassVar[Behaviour] = Behaviour(  # type: ignore[misc]
+        shares=Shares.LORA,
+        publishes=frozenset({Product.GLOBAL, Product.SERVED}),
+        base_role=BaseRole.LARGE,
+    )
 
     def __post_init__(self) -> None:
         if self.spec.rank > self.max_rank:
@@ -47,42 +57,18 @@ class FedAvg:
         if not self.prox_mu >= 0:
             raise MethodError(f"prox_mu must be >= 0, got {self.prox_mu!r}")
 
-    def _mu(self, config: TrainConfig) -> float:
-        return config.prox_mu if config.prox_mu > 0 else self.prox_mu
+    def loras(self) -> dict[str, LoraSpec]:
+        return {SHARED: self.spec}
 
     def init_global(self, *, base_model: ModelInfo, seed: int) -> Params:
-        return LoraSession(base_model, {SHARED: self.spec}, seed=seed).read(SHARED)
+        from fedpersona.trainer.learn.lora_train import LoraSession
 
-    def client_update(
-        self,
-        *,
-        base_model: ModelInfo,
-        silo: Path,
-        global_params: Params,
-        state: Params,
-        config: TrainConfig,
-        round_idx: int,
-    ) -> ClientUpdate:
-        session = LoraSession(base_model, {SHARED: self.spec}, seed=config.seed)
-        session.write(SHARED, global_params)
-        examples = load_examples(silo, "train", session.tokenizer, max_len=config.max_len)
-        mu = self._mu(config)
-        trainer = LocalTrainer(
-            session,
-            examples,
-            config=dataclasses.replace(config, prox_mu=mu),
-            adapters=[SHARED],
-            order_seed=order_seed(config, round_idx=round_idx, silo=silo),
-            prox={SHARED: global_params},
-        )
-        trainer.run(config.steps)
-        upload = session.read(SHARED)
-        return ClientUpdate(
-            upload=upload,
-            num_examples=len(examples),
-            metrics={**trainer.metrics(), "prox_mu": mu},
-            state={},
-            served=adapter_from_params(upload, spec=self.spec, base_model=base_model.name),
+        return LoraSession(base_model, self.loras(), seed=seed).read(SHARED)
+
+    def finish(self, local: LocalRound) -> LocalResult:
+        upload = local.session.read(SHARED)
+        return LocalResult(
+            upload=upload, state={}, served=self.adapter(upload, self.spec, local.base_model)
         )
 
     def aggregate(self, *, previous: Params, results: list[tuple[Params, int]]) -> Params:
@@ -91,4 +77,4 @@ class FedAvg:
     def served_adapter(
         self, *, base_model: ModelInfo, global_params: Params, state: Params
     ) -> LoraAdapter:
-        return adapter_from_params(global_params, spec=self.spec, base_model=base_model.name)
+        return self.adapter(global_params, self.spec, base_model)

@@ -1,17 +1,16 @@
 """FedPT (federated proxy-tuning, arXiv 2410.00362): federated LoRA tuning of the SMALL model.
 
 Users run FedAvg over one LoRA on the small base model (cheap on a client: a fraction of the
-large model's compute, memory and upload). The result is never merged into the large model:
-it is published as proxy experts (`Slot.global_expert()`, and per user `Slot.user_expert(u)`),
+large model's compute, memory and upload). The result is never merged into the large model: its
+behaviour publishes proxy experts (`Slot.global_expert()`, and per user `Slot.user_expert(u)`),
 and at serving time vLLM's logits processor adds `alpha * (expert(x) - small(x))` to the large
 model's logits (`service/proxy_tuning/`).
 
 Two ways in:
-- `FedPT`, a `fedpersona.trainer.methods.Method` (registered as `get_method("fedpt")`): FedAvg on
-the small
-  model, plus an optional personal part (`personal_steps` > 0: after its shared training each
-  client keeps fine-tuning a private copy, which becomes its own expert and is never uploaded).
-  Drivers publish its adapters to the expert slots (`expert_slots`).
+- `FedPT`, registered as `get_method("fedpt")`: `FedAvg` on the small model, plus an optional
+  personal part (`personal_steps` > 0: after its shared training each client keeps fine-tuning
+  a private copy, which becomes its own expert and is never uploaded). The Flower apps run it
+  like every other method; its `behaviour` tells them the base model and the slots.
 - `run_fedpt` / `publish_experts`: the same rounds in-process (no Flower), for tests,
   benchmarks and scripts; personal experts are the final global fine-tuned on each user's data.
 
@@ -25,35 +24,43 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
-from fedpersona.adapters import AdapterStore, LoraAdapter, Slot
-from fedpersona.trainer.data.silo import load_examples
+from fedpersona.adapters import AdapterStore, Slot
 from fedpersona.trainer.errors import MethodError
-from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession, adapter_from_params
-from fedpersona.trainer.methods.aggregation import weighted_mean
 from fedpersona.trainer.methods.base import (
-    DEFAULT_SPEC,
-    ClientUpdate,
+    BaseRole,
+    Behaviour,
+    LocalResult,
+    LocalRound,
     LoraSpec,
     Params,
+    Product,
+    Shares,
     TrainConfig,
+    adapter_from_params,
     order_seed,
 )
-from fedpersona.trainer.methods.fedavg import FedAvg
-from fedpersona.trainer.models.basemodel import ModelInfo
+from fedpersona.trainer.methods.fedavg import SHARED, FedAvg
+
+if TYPE_CHECKING:
+    from fedpersona.adapters import LoraAdapter
+    from fedpersona.trainer.models.basemodel import ModelInfo
 
 log = logging.getLogger(__name__)
 
-SHARED = "shared"
 # Experts are never served by vLLM as LoRAs (they are merged into the small model by the
 # logits processor), so vLLM's --max-lora-rank does not bound them; the processor's does.
 EXPERT_MAX_RANK = 64
 
 
 def expert_slots(users: list[str]) -> tuple[Slot, dict[str, Slot]]:
-    """Where FedPT publishes: the global expert and each user's expert."""
-    return Slot.global_expert(), {u: Slot.user_expert(u) for u in users}
+    """Where FedPT publishes (its behaviour's slots): the global expert and each user's."""
+    method = FedPT()
+    global_slot = method.behaviour.global_slot(method.name)
+    if global_slot is None:
+        raise MethodError("fedpt: its behaviour names no global expert slot")
+    return global_slot, {u: method.behaviour.user_slot(u) for u in users}
 
 
 def params_nbytes(params: Mapping[str, object]) -> int:
@@ -62,73 +69,59 @@ def params_nbytes(params: Mapping[str, object]) -> int:
 
 
 @dataclass(frozen=True)
-class FedPT:
+class FedPT(FedAvg):
     """FedAvg of one LoRA on the small model, published as proxy experts."""
 
-    spec: LoraSpec = DEFAULT_SPEC
     personal_steps: int = 0
     max_rank: int = EXPERT_MAX_RANK
     name: str = "fedpt"
-    # Drivers: publish to the expert slots and train on the small base model.
-    publishes_experts: ClassVar[bool] = True
-    base_role: ClassVar[str] = "small"
 
     def __post_init__(self) -> None:
         if self.personal_steps < 0:
             raise MethodError(f"personal_steps must be >= 0, got {self.personal_steps}")
         if self.spec.rank > self.max_rank:
             raise MethodError(f"rank {self.spec.rank} exceeds the expert maximum {self.max_rank}")
+        if not self.prox_mu >= 0:
+            raise MethodError(f"prox_mu must be >= 0, got {self.prox_mu!r}")
 
-    @property
-    def _fedavg(self) -> FedAvg:
-        return FedAvg(spec=self.spec, max_rank=self.max_rank, name=self.name)
-
-    def init_global(self, *, base_model: ModelInfo, seed: int) -> Params:
-        return self._fedavg.init_global(base_model=base_model, seed=seed)
-
-    def client_update(
-        self,
-        *,
-        base_model: ModelInfo,
-        silo: Path,
-        global_params: Params,
-        state: Params,
-        config: TrainConfig,
-        round_idx: int,
-    ) -> ClientUpdate:
-        update = self._fedavg.client_update(
-            base_model=base_model,
-            silo=silo,
-            global_params=global_params,
-            state=state,
-            config=config,
-            round_idx=round_idx,
+    @property  # type: ignore[override]
+    def behaviour(self) -> Behaviour:
+        publishes = {Product.GLOBAL, Product.EXPERTS}
+        if self.personal_steps > 0:
+            publishes.add(Product.PERSONAL)
+        return Behaviour(
+            shares=Shares.LORA, publishes=frozenset(publishes), base_role=BaseRole.SMALL
         )
+
+    def finish(self, local: LocalRound) -> LocalResult:
+        shared = super().finish(local)
         if self.personal_steps == 0:
-            return update
+            return shared
         personal, metrics = personalize(
-            base_model=base_model,
-            silo=silo,
-            start=update.upload,
+            base_model=local.base_model,
+            silo=local.silo,
+            start=shared.upload,
             spec=self.spec,
-            config=config,
+            config=local.config,
             steps=self.personal_steps,
-            round_idx=round_idx,
+            round_idx=local.round_idx,
         )
-        update.state = personal
-        update.served = adapter_from_params(personal, spec=self.spec, base_model=base_model.name)
-        update.metrics = {**update.metrics, **{f"personal_{k}": v for k, v in metrics.items()}}
-        return update
-
-    def aggregate(self, *, previous: Params, results: list[tuple[Params, int]]) -> Params:
-        return weighted_mean(results)
+        return LocalResult(
+            upload=shared.upload,
+            state=personal,
+            served=self.adapter(personal, self.spec, local.base_model),
+            metrics={f"personal_{k}": v for k, v in metrics.items()},
+        )
 
     def served_adapter(
         self, *, base_model: ModelInfo, global_params: Params, state: Params
     ) -> LoraAdapter:
         """The user's expert: their personal LoRA if they keep one, else the global one."""
-        params = state if state else global_params
-        return adapter_from_params(params, spec=self.spec, base_model=base_model.name)
+        return self.adapter(state if state else global_params, self.spec, base_model)
+
+    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter:
+        """The user's personal expert alone (for their private `users/<u>/personal` slot)."""
+        return self.adapter(state, self.spec, base_model)
 
 
 def personalize(
@@ -142,6 +135,9 @@ def personalize(
     round_idx: int = 0,
 ) -> tuple[Params, dict[str, float]]:
     """`start` fine-tuned for `steps` on the user's own chats (stays on the client)."""
+    from fedpersona.trainer.data.silo import load_examples
+    from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession
+
     session = LoraSession(base_model, {SHARED: spec}, seed=config.seed)
     session.write(SHARED, start)
     examples = load_examples(silo, "train", session.tokenizer, max_len=config.max_len)
@@ -243,7 +239,7 @@ def publish_experts(
     Fills `result.global_version` and `result.user_versions`.
     """
     global_slot, user_slots = expert_slots(users)
-    meta = {"algorithm": "fedpt", **(metadata or {})}
+    meta = {"algorithm": FedPT.name, **(metadata or {})}
     glob = adapter_from_params(result.global_params, spec=spec, base_model=small.name)
     result.global_version = store.publish_lora(global_slot, glob, metadata=meta).id
     for user, slot in user_slots.items():

@@ -2,77 +2,66 @@
 
 The upload is empty and the global parameters are empty; the user's LoRA lives in the client
 state and starts, in the first round, from the same seeded initialization FedAvg would use.
-This is the lower bound on communication and the "no collaboration" reference for the
+The client publishes it to its private `users/<u>/personal` slot and the user is served it
+alone. This is the lower bound on communication and the "no collaboration" reference for the
 personalized methods.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
-from fedpersona.adapters import LoraAdapter
-from fedpersona.trainer.data.silo import load_examples
 from fedpersona.trainer.errors import MethodError
-from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession, adapter_from_params
 from fedpersona.trainer.methods.base import (
     DEFAULT_MAX_RANK,
     DEFAULT_SPEC,
-    ClientUpdate,
+    BaseRole,
+    Behaviour,
+    LocalResult,
+    LocalRound,
+    LoraMethod,
     LoraSpec,
     Params,
-    TrainConfig,
-    order_seed,
+    Product,
+    Shares,
 )
-from fedpersona.trainer.models.basemodel import ModelInfo
+
+if TYPE_CHECKING:
+    from fedpersona.adapters import LoraAdapter
+    from fedpersona.trainer.models.basemodel import ModelInfo
 
 OWN = "own"
 
 
 @dataclass(frozen=True)
-class LocalOnly:
+class LocalOnly(LoraMethod):
     """Each user's own LoRA, trained only on their data."""
 
     spec: LoraSpec = DEFAULT_SPEC
     max_rank: int = DEFAULT_MAX_RANK
     name: str = "local"
+    KEPT: ClassVar[str | None] = OWN
+    behaviour: ClassVar[Behaviour] = Behaviour(  # type: ignore[misc]
+        shares=Shares.NOTHING,
+        publishes=frozenset({Product.SERVED, Product.PERSONAL}),
+        base_role=BaseRole.LARGE,
+    )
 
     def __post_init__(self) -> None:
         if self.spec.rank > self.max_rank:
             raise MethodError(f"rank {self.spec.rank} exceeds the served maximum {self.max_rank}")
 
+    def loras(self) -> dict[str, LoraSpec]:
+        return {OWN: self.spec}
+
     def init_global(self, *, base_model: ModelInfo, seed: int) -> Params:
         return {}
 
-    def client_update(
-        self,
-        *,
-        base_model: ModelInfo,
-        silo: Path,
-        global_params: Params,
-        state: Params,
-        config: TrainConfig,
-        round_idx: int,
-    ) -> ClientUpdate:
-        session = LoraSession(base_model, {OWN: self.spec}, seed=config.seed)
-        if state:
-            session.write(OWN, state)
-        examples = load_examples(silo, "train", session.tokenizer, max_len=config.max_len)
-        trainer = LocalTrainer(
-            session,
-            examples,
-            config=config,
-            adapters=[OWN],
-            order_seed=order_seed(config, round_idx=round_idx, silo=silo),
-        )
-        trainer.run(config.steps)
-        own = session.read(OWN)
-        return ClientUpdate(
-            upload={},
-            num_examples=len(examples),
-            metrics=trainer.metrics(),
-            state=own,
-            served=adapter_from_params(own, spec=self.spec, base_model=base_model.name),
+    def finish(self, local: LocalRound) -> LocalResult:
+        own = local.session.read(OWN)
+        return LocalResult(
+            upload={}, state=own, served=self.adapter(own, self.spec, local.base_model)
         )
 
     def aggregate(self, *, previous: Params, results: list[tuple[Params, int]]) -> Params:
@@ -86,4 +75,8 @@ class LocalOnly:
     ) -> LoraAdapter:
         if not state:
             raise MethodError("local-only: this user has not trained yet; nothing to serve")
-        return adapter_from_params(state, spec=self.spec, base_model=base_model.name)
+        return self.adapter(state, self.spec, base_model)
+
+    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter:
+        """The user's own LoRA: personal and served are the same adapter."""
+        return self.served_adapter(base_model=base_model, global_params={}, state=state)

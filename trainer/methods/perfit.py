@@ -20,24 +20,24 @@ A user without a mask yet (never trained) is served the dense global LoRA.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-from fedpersona.adapters import LoraAdapter
-from fedpersona.trainer.data.silo import load_examples
 from fedpersona.trainer.errors import MethodError
-from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession, adapter_from_params
 from fedpersona.trainer.methods.aggregation import masked_weighted_mean
 from fedpersona.trainer.methods.base import (
     DEFAULT_MAX_RANK,
     DEFAULT_SPEC,
-    ClientUpdate,
+    BaseRole,
+    Behaviour,
+    LocalResult,
+    LocalRound,
+    LoraMethod,
     LoraSpec,
     Params,
-    TrainConfig,
-    order_seed,
+    Product,
+    Shares,
 )
 from fedpersona.trainer.methods.pruning import (
     MASK_SUFFIX,
@@ -49,13 +49,17 @@ from fedpersona.trainer.methods.pruning import (
     prune_to_budget,
     unpack_sparse,
 )
-from fedpersona.trainer.models.basemodel import ModelInfo
+
+if TYPE_CHECKING:
+    from fedpersona.adapters import LoraAdapter
+    from fedpersona.trainer.learn.lora_train import LocalTrainer
+    from fedpersona.trainer.models.basemodel import ModelInfo
 
 LORA = "expanded"
 
 
 @dataclass(frozen=True)
-class PerFit:
+class PerFit(LoraMethod):
     """Expanded LoRA pruned to a personal sparse architecture; masked parameter-wise FedAvg."""
 
     spec: LoraSpec = DEFAULT_SPEC  # the parameter budget (FedAvg's LoRA)
@@ -65,6 +69,13 @@ class PerFit:
     prox_mu: float = 0.0
     max_rank: int = DEFAULT_MAX_RANK
     name: str = "perfit"
+    SHARED: ClassVar[str | None] = LORA
+    TRAINS_ITSELF: ClassVar[bool] = True  # the first round searches the architecture
+    behaviour: ClassVar[Behaviour] = Behaviour(  # type: ignore[misc]
+        shares=Shares.SPARSE_LORA,
+        publishes=frozenset({Product.GLOBAL, Product.SERVED}),
+        base_role=BaseRole.LARGE,
+    )
 
     def __post_init__(self) -> None:
         if self.expansion < 1:
@@ -91,52 +102,34 @@ class PerFit:
         total = sum(int(np.size(v)) for v in params.values())
         return total // self.expansion  # A [r_e, in] and B [out, r_e]: linear in the rank
 
-    def init_global(self, *, base_model: ModelInfo, seed: int) -> Params:
-        return LoraSession(base_model, {LORA: self.expanded}, seed=seed).read(LORA)
+    def loras(self) -> dict[str, LoraSpec]:
+        return {LORA: self.expanded}
 
-    def client_update(
-        self,
-        *,
-        base_model: ModelInfo,
-        silo: Path,
-        global_params: Params,
-        state: Params,
-        config: TrainConfig,
-        round_idx: int,
-    ) -> ClientUpdate:
-        session = LoraSession(base_model, {LORA: self.expanded}, seed=config.seed)
-        session.write(LORA, global_params)
-        examples = load_examples(silo, "train", session.tokenizer, max_len=config.max_len)
-        mu = config.prox_mu if config.prox_mu > 0 else self.prox_mu
-        trainer = LocalTrainer(
-            session,
-            examples,
-            config=dataclasses.replace(config, prox_mu=mu),
-            adapters=[LORA],
-            order_seed=order_seed(config, round_idx=round_idx, silo=silo),
-            prox={LORA: global_params},
-        )
-        budget = self.budget(global_params)
-        mask = self._mask_from_state(state, like=global_params)
+    def init_global(self, *, base_model: ModelInfo, seed: int) -> Params:
+        from fedpersona.trainer.learn.lora_train import LoraSession
+
+        return LoraSession(base_model, self.loras(), seed=seed).read(LORA)
+
+    def finish(self, local: LocalRound) -> LocalResult:
+        trainer, steps = local.trainer, local.config.steps
+        budget = self.budget(local.global_params)
+        mask = self._mask_from_state(local.state, like=local.global_params)
         searched = mask is None
         if mask is None:
-            mask = self._search(trainer, config.steps, budget=budget)
+            mask = self._search(trainer, steps, budget=budget)
         else:
             trainer.set_masks({LORA: mask})
-            trainer.run(config.steps)
-        params = apply_mask(session.read(LORA), mask)
-        return ClientUpdate(
+            trainer.run(steps)
+        params = apply_mask(local.session.read(LORA), mask)
+        return LocalResult(
             upload=pack_sparse(params, mask),
-            num_examples=len(examples),
+            state={key + MASK_SUFFIX: m for key, m in mask.items()},
+            served=self.adapter(params, self.expanded, local.base_model),
             metrics={
-                **trainer.metrics(),
-                "prox_mu": mu,
                 "kept_entries": float(kept(mask)),
                 "budget_entries": float(budget),
                 "searched": float(searched),
             },
-            state={key + MASK_SUFFIX: m for key, m in mask.items()},
-            served=adapter_from_params(params, spec=self.expanded, base_model=base_model.name),
         )
 
     def _search(self, trainer: LocalTrainer, steps: int, *, budget: int) -> Params:
@@ -181,4 +174,4 @@ class PerFit:
     ) -> LoraAdapter:
         mask = self._mask_from_state(state, like=global_params)
         params = global_params if mask is None else apply_mask(global_params, mask)
-        return adapter_from_params(params, spec=self.expanded, base_model=base_model.name)
+        return self.adapter(params, self.expanded, base_model)

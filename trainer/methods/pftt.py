@@ -16,32 +16,35 @@ A FedProx term (`prox_mu`), if set, applies to the global LoRA only.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
-from fedpersona.adapters import LoraAdapter, compose
-from fedpersona.trainer.data.silo import load_examples
 from fedpersona.trainer.errors import MethodError
-from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession, adapter_from_params
 from fedpersona.trainer.methods.aggregation import weighted_mean
 from fedpersona.trainer.methods.base import (
     DEFAULT_MAX_RANK,
     DEFAULT_SPEC,
-    ClientUpdate,
+    BaseRole,
+    Behaviour,
+    LocalResult,
+    LocalRound,
+    LoraMethod,
     LoraSpec,
     Params,
-    TrainConfig,
-    order_seed,
+    Product,
+    Shares,
 )
-from fedpersona.trainer.models.basemodel import ModelInfo
+
+if TYPE_CHECKING:
+    from fedpersona.adapters import LoraAdapter
+    from fedpersona.trainer.models.basemodel import ModelInfo
 
 GLOBAL = "global"
 PERSONAL = "personal"
 
 
 @dataclass(frozen=True)
-class Pftt:
+class Pftt(LoraMethod):
     """Global LoRA (FedAvg) + personal LoRA (client only), served composed.
 
     `spec` is the rank budget of the comparison (FedAvg's LoRA, default rank 8): the global LoRA
@@ -55,6 +58,13 @@ class Pftt:
     prox_mu: float = 0.0
     max_rank: int = DEFAULT_MAX_RANK
     name: str = "pftt"
+    SHARED: ClassVar[str | None] = GLOBAL
+    KEPT: ClassVar[str | None] = PERSONAL
+    behaviour: ClassVar[Behaviour] = Behaviour(  # type: ignore[misc]
+        shares=Shares.GLOBAL_LORA,
+        publishes=frozenset({Product.GLOBAL, Product.SERVED, Product.PERSONAL}),
+        base_role=BaseRole.LARGE,
+    )
 
     def __post_init__(self) -> None:
         for field, value in (
@@ -85,48 +95,22 @@ class Pftt:
     def personal_spec(self) -> LoraSpec:
         return self._part(self.personal_rank or max(1, self.spec.rank - self.spec.rank // 2))
 
-    def _session(self, base_model: ModelInfo, *, seed: int) -> LoraSession:
-        return LoraSession(
-            base_model, {GLOBAL: self.global_spec, PERSONAL: self.personal_spec}, seed=seed
-        )
-
-    def init_global(self, *, base_model: ModelInfo, seed: int) -> Params:
-        return self._session(base_model, seed=seed).read(GLOBAL)
-
-    def client_update(
-        self,
-        *,
-        base_model: ModelInfo,
-        silo: Path,
-        global_params: Params,
-        state: Params,
-        config: TrainConfig,
-        round_idx: int,
-    ) -> ClientUpdate:
+    def loras(self) -> dict[str, LoraSpec]:
         # A user's first personal LoRA is the session's seeded initialization (B = 0, so it
         # starts as a no-op); later rounds continue from the state.
-        session = self._session(base_model, seed=config.seed)
-        session.write(GLOBAL, global_params)
-        if state:
-            session.write(PERSONAL, state)
-        examples = load_examples(silo, "train", session.tokenizer, max_len=config.max_len)
-        mu = config.prox_mu if config.prox_mu > 0 else self.prox_mu
-        trainer = LocalTrainer(
-            session,
-            examples,
-            config=dataclasses.replace(config, prox_mu=mu),
-            adapters=[GLOBAL, PERSONAL],
-            order_seed=order_seed(config, round_idx=round_idx, silo=silo),
-            prox={GLOBAL: global_params},
-        )
-        trainer.run(config.steps)
-        upload, personal = session.read(GLOBAL), session.read(PERSONAL)
-        return ClientUpdate(
+        return {GLOBAL: self.global_spec, PERSONAL: self.personal_spec}
+
+    def init_global(self, *, base_model: ModelInfo, seed: int) -> Params:
+        from fedpersona.trainer.learn.lora_train import LoraSession
+
+        return LoraSession(base_model, self.loras(), seed=seed).read(GLOBAL)
+
+    def finish(self, local: LocalRound) -> LocalResult:
+        upload, personal = local.session.read(GLOBAL), local.session.read(PERSONAL)
+        return LocalResult(
             upload=upload,
-            num_examples=len(examples),
-            metrics={**trainer.metrics(), "prox_mu": mu},
             state=personal,
-            served=self._compose(base_model, upload, personal),
+            served=self._compose(local.base_model, upload, personal),
         )
 
     def aggregate(self, *, previous: Params, results: list[tuple[Params, int]]) -> Params:
@@ -137,21 +121,21 @@ class Pftt:
     ) -> LoraAdapter:
         if not state:
             # A user who never trained has no personal part yet: serve the global LoRA.
-            return adapter_from_params(
-                global_params, spec=self.global_spec, base_model=base_model.name
-            )
+            return self.adapter(global_params, self.global_spec, base_model)
         return self._compose(base_model, global_params, state)
 
     def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter:
         """The user's personal LoRA alone (for their private `users/<u>/personal` slot)."""
         if not state:
             raise MethodError("pftt: this user has no personal LoRA yet")
-        return adapter_from_params(state, spec=self.personal_spec, base_model=base_model.name)
+        return self.adapter(state, self.personal_spec, base_model)
 
     def _compose(
         self, base_model: ModelInfo, global_params: Params, personal: Params
     ) -> LoraAdapter:
+        from fedpersona.adapters import compose
+
         return compose(
-            adapter_from_params(global_params, spec=self.global_spec, base_model=base_model.name),
-            adapter_from_params(personal, spec=self.personal_spec, base_model=base_model.name),
+            self.adapter(global_params, self.global_spec, base_model),
+            self.adapter(personal, self.personal_spec, base_model),
         )

@@ -1,12 +1,14 @@
 """Publishing a finished round to the adapter store: all of it, or none of it.
 
-After `Method.aggregate` succeeded, a round produces the new global adapter (slot
-`global/<algorithm>`, not for local-only) and, for every user that took part, the adapter that
-user is served (`users/<u>/served`). `RoundPublisher` first builds every one of them in memory
-and writes each as a PEFT directory into a staging folder, validating each against the store's
-rules (rank limit, base model, finite weights). Only when all of them staged cleanly does it
-publish them (each an atomic store publish; the served ones after the global). An error while
-staging publishes nothing, so a crashed round leaves every slot on its previous version.
+After `Method.aggregate` succeeded, a round produces what the method's `Behaviour` says it
+publishes: the new global part (`global/adapters/<algorithm>`, or the global expert; none for a
+method without one, e.g. local-only) and, for every user that took part, the adapter that user
+is served (`users/<u>/served`, or their expert `users/<u>/expert`). `RoundPublisher` first
+builds every one of them in memory and writes each as a PEFT directory into a staging folder,
+validating each against the store's rules (rank limit, base model, finite weights). Only when
+all of them staged cleanly does it publish them (each an atomic store publish; the served ones
+after the global). An error while staging publishes nothing, so a crashed round leaves every
+slot on its previous version.
 
 The served adapter of user `u` is `Method.served_adapter(global_params=<new global>, state=S_u)`,
 where `S_u` is what the server legitimately holds of `u`'s personal part: the personal LoRA the
@@ -15,7 +17,8 @@ the client named in its reply), plus `u`'s upload (which, for PerFIT, carries it
 Personal tensors never travel in Flower messages; on a real device the client's personal
 publish is an authenticated upload to the store rather than a filesystem write.
 
-This module knows the store and the `Method` protocol; nothing about Flower messages.
+This module knows the store and the `Method` protocol (with its declared behaviour); nothing
+about Flower messages, and nothing about any particular method.
 """
 
 from __future__ import annotations
@@ -39,18 +42,11 @@ from fedpersona.adapters import (
 )
 from fedpersona.trainer.errors import PublishError
 from fedpersona.trainer.flower.strategy import Participant, Published
-from fedpersona.trainer.methods.base import Method, Params
+from fedpersona.trainer.methods.base import Method, Params, Product
 from fedpersona.trainer.methods.pruning import MASK_SUFFIX, unpack_sparse
 from fedpersona.trainer.models.basemodel import ModelInfo
 
 log = logging.getLogger(__name__)
-
-_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-
-
-def lora_params(params: Params) -> Params:
-    """The LoRA tensors (PEFT key names) among `params`."""
-    return {k: v for k, v in params.items() if k.endswith(_LORA_SUFFIXES)}
 
 
 def adapter_to_params(adapter: LoraAdapter) -> Params:
@@ -60,18 +56,13 @@ def adapter_to_params(adapter: LoraAdapter) -> Params:
 def personal_adapter(method: Method, *, base_model: ModelInfo, state: Params) -> LoraAdapter | None:
     """The personal LoRA a client publishes to its private slot, or None if it keeps none.
 
-    A method that keeps a personal LoRA next to a global one says how to serve it alone
-    (`personal_adapter`, e.g. PFTT). A method whose whole state is a LoRA (local-only) is served
-    that LoRA with no global part. State that is not a LoRA (PerFIT's masks) is not published:
-    the server learns those masks from the upload itself.
+    Only a method whose behaviour publishes `Product.PERSONAL` has one (PFTT's personal LoRA,
+    local-only's own LoRA); other state (PerFIT's masks) is not published: the server learns
+    those masks from the upload itself.
     """
-    if not state or lora_params(state).keys() != state.keys():
+    if not state or Product.PERSONAL not in method.behaviour.publishes:
         return None
-    alone = getattr(method, "personal_adapter", None)
-    if callable(alone):
-        adapter: LoraAdapter = alone(base_model=base_model, state=state)
-        return adapter
-    return method.served_adapter(base_model=base_model, global_params={}, state=state)
+    return method.personal_adapter(base_model=base_model, state=state)
 
 
 def masks_from_upload(upload: Params, *, like: Params) -> Params:
@@ -137,29 +128,21 @@ class RoundPublisher:
             "algorithm": self.algorithm,
         }
         staged: list[_Staged] = []
-        # FedPT (trainer/methods/fedpt.py) publishes proxy experts for the small model, not served
-        # LoRAs.
-        experts = bool(getattr(self.method, "publishes_experts", False))
+        behaviour = self.method.behaviour
         try:
-            if experts:
+            global_slot = behaviour.global_slot(self.algorithm)
+            if global_slot is not None:
                 adapter = self.method.served_adapter(
                     base_model=self.base_model, global_params=new_global, state={}
                 )
-                staged.append(self._write(Slot.global_expert(), adapter, meta, staging))
-            elif self.algorithm != "local":
-                adapter = self.method.served_adapter(
-                    base_model=self.base_model, global_params=new_global, state={}
-                )
-                staged.append(
-                    self._write(Slot.global_adapter(self.algorithm), adapter, meta, staging)
-                )
+                staged.append(self._write(global_slot, adapter, meta, staging))
             for p in sorted(participants, key=lambda p: p.user):
                 state = {**masks_from_upload(p.upload, like=new_global), **self._personal_state(p)}
                 adapter = self.method.served_adapter(
                     base_model=self.base_model, global_params=new_global, state=state
                 )
                 user_meta = {**meta, "user": p.user, "personal_version": p.personal_version}
-                slot = Slot.user_expert(p.user) if experts else Slot.user_served(p.user)
+                slot = behaviour.user_slot(p.user)
                 staged.append(self._write(slot, adapter, user_meta, staging))
         except PublishError:
             raise

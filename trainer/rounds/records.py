@@ -17,14 +17,11 @@ import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
 
 from fedpersona.adapters import InvalidName, validate_user_id
 from fedpersona.trainer.errors import RunNotFound
+from fedpersona.trainer.methods import method_names
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-Algorithm = Literal["fedavg", "local", "pftt", "perfit", "fedpt"]
-ALGORITHMS: tuple[str, ...] = ("fedavg", "local", "pftt", "perfit", "fedpt")
 
 _RUN_ID = re.compile(r"^r-[0-9]{8}t[0-9]{6}-[0-9a-f]{6}$")
 
@@ -37,19 +34,48 @@ class RunState(StrEnum):
 
 
 class RoundSpec(BaseModel):
-    """What a run should do. `users=None` means every user that has a silo under the home."""
+    """What a run should do. `users=None` means every user that has a silo under the home.
+
+    The one definition of a run's training settings: the HTTP API takes it as JSON, the CLI's
+    flags are generated from its fields (`fedpersona.trainer.commands.spec_args`), and the Flower
+    run config carries it (`fedpersona.trainer.flower.runconfig.RunConfig.spec`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    algorithm: Algorithm = "pftt"
-    rounds: int = Field(default=1, ge=1, le=1000)
-    users: tuple[str, ...] | None = None
-    local_steps: int = Field(default=8, ge=1, le=100_000)
-    lr: float = Field(default=2e-3, gt=0, le=1.0)
-    rank: int = Field(default=8, ge=1, le=64)
-    batch_size: int = Field(default=4, ge=1, le=1024)
-    max_len: int = Field(default=128, ge=8, le=8192)
-    seed: int = Field(default=0, ge=0)
+    algorithm: str = Field(
+        default="pftt",
+        description="the federated method (fedpersona.trainer.methods)",
+        json_schema_extra={"enum": list(method_names())},
+    )
+    rounds: int = Field(default=1, ge=1, le=1000, description="federated rounds")
+    users: tuple[str, ...] | None = Field(
+        default=None, description="user ids to train (default: every user with a silo)"
+    )
+    local_steps: int = Field(
+        default=8, ge=1, le=100_000, description="local training steps per client and round"
+    )
+    lr: float = Field(default=2e-3, gt=0, le=1.0, description="local learning rate (Adam)")
+    rank: int = Field(default=8, ge=1, le=64, description="LoRA rank budget (alpha = 2 x rank)")
+    batch_size: int = Field(default=4, ge=1, le=1024, description="chats per training batch")
+    max_len: int = Field(default=128, ge=8, le=8192, description="tokens per chat (truncated)")
+    seed: int = Field(default=0, ge=0, description="seed of initialization and batch order")
+    prox_mu: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=100.0,
+        description="FedProx coefficient mu on the shared LoRA (0: the method's own, "
+        "fedprox: 0.01)",
+    )
+
+    @field_validator("algorithm")
+    @classmethod
+    def _check_algorithm(cls, algorithm: str) -> str:
+        if algorithm not in method_names():
+            raise ValueError(
+                f"unknown algorithm {algorithm!r}; expected one of {', '.join(method_names())}"
+            )
+        return algorithm
 
     @field_validator("users")
     @classmethod
