@@ -204,7 +204,3 @@ class EngineStartFailed(RuntimeError):
     the gateway;
     never shown to API clients (they see `EngineUnavailable`). The message ends with the last
     lines of vLLM's log."""
-
-
-class RoundBusyError(Conflict):
-    default_message = "A training round is already running."
