@@ -17,7 +17,12 @@ from typing import Any
 
 
 def write_json_atomic(
-    path: Path, data: dict[str, Any], *, before_replace: Callable[[], None] | None = None
+    path: Path,
+    data: dict[str, Any],
+    *,
+    indent: int | None = None,
+    sort_keys: bool = False,
+    before_replace: Callable[[], None] | None = None,
 ) -> None:
     """Replace `path` with `data` as JSON: readers see the old file or the new one, whole.
 
@@ -28,7 +33,7 @@ def write_json_atomic(
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(temp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
+            json.dump(data, f, indent=indent, sort_keys=sort_keys)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

@@ -35,3 +35,19 @@ class StoreCorrupt(AdapterError):
 
     Publishing never produces this state; it means someone edited the store by hand.
     """
+
+
+class ReadOnlyStore(AdapterError):
+    """A write (publish) to a store opened with `read_only=True`."""
+
+
+class InvalidManifest(AdapterError, ValueError):
+    """A model directory whose `fedpersona.json` is missing or malformed (names file and field).
+
+    Also a `ValueError`, so start-up code that reports bad configuration catches it.
+    """
+
+
+class RankLimitMismatch(AdapterError, ValueError):
+    """The store would accept adapters the engine refuses: its rank limit is above the
+    engine's `--max-lora-rank` (also a `ValueError`: a configuration error)."""

@@ -33,6 +33,12 @@ all; readers (the gateway handing a path to vLLM) must load a version promptly a
 `current()`, and retry with `current()` if it has gone (only versions at least
 `keep_versions` publishes old can go).
 
+Reading (`current`, `current_id`, `get`, `versions`, `slots`, `users`) needs no torch: the
+LoRA and validation modules are imported only when publishing, so the gateway, which only
+reads, never loads them. `current_id` is the cheap "has this slot's current version changed"
+check: `current.json` is always replaced by `os.replace` (a new inode), so one `stat` tells
+whether the id read last time is still current.
+
 Locks are `fcntl.flock`, which works between processes on one machine and on most local
 filesystems; on network filesystems without flock support run one publisher per slot.
 Test hook: if the environment variable `FEDPERSONA_STORE_TEST_STEP_DELAY` is set to a number
@@ -54,26 +60,28 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpersona.adapters.durable import ensure_dir, fsync_dir, fsync_file, write_json_atomic
 from fedpersona.adapters.errors import (
-    AdapterError,
     InvalidAdapter,
     InvalidName,
     NotFound,
+    ReadOnlyStore,
     StoreCorrupt,
 )
-from fedpersona.adapters.lora import ADAPTER_FILES, LoraAdapter, save_lora
+from fedpersona.adapters.limits import MAX_LORA_RANK
 from fedpersona.adapters.names import Slot
-from fedpersona.adapters.validation import validate_adapter_dir
 from fedpersona.adapters.version import (
-    ID_LENGTH,
     VERSION_FILE,
     Version,
+    check_version_id,
     content_id,
     version_from_record,
 )
+
+if TYPE_CHECKING:
+    from fedpersona.adapters.lora import LoraAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +95,15 @@ class AdapterStore:
     """Publish and read adapter versions below `root` (created if missing).
 
     Opening a writable store removes what crashed publishers left behind. With
-    `read_only=True` it neither creates nor cleans anything and refuses to publish.
+    `read_only=True` (the gateway, the logits processor) it creates nothing, cleans nothing,
+    takes no locks and refuses to publish (`ReadOnlyStore`); the root need not exist yet.
     """
 
     def __init__(
         self,
         root: str | Path,
         *,
-        max_rank: int = 16,
+        max_rank: int = MAX_LORA_RANK,
         keep_versions: int = 5,
         read_only: bool = False,
     ) -> None:
@@ -110,6 +119,8 @@ class AdapterStore:
         self._trash = self.root / ".trash"
         self._locks = self.root / ".locks"
         self.read_only = read_only
+        # slot path -> (stat stamp of its current.json, the version id it named)
+        self._current_ids: dict[str, tuple[tuple[int, int, int], str]] = {}
         if read_only:  # e.g. a serving pod with the volume mounted read-only: no writes at all
             return
         for directory in (self._slots, self._staging, self._trash, self._locks):
@@ -145,14 +156,35 @@ class AdapterStore:
                 seen = version_id
         raise StoreCorrupt(f"{manifest}: changed {_CURRENT_ATTEMPTS} times while being read")
 
+    def current_id(self, slot: Slot) -> str | None:
+        """The id of the version `slot` serves now, or None; one `stat` while it is unchanged.
+
+        Cheaper than `current` (which also reads the version's record): use it to tell whether
+        a version read earlier is still current, and call `current` only when the id changed.
+        """
+        manifest = self._slot_dir(slot) / CURRENT_FILE
+        try:
+            st = os.stat(manifest)
+        except FileNotFoundError:
+            self._current_ids.pop(slot.path, None)
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._current_ids.get(slot.path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        version_id = _read_manifest(manifest)
+        if version_id is None:
+            return None
+        try:
+            check_version_id(version_id)
+        except InvalidName as e:
+            raise StoreCorrupt(f"{manifest}: {e}") from e
+        self._current_ids[slot.path] = (stamp, version_id)
+        return version_id
+
     def get(self, slot: Slot, version_id: str) -> Version:
         """The version `version_id` of `slot`; raises `NotFound` (or `InvalidName`)."""
-        if not (
-            isinstance(version_id, str)
-            and len(version_id) == ID_LENGTH
-            and all(c in "0123456789abcdef" for c in version_id)
-        ):
-            raise InvalidName(f"invalid version id {version_id!r}: expected {ID_LENGTH} hex digits")
+        check_version_id(version_id)
         path = self._slot_dir(slot) / "versions" / version_id
         try:
             data = json.loads((path / VERSION_FILE).read_text(encoding="utf-8"))
@@ -205,6 +237,8 @@ class AdapterStore:
         validated (`validate_adapter_dir` with this store's `max_rank` and `base_model`) before
         anything becomes visible; on `InvalidAdapter` the store is unchanged.
         """
+        from fedpersona.adapters.lora import ADAPTER_FILES  # torch: only when publishing
+
         src = Path(src_dir)
         if not src.is_dir():
             raise InvalidAdapter(f"{src}: not a directory")
@@ -223,6 +257,8 @@ class AdapterStore:
         self, slot: Slot, adapter: LoraAdapter, *, metadata: dict[str, Any] | None = None
     ) -> Version:
         """Write `adapter` as PEFT files and publish them (base model: `adapter.base_model`)."""
+        from fedpersona.adapters.lora import save_lora  # torch: only when publishing
+
         return self._publish(
             slot,
             lambda staging: save_lora(adapter, staging),
@@ -239,7 +275,7 @@ class AdapterStore:
         metadata: dict[str, Any] | None,
     ) -> Version:
         if self.read_only:
-            raise AdapterError(f"{self!r} is read-only: cannot publish to {slot.path}")
+            raise ReadOnlyStore(f"{self!r} is read-only: cannot publish to {slot.path}")
         metadata = dict(metadata or {})
         try:
             json.dumps(metadata, allow_nan=False)
@@ -281,6 +317,10 @@ class AdapterStore:
         base_model: str,
         metadata: dict[str, Any],
     ) -> Version:
+        # torch: only when publishing (readers, e.g. the gateway, never load it)
+        from fedpersona.adapters.lora import ADAPTER_FILES
+        from fedpersona.adapters.validation import validate_adapter_dir
+
         write_files(staging)
         _step("files written")
         adapter = validate_adapter_dir(staging, max_rank=self.max_rank, base_model=base_model)

@@ -14,9 +14,6 @@ import torch
 from fedpersona.adapters.errors import InvalidAdapter
 from fedpersona.adapters.lora import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, load_lora
 
-# Values vLLM accepts for --max-lora-rank; an adapter may have any rank up to the flag.
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
 
 def validate_adapter(
     adapter: LoraAdapter, *, max_rank: int, base_model: str | None, where: str = "adapter"

@@ -1,5 +1,7 @@
-"""`Version`: one published adapter version, and the content hash that names it.
+"""`Version`: one published adapter version, the content hash that names it, and its id check.
 
+A version id is 16 lower-case hex digits. It travels outside the store (in vLLM adapter names
+and proxy expert references, see `refs.py`), so every reader checks it with `check_version_id`.
 Pure: the record format of `version.json` and the id function, no file system access (the store
 reads and writes the files).
 """
@@ -12,11 +14,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedpersona.adapters.errors import StoreCorrupt
+from fedpersona.adapters.errors import InvalidName, StoreCorrupt
 from fedpersona.adapters.names import Slot
 
 VERSION_FILE = "version.json"
 ID_LENGTH = 16
+_HEX = frozenset("0123456789abcdef")
+
+
+def is_version_id(value: object) -> bool:
+    """True if `value` is a version id: exactly 16 lower-case hex digits."""
+    return isinstance(value, str) and len(value) == ID_LENGTH and set(value) <= _HEX
+
+
+def check_version_id(value: object) -> str:
+    """Return `value` if it is a version id, else raise `InvalidName`."""
+    if isinstance(value, str) and is_version_id(value):
+        return value
+    raise InvalidName(f"invalid version id {value!r}: expected {ID_LENGTH} lower-case hex digits")
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,9 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 import torch  # noqa: E402
 from fedpersona.adapters import AdapterStore  # noqa: E402
+from fedpersona.adapters.manifest import model_name  # noqa: E402
 from fedpersona.service.engine.config import EngineSettings, build_launch  # noqa: E402
-from fedpersona.service.proxy_tuning.experts import merge_lora, model_name  # noqa: E402
+from fedpersona.service.proxy_tuning.experts import merge_lora  # noqa: E402
 from fedpersona.trainer.data.silo import IGNORE_INDEX, collate, load_examples  # noqa: E402
 from fedpersona.trainer.learn.lora_train import adapter_from_params, load_tokenizer  # noqa: E402
 from fedpersona.trainer.methods.base import LoraSpec, TrainConfig  # noqa: E402

@@ -46,8 +46,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fedpersona.adapters import AdapterStore, LoraAdapter, Slot  # noqa: E402
-from fedpersona.service.engine.adapters import adapter_name  # noqa: E402
-from fedpersona.service.engine.config import EngineSettings, build_launch, model_name  # noqa: E402
+from fedpersona.adapters.manifest import model_name  # noqa: E402
+from fedpersona.adapters.refs import engine_adapter_name as adapter_name  # noqa: E402
+from fedpersona.service.engine.config import EngineSettings, build_launch  # noqa: E402
 from fedpersona.service.engine.supervisor import EngineSupervisor  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"

@@ -6,8 +6,11 @@ stored, and a presented key is checked by looking its row up by key id and compa
 constant time, so neither the raw key nor anything that verifies it offline cheaply is on disk
 (a plain hash suffices: the key is random, not a password).
 
-This module knows nothing about HTTP; user names are checked with `adapters.validate_user_id`
-so a registry user is always a valid store user.
+User names are checked with `adapters.validate_user_id`, so a registry user is always a valid
+store user. No HTTP framework or route here: failures are the service's domain errors
+(`fedpersona.service.errors`: `UserExists` is a `Conflict`, `UserNotFound` and `KeyNotFound`
+are `NotFound`s, a bad name is a `BadRequest`), whose one mapping to HTTP statuses lives in that
+module; the admin routes return them as they are and `fedpersona users` prints their message.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from fedpersona.adapters.errors import InvalidName
+from fedpersona.adapters.refs import check_engine_adapter_name
 from fedpersona.service.errors import ModelNotFound, PromptTooLong
 
 
@@ -42,31 +44,17 @@ def visible_models(*, alias: str, base_model: str) -> list[str]:
     return [alias, base_model]
 
 
-def engine_adapter_prefix(user: str) -> str:
-    """Every vLLM adapter name of `user` starts with this (contract: `u-<user>-<version id>`)."""
-    return f"u-{user}-"
-
-
 def check_engine_name(user: str, engine_name: str) -> str:
     """Defence in depth: refuse to forward a name that is not `user`'s own adapter.
 
-    User ids may contain `-` (`u-al-` is a prefix of user `al-ice`'s names), so the whole rest
-    must be exactly one 16-hex version id.
+    The adapter manager builds names with `engine_adapter_name`; a name that does not parse as
+    one of `user`'s (`u-<user>-<version id>`, owned by `fedpersona.adapters.refs`) is a bug,
+    never a client error, so it raises `RuntimeError` (a 500) rather than a 4xx.
     """
-    prefix = engine_adapter_prefix(user)
-    version = engine_name[len(prefix) :]
-    if not engine_name.startswith(prefix) or len(version) != 16 or not _is_hex(version):
-        raise RuntimeError(f"adapter manager returned {engine_name!r} for user {user!r}")
-    return engine_name
-
-
-def _is_hex(value: str) -> bool:
-    return all(c in "0123456789abcdef" for c in value)
-
-
-def proxy_xargs(*, slot_path: str, version_id: str, alpha: float) -> dict[str, str | float]:
-    """The `vllm_xargs` that switch the FedPT logits processor on (contract: proxy tuning)."""
-    return {"fedpersona_expert": f"{slot_path}@{version_id}", "fedpersona_alpha": float(alpha)}
+    try:
+        return check_engine_adapter_name(user, engine_name)
+    except InvalidName as e:
+        raise RuntimeError(f"adapter manager returned {engine_name!r} for user {user!r}") from e
 
 
 def check_prompt_fits(

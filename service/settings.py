@@ -2,7 +2,10 @@
 
 Built by `Settings()` in a command's `run()` or by a test, then passed down; nothing here runs
 at import time. Engine (vLLM) settings are nested as `engine` (`FEDPERSONA_ENGINE__URL`, ...)
-and owned by `fedpersona.service.engine.config`.
+and owned by `fedpersona.service.engine.config`. Paths below the home come from
+`fedpersona.adapters.home.Home` (which also names `FEDPERSONA_HOME`); a setting overrides one
+path, never re-derives it. The store's rank limit is checked against the engine's
+`--max-lora-rank` when the settings are built (`fedpersona.adapters.limits`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Literal
 
+from fedpersona.adapters.home import DEFAULT_HOME, HOME_ENV, Home
+from fedpersona.adapters.limits import MAX_LORA_RANK, check_engine_rank
 from fedpersona.service.engine.config import EngineSettings
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,13 +32,16 @@ class Settings(BaseSettings):
         env_prefix="FEDPERSONA_",
         env_nested_delimiter="__",
         extra="ignore",
+        populate_by_name=True,  # `home` is read from HOME_ENV, and passed as `home=` in code
     )
 
     environment: Literal["development", "production"] = Field(
         default="development",
         description="'production' refuses a missing, default or short admin key.",
     )
-    home: Path = Field(default=Path(".fedpersona"), description="root of all fedpersona state")
+    home: Path = Field(
+        default=DEFAULT_HOME, validation_alias=HOME_ENV, description="root of all fedpersona state"
+    )
     store_dir: Path | None = Field(default=None, description="adapter store; default <home>/store")
     registry_path: Path | None = Field(
         default=None, description="users and key hashes; default <home>/registry.sqlite"
@@ -56,7 +64,9 @@ class Settings(BaseSettings):
         default="personal", min_length=1, description="model name meaning 'my own adapter'"
     )
     adapter_max_rank: int = Field(
-        default=16, ge=1, description="largest LoRA rank the store accepts"
+        default=MAX_LORA_RANK,
+        ge=1,
+        description="largest LoRA rank the store accepts; at most the engine's max_lora_rank",
     )
 
     rate_limit_rpm: float = Field(
@@ -94,18 +104,40 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _ranks_agree(self) -> Settings:
+        check_engine_rank(
+            store_max_rank=self.adapter_max_rank, engine_max_lora_rank=self.engine.max_lora_rank
+        )
+        return self
+
     @property
     def admin_enabled(self) -> bool:
         return bool(self.admin_key.get_secret_value())
 
     @property
+    def layout(self) -> Home:
+        """The paths below `home`."""
+        return Home(self.home)
+
+    @property
     def store_path(self) -> Path:
-        return self.store_dir or self.home / "store"
+        return self.store_dir or self.layout.store
 
     @property
     def registry_file(self) -> Path:
-        return self.registry_path or self.home / "registry.sqlite"
+        return self.registry_path or self.layout.registry
 
     @property
     def runs_path(self) -> Path:
-        return self.runs_dir or self.home / "runs"
+        return self.runs_dir or self.layout.runs
+
+    @property
+    def large_model_dir(self) -> Path:
+        """The served base model's directory: `engine.model_dir`, else `<home>/models/large`."""
+        return self.engine.model_dir or self.layout.large_model
+
+    @property
+    def engine_log(self) -> Path:
+        """Where the supervised engine's output goes."""
+        return self.layout.logs / "vllm.log"

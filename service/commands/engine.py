@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from fedpersona.adapters.home import DEFAULT_HOME, HOME_ENV
 from fedpersona.service.engine.config import EngineLaunch, EngineSettings, build_launch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,10 +24,10 @@ class EngineProcessSettings(BaseSettings):
     """The subset of the gateway's settings the engine process reads (same env names)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FEDPERSONA_", env_nested_delimiter="__", extra="ignore"
+        env_prefix="FEDPERSONA_", env_nested_delimiter="__", extra="ignore", populate_by_name=True
     )
 
-    home: Path = Path(".fedpersona")
+    home: Path = Field(default=DEFAULT_HOME, validation_alias=HOME_ENV)
     store_dir: Path | None = None
     engine: EngineSettings = Field(default_factory=EngineSettings)
 

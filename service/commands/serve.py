@@ -70,7 +70,7 @@ def build_supervisor(settings: Settings) -> Any:
     launch = build_launch(settings.engine, home=settings.home, store_dir=settings.store_path)
     return EngineSupervisor(
         launch,
-        log_path=settings.home / "logs" / "vllm.log",
+        log_path=settings.engine_log,
         ready_timeout_s=settings.engine.ready_timeout_s,
         progress=lambda message: logger.info("engine: %s", message),
     )

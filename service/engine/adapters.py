@@ -1,8 +1,10 @@
 """Which user adapters vLLM has loaded: hot-load on demand, pin while in use, evict LRU.
 
-For each request, `AdapterManager.use(user)` reads the user's current served version from the
-store (so a newly published version is served from the next request on, with no restart), makes
-sure vLLM has it loaded under the name `u-<user>-<version id>`, and pins it until the request
+For each request, `AdapterManager.use(user)` asks the store whether the user's current served
+version changed (`AdapterStore.current_id`, one `stat` while it has not; so a newly published
+version is served from the next request on, with no restart), makes sure vLLM has it loaded
+under the name `engine_adapter_name(user, version id)` (`u-<user>-<version id>`, owned by
+`fedpersona.adapters.refs`), and pins it until the request
 (including a whole stream) ends. Versions a user no longer serves are unloaded once nothing uses
 them; at most `max_loaded` adapters stay registered, the least recently used idle one being
 evicted first. A lock per adapter name makes concurrent first requests load it once.
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import weakref
 from collections import OrderedDict
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedpersona.adapters import AdapterError, AdapterStore, Slot, Version
+from fedpersona.adapters.refs import engine_adapter_name
 from fedpersona.service.errors import AdapterLoadFailed, EngineRequestError, EngineUnavailable
 
 if TYPE_CHECKING:
@@ -37,13 +39,6 @@ if TYPE_CHECKING:
     from fedpersona.service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-
-NAME_PREFIX = "u-"
-
-
-def adapter_name(user: str, version_id: str) -> str:
-    """The name vLLM serves a user's adapter version under: `u-<user>-<version id>`."""
-    return f"{NAME_PREFIX}{user}-{version_id}"
 
 
 @dataclass(eq=False)
@@ -80,8 +75,8 @@ class AdapterManager:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task[None]] = set()
         self._generation = 0
-        # user -> (stat of their current.json, the version it named)
-        self._versions: dict[str, tuple[tuple[int, int, int], Version | None]] = {}
+        # user -> the served version read last time (re-read only when its id changed)
+        self._versions: dict[str, Version] = {}
 
     # -- public ----------------------------------------------------------------------------
 
@@ -137,30 +132,24 @@ class AdapterManager:
             self._release(entry)
 
     def _current(self, user_id: str) -> Version | None:
-        """The user's current served version, re-read only when its manifest changed.
-
-        Publishing replaces `current.json` with `os.replace` (a new inode every time, see the
-        layout in `adapters/store.py`), so one `stat` per request tells whether the version
-        read last time is still current; reading and parsing the manifests costs ten times more.
-        """
+        """The user's current served version, read in full only when its id changed."""
         try:
             slot = Slot.user_served(user_id)
-            manifest = self._store.root / "slots" / slot.path / "current.json"
-            try:
-                st = os.stat(manifest)
-            except FileNotFoundError:
-                stamp = None
-            else:
-                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            version_id = self._store.current_id(slot)
+            if version_id is None:
+                self._versions.pop(user_id, None)
+                return None
             cached = self._versions.get(user_id)
-            if stamp is not None and cached is not None and cached[0] == stamp:
-                return cached[1]
+            if cached is not None and cached.id == version_id:
+                return cached
             version = self._store.current(slot)
         except AdapterError as e:
             logger.error("store: cannot read the served adapter of %s: %s", user_id, e)
             raise AdapterLoadFailed() from e
-        if stamp is not None:
-            self._versions[user_id] = (stamp, version)
+        if version is None:
+            self._versions.pop(user_id, None)
+        else:
+            self._versions[user_id] = version
         return version
 
     async def _acquire(self, user: str, version: Version) -> _Loaded:
@@ -175,7 +164,7 @@ class AdapterManager:
             return await self._acquire_version(user, newer)
 
     async def _acquire_version(self, user: str, version: Version) -> _Loaded:
-        name = adapter_name(user, version.id)
+        name = engine_adapter_name(user, version.id)
         entry = self._loaded.get(name)
         if entry is None:
             async with self._lock(name):

@@ -5,23 +5,31 @@
 listen). The supervisor runs that launch, and `fedpersona engine` prints or execs the same one, so
 the embedded mode and the vLLM container of the Helm chart share one command line.
 
+Every fact it uses about models and the home comes from `fedpersona.adapters`: the served name
+is the model manifest's (`read_model_manifest`, strict: no manifest, no launch, unless
+`served_model_name` is configured), default paths come from `Home`, and `max_lora_rank` must be
+a rank vLLM accepts (`VLLM_LORA_RANKS`, default `MAX_LORA_RANK`).
+
 This module starts nothing and knows nothing about HTTP; its only I/O is reading the model's
 `fedpersona.json` to learn the served name when none is configured.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedpersona.adapters.home import Home
+from fedpersona.adapters.limits import MAX_LORA_RANK, VLLM_LORA_RANKS
+from fedpersona.adapters.manifest import read_model_manifest
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-# Ranks vLLM accepts for --max-lora-rank (vllm/config/lora.py).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Environment of the vLLM process read by the proxy-tuning processor (`ProxySettings`).
+PROXY_SMALL_MODEL_ENV = "FEDPERSONA_PROXY_SMALL_MODEL"
+PROXY_STORE_ENV = "FEDPERSONA_STORE_DIR"
 
 # Environment variables that would let vLLM resolve adapters by a client-supplied name (the
 # filesystem and Hugging Face resolver plugins join the requested model name into a path or a
@@ -64,7 +72,9 @@ class EngineSettings(BaseModel):
     port: int = Field(default=8100, ge=1, le=65535)
     max_loras: int = Field(default=4, ge=1, description="adapters in one batch (vLLM slots)")
     max_cpu_loras: int = Field(default=32, ge=1, description="vLLM's LRU cache above the slots")
-    max_lora_rank: int = 16
+    max_lora_rank: int = Field(
+        default=MAX_LORA_RANK, description="--max-lora-rank; the store's limit may not exceed it"
+    )
     max_model_len: int = Field(default=1024, ge=16)
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (CPU build)")
     dtype: str = "float32"
@@ -146,20 +156,6 @@ class EngineLaunch:
         return f"{env} {shlex.join(self.argv)}"
 
 
-def model_name(model_dir: Path) -> str:
-    """The served name of a model dir: `fedpersona.json`'s name, else the dir's name."""
-    meta = model_dir / "fedpersona.json"
-    try:
-        name = json.loads(meta.read_text())["name"]
-    except FileNotFoundError:
-        return model_dir.name
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{meta} has no readable 'name': {e}") from e
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{meta}: 'name' must be a non-empty string")
-    return name
-
-
 def engine_argv(
     settings: EngineSettings, *, model_dir: Path, served_model_name: str, python: str
 ) -> list[str]:
@@ -206,8 +202,8 @@ def engine_env(settings: EngineSettings, *, store_dir: Path) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
     }
     if settings.proxy_small_model is not None:
-        env["FEDPERSONA_PROXY_SMALL_MODEL"] = str(settings.proxy_small_model)
-        env["FEDPERSONA_STORE"] = str(store_dir)
+        env[PROXY_SMALL_MODEL_ENV] = str(settings.proxy_small_model)
+        env[PROXY_STORE_ENV] = str(store_dir)
     return env
 
 
@@ -218,10 +214,15 @@ def build_launch(
     store_dir: Path | None = None,
     python: str = sys.executable,
 ) -> EngineLaunch:
-    """Resolve defaults against `home` and build the launch the supervisor runs."""
-    model_dir = (settings.model_dir or home / "models" / "large").resolve()
-    served = settings.served_model_name or model_name(model_dir)
-    store = (store_dir or home / "store").resolve()
+    """Resolve defaults against `home` and build the launch the supervisor runs.
+
+    Raises `InvalidManifest` (a `ValueError`) when no served name is configured and the model
+    directory has no valid `fedpersona.json`.
+    """
+    layout = Home(home)
+    model_dir = (settings.model_dir or layout.large_model).resolve()
+    served = settings.served_model_name or read_model_manifest(model_dir).name
+    store = (store_dir or layout.store).resolve()
     return EngineLaunch(
         argv=engine_argv(settings, model_dir=model_dir, served_model_name=served, python=python),
         env=engine_env(settings, store_dir=store),

@@ -1,24 +1,27 @@
 """Run vLLM as a supervised child process: start, wait until ready, restart, drain and stop.
 
-`EngineSupervisor` starts the command built by `fedpersona.service.engine.config.build_launch` on
-loopback,
-logs its output to a file, polls `/health` until it answers (reporting progress), restarts it
-with exponential backoff when it dies or stops answering, and stops it on shutdown: first it
-lets requests in flight finish (bounded), then SIGTERM, then SIGKILL of its process group.
+`EngineSupervisor` starts the command built by `fedpersona.service.engine.config.build_launch`
+on loopback, logs its output to a file, polls `/health` until it answers (reporting progress),
+restarts it with exponential backoff when it dies or stops answering, and stops it on
+shutdown: first it lets requests in flight finish (bounded), then SIGTERM, then SIGKILL of its
+process group.
 
 While the engine is not `READY` the gateway answers 503 with `Retry-After`:
 `check_available()` raises `EngineUnavailable` and is meant as `EngineClient`'s gate. After a
 restart vLLM has lost every runtime-loaded adapter; listeners registered with `on_restart`
 (the `AdapterManager.reset`) are told before traffic resumes.
 
-Wiring (what `fedpersona serve` does without `--engine-url`):
+Wiring (what `fedpersona serve` does without `--engine-url`): `commands/serve.py` builds
 
-    supervisor = supervisor_for(settings.engine, home=settings.home, store_dir=settings.store_path)
-    engine = EngineClient(supervisor.launch.base_url, gate=supervisor.check_available)
-    manager = AdapterManager(store=store, engine=engine, max_loaded=..., metrics=metrics)
-    supervisor.on_restart(manager.reset)
-    await supervisor.start(); await supervisor.wait_ready()        # startup
-    await supervisor.stop(grace_s, wait_idle=engine.wait_idle)      # shutdown
+    launch = build_launch(settings.engine, home=settings.home, store_dir=settings.store_path)
+    supervisor = EngineSupervisor(launch, log_path=settings.engine_log, ready_timeout_s=...)
+    engine = EngineClient(launch.base_url, gate=supervisor.check_available)
+
+and hands both to `fedpersona.service.http.app.create_app`, whose lifespan registers the
+`AdapterManager.reset` with `supervisor.on_restart`, calls `supervisor.start()` at start-up
+(a background task awaits `wait_ready` and logs the outcome; chat requests get 503 from the
+gate until then) and `supervisor.stop(shutdown_grace_s, wait_idle=engine.wait_idle)` at
+shutdown.
 
 This module does not know the OpenAI API or adapters; it knows processes and `/health`.
 """
@@ -40,7 +43,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
-from fedpersona.service.engine.config import EngineLaunch, EngineSettings, build_launch
+from fedpersona.service.engine.config import EngineLaunch
 from fedpersona.service.errors import EngineStartFailed, EngineUnavailable
 
 logger = logging.getLogger(__name__)
@@ -115,7 +118,6 @@ class EngineSupervisor:
         self._state = EngineState.STOPPED
         self._proc: asyncio.subprocess.Process | None = None
         self._monitor: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
         self._settled = asyncio.Event()  # set when READY or FAILED
         self._stopping = False
         self._failure: str | None = None
@@ -196,7 +198,6 @@ class EngineSupervisor:
         self._stopping = True
         if self._state is EngineState.READY and wait_idle is not None and drain_timeout > 0:
             self._state = EngineState.DRAINING
-            self._ready.clear()
             if not await wait_idle(drain_timeout):
                 logger.warning(
                     "drain timed out after %.1f s; stopping the engine anyway", drain_timeout
@@ -209,7 +210,6 @@ class EngineSupervisor:
                 await self._monitor
             self._monitor = None
         self._state = EngineState.STOPPED
-        self._ready.clear()
         self._settled.set()
 
     # -- the supervision loop --------------------------------------------------------------
@@ -224,10 +224,8 @@ class EngineSupervisor:
                 ever_ready = True
                 failures_in_a_row = 0
                 self._state = EngineState.READY
-                self._ready.set()
                 self._settled.set()
                 await self._watch(proc)
-                self._ready.clear()
             if self._stopping:  # stop() drains and terminates the group itself
                 return
             # vLLM's engine core lives on in the child's process group after the API server
@@ -366,20 +364,3 @@ async def _healthy(client: httpx.AsyncClient) -> bool:
 def _last_line(path: Path) -> str:
     lines: deque[str] = deque(log_tail(path, 5).splitlines(), maxlen=1)
     return lines[0][-160:] if lines else ""
-
-
-def supervisor_for(
-    settings: EngineSettings,
-    *,
-    home: Path,
-    store_dir: Path | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> EngineSupervisor:
-    """A supervisor for the engine `settings` describe, logging to `<home>/logs/vllm.log`."""
-    launch = build_launch(settings, home=home, store_dir=store_dir)
-    return EngineSupervisor(
-        launch,
-        log_path=home / "logs" / "vllm.log",
-        ready_timeout_s=settings.ready_timeout_s,
-        progress=progress,
-    )

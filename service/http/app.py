@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fedpersona.adapters import AdapterStore
-from fedpersona.service.engine.config import model_name
+from fedpersona.adapters.manifest import model_name
 from fedpersona.service.errors import BadRequest, GatewayError, PayloadTooLarge, error_envelope
 from fedpersona.service.http.auth import gateway_admin_guard
 from fedpersona.service.http.chat import ChatConfig, ChatService
@@ -44,7 +44,7 @@ def resolve_base_model(settings: Settings) -> str:
     """The base model's served name: configured, else read from the local model dir."""
     if settings.engine.served_model_name:
         return settings.engine.served_model_name
-    model_dir = settings.engine.model_dir or settings.home / "models" / "large"
+    model_dir = settings.large_model_dir
     if not (Path(model_dir) / "fedpersona.json").is_file():
         raise ValueError(
             f"cannot tell the base model's name: {model_dir}/fedpersona.json is missing; set "
@@ -71,7 +71,11 @@ def create_app(
     if base_model == settings.personal_alias:
         raise ValueError(f"the personal alias {settings.personal_alias!r} equals the base model")
     metrics = metrics or Metrics()
-    store = store or AdapterStore(settings.store_path, max_rank=settings.adapter_max_rank)
+    if store is None:  # read-only: replicas share the volume; clean-up is the publishers' job
+        settings.store_path.mkdir(parents=True, exist_ok=True)
+        store = AdapterStore(
+            settings.store_path, max_rank=settings.adapter_max_rank, read_only=True
+        )
     registry = registry or Registry(
         settings.registry_file, default_alpha=settings.proxy_alpha_default
     )

@@ -1,11 +1,11 @@
 """Chat serving: from an authenticated, validated request to the engine and back.
 
-Steps: resolve the requested model (`fedpersona.service.routing`), refuse prompts that certainly do
-not fit,
-pin the caller's current adapter in the engine (`AdapterManager.use`, held until the response or
-the whole stream is done), build the engine body from the allow-listed request fields (plus the
-proxy-tuning `vllm_xargs` that only this module sets), forward, and write the public model name
-back into the response and into every stream chunk.
+Steps: resolve the requested model (`fedpersona.service.routing`), refuse prompts that
+certainly do not fit, pin the caller's current adapter in the engine (`AdapterManager.use`,
+held until the response or the whole stream is done), build the engine body from the
+allow-listed request fields (plus the proxy-tuning `vllm_xargs` that only this module sets,
+built by `fedpersona.adapters.refs`), forward, and write the public model name back into the
+response and into every stream chunk.
 
 Knows nothing about HTTP frameworks: it returns a dict or an async iterator of SSE bytes, and
 raises `GatewayError`s. Routes turn those into responses.
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fedpersona.adapters import AdapterError, AdapterStore, Slot, Version
+from fedpersona.adapters.refs import ExpertRef, proxy_xargs
 from fedpersona.service.engine.client import chunk_has_content, renamed_chunk
 from fedpersona.service.errors import (
     AdapterLoadFailed,
@@ -38,7 +39,6 @@ from fedpersona.service.routing import (
     ModelRoute,
     check_engine_name,
     check_prompt_fits,
-    proxy_xargs,
     resolve_model,
 )
 
@@ -153,7 +153,7 @@ class ChatService:
             expert = await asyncio.to_thread(self._current_expert, user.name)
             if expert is not None:
                 body["vllm_xargs"] = proxy_xargs(
-                    slot_path=expert.slot.path, version_id=expert.id, alpha=user.proxy_alpha
+                    ExpertRef(expert.slot, expert.id), alpha=user.proxy_alpha
                 )
         return body
 

@@ -2,9 +2,9 @@
 
 An expert is the small base model with a LoRA from the adapter store merged into its weights.
 A request names it as `"<slot path>@<version id>"` in `vllm_xargs["fedpersona_expert"]`; the
-name is parsed strictly through `adapters.Slot.parse` and resolved only through
-`AdapterStore.get` (never as a raw path), and only expert slots (`users/<u>/expert`,
-`global/expert`) are accepted.
+name is parsed strictly by `fedpersona.adapters.refs.ExpertRef` (which owns the format, the
+argument keys and the rule that only expert slots, `users/<u>/expert` and `global/expert`, are
+accepted) and resolved only through `AdapterStore.get` (never as a raw path).
 
 Loading refuses, with an error that names the problem: a small model whose tokenizer differs
 from the large model's (`IncompatibleModels`, at engine start), and an expert that is missing,
@@ -17,7 +17,6 @@ This module knows nothing about vLLM; `processor.py` calls it.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import threading
@@ -28,15 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fedpersona.adapters import (
-    AdapterError,
-    AdapterStore,
-    LoraAdapter,
-    Slot,
-    SlotKind,
-    load_lora,
-    validate_adapter,
-)
+from fedpersona.adapters import AdapterError, AdapterStore, InvalidName
+from fedpersona.adapters.lora import LoraAdapter, load_lora
+from fedpersona.adapters.refs import ALPHA_ARG, EXPERT_ARG, ExpertRef
+from fedpersona.adapters.validation import validate_adapter
 from fedpersona.service.proxy_tuning.errors import (
     ExpertUnavailable,
     IncompatibleModels,
@@ -46,51 +40,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
-EXPERT_ARG = "fedpersona_expert"
-ALPHA_ARG = "fedpersona_alpha"
 DEFAULT_ALPHA = 1.0
-EXPERT_SLOT_KINDS = frozenset({SlotKind.USER_EXPERT, SlotKind.GLOBAL_EXPERT})
 _PEFT_PREFIX = "base_model.model."
-_MODEL_MARKER = "fedpersona.json"
-
-
-@dataclass(frozen=True)
-class ExpertRef:
-    """One immutable expert version: a store slot and a version id."""
-
-    slot: Slot
-    version: str
-
-    @classmethod
-    def parse(cls, text: object) -> ExpertRef:
-        """Parse `"<slot path>@<version id>"`; raises `InvalidExpertRequest`."""
-        if not isinstance(text, str):
-            raise InvalidExpertRequest(
-                f"{EXPERT_ARG} must be a string '<slot path>@<version id>', "
-                f"got {type(text).__name__}"
-            )
-        path, sep, version = text.partition("@")
-        if not sep:
-            raise InvalidExpertRequest(
-                f"{EXPERT_ARG} {text!r} must look like '<slot path>@<version id>'"
-            )
-        try:
-            slot = Slot.parse(path)
-        except AdapterError as e:
-            raise InvalidExpertRequest(f"{EXPERT_ARG} {text!r}: {e}") from e
-        if slot.kind not in EXPERT_SLOT_KINDS:
-            raise InvalidExpertRequest(
-                f"{EXPERT_ARG} {text!r}: slot {slot.path} is not an expert slot "
-                "(expected users/<user>/expert or global/expert)"
-            )
-        if len(version) != 16 or any(c not in "0123456789abcdef" for c in version):
-            raise InvalidExpertRequest(
-                f"{EXPERT_ARG} {text!r}: version id must be 16 lower-case hex digits"
-            )
-        return cls(slot, version)
-
-    def __str__(self) -> str:
-        return f"{self.slot.path}@{self.version}"
 
 
 @dataclass(frozen=True)
@@ -107,7 +58,10 @@ class ExpertRequest:
         """The request's expert, or None when it names none (then it is left untouched)."""
         if not extra or extra.get(EXPERT_ARG) is None:
             return None
-        ref = ExpertRef.parse(extra[EXPERT_ARG])
+        try:
+            ref = ExpertRef.parse(extra[EXPERT_ARG])
+        except InvalidName as e:
+            raise InvalidExpertRequest(str(e)) from e
         alpha = extra.get(ALPHA_ARG, DEFAULT_ALPHA)
         if isinstance(alpha, bool) or not isinstance(alpha, int | float):
             raise InvalidExpertRequest(f"{ALPHA_ARG} must be a number, got {alpha!r}")
@@ -116,20 +70,6 @@ class ExpertRequest:
                 f"{ALPHA_ARG} must be finite with |alpha| <= {max_alpha}, got {alpha!r}"
             )
         return cls(ref, float(alpha))
-
-
-def model_name(model_dir: Path) -> str:
-    """The name a model dir is known by (`fedpersona.json`), which expert LoRAs must name."""
-    marker = model_dir / _MODEL_MARKER
-    try:
-        name = json.loads(marker.read_text(encoding="utf-8"))["name"]
-    except FileNotFoundError:
-        return model_dir.name
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise IncompatibleModels(f"{marker}: no readable 'name': {e}") from e
-    if not isinstance(name, str) or not name:
-        raise IncompatibleModels(f"{marker}: 'name' must be a non-empty string")
-    return name
 
 
 def check_shared_tokenizer(*, large_tokenizer: str | Path, small_model: str | Path) -> int:

@@ -3,9 +3,10 @@
 Loaded by vLLM with `--logits-processors
 fedpersona.service.proxy_tuning.processor:ProxyTuningLogitsProcessor`
 (the engine supervisor adds it when `EngineSettings.proxy_small_model` is set, and passes
-`FEDPERSONA_PROXY_SMALL_MODEL` and `FEDPERSONA_STORE`). Per request, the gateway sets
-`vllm_xargs = {"fedpersona_expert": "<slot path>@<version id>", "fedpersona_alpha": 1.0}`;
-requests without `fedpersona_expert` get exactly the logits they would get without the processor.
+`FEDPERSONA_PROXY_SMALL_MODEL` and `FEDPERSONA_STORE_DIR`). Per request, the gateway sets
+`vllm_xargs = {"fedpersona_expert": "<slot path>@<version id>", "fedpersona_alpha": 1.0}` (the
+keys and the reference format are `fedpersona.adapters.refs`'s); requests without
+`fedpersona_expert` get exactly the logits they would get without the processor.
 
 Failure behaviour (what the gateway sees):
 - A malformed expert name or alpha, or an expert that is not in the store, is invalid, or was
@@ -40,6 +41,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from fedpersona.adapters import AdapterStore
+from fedpersona.adapters.manifest import model_name
+from fedpersona.adapters.refs import EXPERT_ARG
 from fedpersona.service.proxy_tuning.decoder import Decoder
 from fedpersona.service.proxy_tuning.errors import ProxyTuningError
 from fedpersona.service.proxy_tuning.experts import (
@@ -48,7 +51,6 @@ from fedpersona.service.proxy_tuning.experts import (
     ExpertRequest,
     check_shared_tokenizer,
     load_small_model,
-    model_name,
 )
 from fedpersona.service.proxy_tuning.settings import ProxySettings
 from fedpersona.service.proxy_tuning.state import RequestState, RequestTable
@@ -70,7 +72,7 @@ def _frontend_library() -> tuple[ExpertLibrary, float]:
     """The check-only library of vLLM's frontend process (built on the first request)."""
     settings = ProxySettings()  # type: ignore[call-arg]  # fields come from the environment
     library = ExpertLibrary(
-        store=AdapterStore(settings.store, max_rank=settings.proxy_max_rank, read_only=True),
+        store=AdapterStore(settings.store_dir, max_rank=settings.proxy_max_rank, read_only=True),
         base=None,
         base_name=model_name(settings.proxy_small_model),
         capacity=1,
@@ -85,7 +87,7 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         extra = sampling_params.extra_args
-        if not extra or extra.get("fedpersona_expert") is None:
+        if not extra or extra.get(EXPERT_ARG) is None:
             return
         library, max_alpha = _frontend_library()
         request = ExpertRequest.from_extra_args(extra, max_alpha=max_alpha)
@@ -109,7 +111,9 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         self._base = base
         self._max_alpha = settings.proxy_max_alpha
         self._library = ExpertLibrary(
-            store=AdapterStore(settings.store, max_rank=settings.proxy_max_rank, read_only=True),
+            store=AdapterStore(
+                settings.store_dir, max_rank=settings.proxy_max_rank, read_only=True
+            ),
             base=base,
             base_name=model_name(settings.proxy_small_model),
             capacity=settings.proxy_max_experts,
@@ -124,7 +128,7 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         logger.info(
             "proxy tuning on: small model %s, store %s, vocab %d",
             settings.proxy_small_model,
-            settings.store,
+            settings.store_dir,
             self._vocab,
         )
         self._write_stats()

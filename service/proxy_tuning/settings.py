@@ -1,28 +1,36 @@
 """Settings of the proxy-tuning logits processor (env prefix `FEDPERSONA_`).
 
-The engine supervisor (`fedpersona.service.engine.config.engine_env`) passes
-`FEDPERSONA_PROXY_SMALL_MODEL`
-and `FEDPERSONA_STORE` to the vLLM process; the rest are optional knobs. Built by the processor
-when vLLM constructs it, never at import time.
+The engine launch (`fedpersona.service.engine.config.engine_env`) passes
+`FEDPERSONA_PROXY_SMALL_MODEL` and `FEDPERSONA_STORE_DIR` (the gateway's name for the store
+root; the older `FEDPERSONA_STORE` is still read, deprecated) to the vLLM process; the rest are
+optional knobs. Built by the processor when vLLM constructs it, never at import time.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from fedpersona.adapters.limits import EXPERT_MAX_RANK
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ProxySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FEDPERSONA_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="FEDPERSONA_", extra="ignore", populate_by_name=True
+    )
 
     proxy_small_model: Path = Field(description="small base model dir (Hugging Face format)")
-    store: Path = Field(description="root of the adapter store holding the experts")
+    store_dir: Path = Field(
+        validation_alias=AliasChoices("FEDPERSONA_STORE_DIR", "FEDPERSONA_STORE"),
+        description="root of the adapter store holding the experts (FEDPERSONA_STORE: deprecated)",
+    )
     proxy_max_experts: int = Field(
         default=4, ge=1, description="merged experts kept in memory (LRU), besides in-flight ones"
     )
-    proxy_max_rank: int = Field(default=64, ge=1, description="largest expert LoRA rank accepted")
+    proxy_max_rank: int = Field(
+        default=EXPERT_MAX_RANK, ge=1, description="largest expert LoRA rank accepted"
+    )
     proxy_max_alpha: float = Field(
         default=10.0, gt=0, description="largest accepted |fedpersona_alpha|"
     )

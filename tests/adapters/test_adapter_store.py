@@ -20,6 +20,7 @@ from fedpersona.adapters import (
     InvalidAdapter,
     InvalidName,
     NotFound,
+    ReadOnlyStore,
     Slot,
     StoreCorrupt,
     load_lora,
@@ -350,6 +351,69 @@ def test_read_only_store_reads_but_never_writes(tmp_path: Path) -> None:
     assert missing.current(ALICE) is None
     assert missing.slots() == []
     assert not (tmp_path / "nothing").exists()
+
+
+def test_read_only_store_takes_no_locks_and_names_the_refused_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = AdapterStore(tmp_path / "store")
+    src = tmp_path / "src"
+    save_lora(make_adapter(seed=1, r=1), src)
+    published = writer.publish(ALICE, src, base_model=BASE)
+    (tmp_path / "store" / ".trash" / "leftover").mkdir()
+
+    def no_lock(*args: object) -> None:
+        raise AssertionError("a read-only store took a lock")
+
+    monkeypatch.setattr(fcntl, "flock", no_lock)
+    reader = AdapterStore(tmp_path / "store", read_only=True)
+    assert reader.current(ALICE) == published and reader.current_id(ALICE) == published.id
+    assert reader.versions(ALICE) == [published]
+    with pytest.raises(ReadOnlyStore, match="read-only: cannot publish to users/alice/served"):
+        reader.publish(ALICE, src, base_model=BASE)
+    assert isinstance(ReadOnlyStore(), AdapterError)
+    assert (tmp_path / "store" / ".trash" / "leftover").exists()
+    assert sorted(p.name for p in (tmp_path / "store" / ".locks").iterdir()) == [
+        "users.alice.served.lock"  # the writer's, from its publish
+    ]
+
+
+def test_current_id_rereads_only_a_changed_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedpersona.adapters.store as store_module
+
+    store = AdapterStore(tmp_path)
+    reader = AdapterStore(tmp_path, read_only=True)
+    assert reader.current_id(ALICE) is None
+    v1 = store.publish_lora(ALICE, make_adapter(seed=1, r=1))
+    reads: list[Path] = []
+    real_read = store_module._read_manifest
+
+    def counting_read(manifest: Path) -> str | None:
+        reads.append(manifest)
+        return real_read(manifest)
+
+    monkeypatch.setattr(store_module, "_read_manifest", counting_read)
+    assert [reader.current_id(ALICE) for _ in range(3)] == [v1.id] * 3
+    assert len(reads) == 1  # one read, then one stat per call
+    v2 = store.publish_lora(ALICE, make_adapter(seed=2, r=1))  # same second: a new inode
+    reads.clear()
+    assert [reader.current_id(ALICE) for _ in range(3)] == [v2.id] * 3
+    assert len(reads) == 1
+    assert reader.current_id(Slot.user_served("bob")) is None
+
+
+def test_current_id_refuses_a_corrupt_manifest(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    store.publish_lora(ALICE, make_adapter(seed=1, r=1))
+    manifest = tmp_path / "slots" / ALICE.path / "current.json"
+    manifest.write_text(json.dumps({"version": "../../etc"}))
+    with pytest.raises(StoreCorrupt, match="invalid version id"):
+        store.current_id(ALICE)
+    manifest.write_text("{")
+    with pytest.raises(StoreCorrupt, match="unreadable manifest"):
+        store.current_id(ALICE)
 
 
 def test_current_rereads_the_manifest_when_retention_wins_the_race(

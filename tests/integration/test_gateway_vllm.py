@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 from fedpersona.adapters import Slot
-from fedpersona.service.engine.adapters import adapter_name
+from fedpersona.adapters.refs import engine_adapter_name as adapter_name
 from fedpersona.service.engine.supervisor import EngineState
 
 if TYPE_CHECKING:  # only for annotations: several conftest.py files share the module name

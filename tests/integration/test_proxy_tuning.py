@@ -28,7 +28,7 @@ import openai
 import pytest
 import torch
 from fedpersona.adapters import AdapterStore, Slot, Version, load_lora
-from fedpersona.service.engine.adapters import adapter_name
+from fedpersona.adapters.refs import engine_adapter_name as adapter_name
 from fedpersona.service.proxy_tuning.experts import merge_lora
 from fedpersona.trainer.models.basemodel import ModelPair
 from support.gateway import RunningGateway, running_gateway

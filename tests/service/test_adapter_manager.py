@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 import pytest
 import torch
 from fedpersona.adapters import AdapterStore, LoraAdapter, Slot, Version
-from fedpersona.service.engine.adapters import AdapterManager, adapter_name
+from fedpersona.adapters.refs import engine_adapter_name as adapter_name
+from fedpersona.service.engine.adapters import AdapterManager
 from fedpersona.service.errors import AdapterLoadFailed, EngineRequestError, EngineUnavailable
 from fedpersona.service.metrics import Metrics
 

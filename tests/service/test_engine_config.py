@@ -7,8 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
+from fedpersona.adapters import (
+    EXPERT_MAX_RANK,
+    MAX_LORA_RANK,
+    AdapterStore,
+    Home,
+    InvalidManifest,
+    RankLimitMismatch,
+    resolve_home,
+)
 from fedpersona.service.commands import engine as engine_cmd
-from fedpersona.service.engine.config import EngineSettings, build_launch, engine_argv, model_name
+from fedpersona.service.commands.engine import EngineProcessSettings
+from fedpersona.service.engine.config import EngineSettings, build_launch, engine_argv
+from fedpersona.service.settings import Settings
 from pydantic import ValidationError
 
 
@@ -71,7 +82,8 @@ def test_proxy_small_model_adds_logits_processor_and_env(home: Path) -> None:
         == "fedpersona.service.proxy_tuning.processor:ProxyTuningLogitsProcessor"
     )
     assert launch.env["FEDPERSONA_PROXY_SMALL_MODEL"] == str(home / "models" / "small")
-    assert launch.env["FEDPERSONA_STORE"] == str((home / "elsewhere").resolve())
+    assert launch.env["FEDPERSONA_STORE_DIR"] == str((home / "elsewhere").resolve())
+    assert "FEDPERSONA_STORE" not in launch.env
 
 
 def test_explicit_name_and_extra_args(home: Path) -> None:
@@ -108,11 +120,38 @@ def test_external_url_means_not_supervised() -> None:
     assert EngineSettings(host="0.0.0.0", port=81).base_url == "http://127.0.0.1:81"
 
 
-def test_model_name_falls_back_to_dir_name_and_refuses_garbage(tmp_path: Path) -> None:
-    assert model_name(tmp_path) == tmp_path.name
-    (tmp_path / "fedpersona.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"fedpersona\.json"):
-        model_name(tmp_path)
+def test_launch_needs_a_model_manifest_or_an_explicit_name(tmp_path: Path) -> None:
+    """One behaviour for every engine: no fallback to the directory's name."""
+    model = tmp_path / "models" / "large"
+    model.mkdir(parents=True)
+    with pytest.raises(InvalidManifest, match=r"fedpersona\.json is missing"):
+        build_launch(EngineSettings(), home=tmp_path)
+    (model / "fedpersona.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"fedpersona\.json: not valid JSON"):
+        build_launch(EngineSettings(), home=tmp_path)
+    (model / "fedpersona.json").write_text(json.dumps({"name": ""}))
+    with pytest.raises(InvalidManifest, match="field 'name'"):
+        build_launch(EngineSettings(), home=tmp_path)
+    launch = build_launch(EngineSettings(served_model_name="named"), home=tmp_path)
+    assert launch.served_model_name == "named"
+
+
+def test_store_rank_limit_above_the_engine_flag_is_refused_at_start_up(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    assert settings.adapter_max_rank == settings.engine.max_lora_rank == 16
+    Settings(home=tmp_path, adapter_max_rank=8)  # stricter than the engine: fine
+    Settings(home=tmp_path, adapter_max_rank=32, engine={"max_lora_rank": 32})
+    with pytest.raises(ValidationError, match=r"up to 32 .* --max-lora-rank 16") as caught:
+        Settings(home=tmp_path, adapter_max_rank=32)
+    assert isinstance(caught.value.errors()[0]["ctx"]["error"], RankLimitMismatch)
+
+
+def test_engine_rank_env_is_cross_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDPERSONA_ENGINE__MAX_LORA_RANK", "8")
+    with pytest.raises(ValidationError, match=r"up to 16 .* --max-lora-rank 8"):
+        Settings(home=tmp_path)
+    monkeypatch.setenv("FEDPERSONA_ADAPTER_MAX_RANK", "8")
+    assert Settings(home=tmp_path).engine.max_lora_rank == 8
 
 
 def test_engine_command_prints_the_launch(
@@ -158,3 +197,36 @@ def test_engine_command_exec_replaces_the_process_with_vllm(
     assert file == argv[0] and argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert "VLLM_LORA_RESOLVER_CACHE_DIR" not in env
+
+
+def test_every_settings_class_reads_the_same_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDPERSONA_HOME", str(tmp_path))
+    assert Settings().home == EngineProcessSettings().home == resolve_home() == tmp_path
+    assert Settings().store_path == Home(tmp_path).store
+    assert Settings(home=tmp_path / "x").registry_file == Home(tmp_path / "x").registry
+    monkeypatch.delenv("FEDPERSONA_HOME")
+    monkeypatch.setenv("HOME", "/not/this")  # the alias is FEDPERSONA_HOME, never $HOME
+    assert Settings().home == Path(".fedpersona")
+
+
+def test_the_default_deployment_uses_one_rank_limit() -> None:
+    from fedpersona.service.proxy_tuning.settings import ProxySettings
+
+    assert AdapterStore.__init__.__kwdefaults__["max_rank"] == MAX_LORA_RANK
+    assert EngineSettings().max_lora_rank == Settings().adapter_max_rank == MAX_LORA_RANK
+    fields = ProxySettings.model_fields
+    assert fields["proxy_max_rank"].default == EXPERT_MAX_RANK
+
+
+def test_proxy_store_dir_and_its_deprecated_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedpersona.service.proxy_tuning.settings import ProxySettings
+
+    monkeypatch.setenv("FEDPERSONA_PROXY_SMALL_MODEL", str(tmp_path / "small"))
+    monkeypatch.setenv("FEDPERSONA_STORE", str(tmp_path / "old"))
+    assert ProxySettings().store_dir == tmp_path / "old"  # type: ignore[call-arg]
+    monkeypatch.setenv("FEDPERSONA_STORE_DIR", str(tmp_path / "new"))
+    assert ProxySettings().store_dir == tmp_path / "new"  # type: ignore[call-arg]

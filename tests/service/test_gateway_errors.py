@@ -170,3 +170,17 @@ def test_oversized_bodies_are_413(make_gateway: GatewayFactory) -> None:
     assert streamed.status_code == 413
     assert gw.engine.received == []
     assert gw.chat("alice").status_code == 200
+
+
+def test_gateway_opens_the_store_read_only(tmp_path: Any) -> None:
+    """Replicas share the store volume: none of them cleans up or locks at start-up."""
+    settings = make_settings(tmp_path / "home")
+    stale = settings.store_path / ".staging" / "users.alice.served" / "left-by-a-publisher"
+    stale.mkdir(parents=True)
+    app = create_app(settings, engine=FakeEngine())
+    store = app.state.services.store
+    assert store.read_only and store.root == settings.store_path
+    assert stale.is_dir() and not (settings.store_path / ".locks").exists()
+    fresh = make_settings(tmp_path / "fresh")
+    assert create_app(fresh, engine=FakeEngine()).state.services.store.read_only
+    assert fresh.store_path.is_dir()  # an empty store root exists for /ready

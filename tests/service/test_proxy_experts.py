@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedpersona.adapters import AdapterStore, LoraAdapter, Slot
+from fedpersona.adapters import AdapterStore, InvalidName, LoraAdapter, Slot
+from fedpersona.adapters.manifest import model_name
 from fedpersona.service.proxy_tuning.decoder import Decoder
 from fedpersona.service.proxy_tuning.errors import (
     ExpertUnavailable,
@@ -24,7 +25,6 @@ from fedpersona.service.proxy_tuning.experts import (
     ExpertRequest,
     check_shared_tokenizer,
     load_small_model,
-    model_name,
 )
 from fedpersona.service.proxy_tuning.state import KVStream
 from fedpersona.trainer.models.basemodel import ModelPair
@@ -87,8 +87,10 @@ def _library(
     ],
 )
 def test_bad_expert_names_are_refused(text: object) -> None:
-    with pytest.raises(InvalidExpertRequest, match="fedpersona_expert"):
+    with pytest.raises(InvalidName, match="fedpersona_expert"):
         ExpertRef.parse(text)
+    with pytest.raises(InvalidExpertRequest, match="fedpersona_expert"):
+        ExpertRequest.from_extra_args({"fedpersona_expert": text})
 
 
 def test_expert_names_round_trip() -> None:

@@ -43,7 +43,7 @@ def env(
         metadata={},
     )
     monkeypatch.setenv("FEDPERSONA_PROXY_SMALL_MODEL", str(micro_models.small.path))
-    monkeypatch.setenv("FEDPERSONA_STORE", str(store.root))
+    monkeypatch.setenv("FEDPERSONA_STORE_DIR", str(store.root))
     monkeypatch.setenv("FEDPERSONA_PROXY_STATS_FILE", str(tmp_path / "stats.json"))
     vocab = int(small.config.vocab_size)
     config = SimpleNamespace(
@@ -150,7 +150,7 @@ def test_tokenizer_mismatch_stops_the_processor(
     micro_models: ModelPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FEDPERSONA_PROXY_SMALL_MODEL", str(micro_models.small.path))
-    monkeypatch.setenv("FEDPERSONA_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("FEDPERSONA_STORE", str(tmp_path / "store"))  # the deprecated name
     other = tmp_path / "other-tokenizer"
     other.mkdir()
     from transformers import AutoTokenizer

@@ -263,13 +263,14 @@ def test_log_tail_of_missing_file_is_empty(tmp_path: Path) -> None:
     assert log_tail(tmp_path / "a.log", 3) == "line 97\nline 98\nline 99"
 
 
-def test_supervisor_for_settings_logs_under_home(tmp_path: Path) -> None:
-    from fedpersona.service.engine.config import EngineSettings
-    from fedpersona.service.engine.supervisor import supervisor_for
+def test_serve_builds_the_supervisor_from_settings(tmp_path: Path) -> None:
+    from fedpersona.service.commands.serve import build_supervisor
+    from fedpersona.service.settings import Settings
 
-    settings = EngineSettings(model_dir=tmp_path, served_model_name="m", port=9, ready_timeout_s=7)
-    sup = supervisor_for(settings, home=tmp_path)
+    engine = {"model_dir": tmp_path, "served_model_name": "m", "port": 9, "ready_timeout_s": 7}
+    sup = build_supervisor(Settings(home=tmp_path, engine=engine))
     assert sup.log_path == tmp_path / "logs" / "vllm.log"
     assert sup.launch.base_url == "http://127.0.0.1:9"
     assert sup._ready_timeout_s == 7
     assert sup.state is EngineState.STOPPED
+    assert build_supervisor(Settings(home=tmp_path, engine={"url": "http://x:1"})) is None
