@@ -4,11 +4,16 @@ Each SuperNode is one user's device: its node config names the user and the silo
 submits the Flower App in `trainer/flower/flwr_app/`; the round must complete and publish a global
 adapter and both users' served adapters, exactly as in simulation. Random free ports and a
 temporary FLWR_HOME/HOME keep it away from anything else on the machine.
+
+The second test runs the same round with fedpersona imported from its wheel installed into a
+folder (not the editable checkout) by the SuperLink, the SuperNodes and the apps they start, with
+unrelated packages named `adapters`, `trainer` and `service` first on their PYTHONPATH.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import time
@@ -28,6 +33,7 @@ from fedpersona.trainer.flower.deployment import (
 from fedpersona.trainer.flower.runconfig import config_of
 from fedpersona.trainer.models.basemodel import ModelPair
 from fedpersona.trainer.rounds.records import RoundSpec, RunRecords, RunState
+from support.wheel import build_wheel, install_wheel, shadow_packages
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
@@ -76,11 +82,32 @@ def started(
 def test_a_round_completes_on_superlink_and_two_supernodes(
     tmp_path: Path, micro_models: ModelPair
 ) -> None:
+    run_deployment_round(tmp_path, micro_models)
+
+
+def test_supernodes_run_fedpersona_from_an_installed_wheel(
+    tmp_path: Path, micro_models: ModelPair
+) -> None:
+    site = install_wheel(build_wheel(tmp_path / "wheel"), tmp_path / "site")  # no bytecode yet
+    fakes = shadow_packages(tmp_path / "shadow")
+    run_deployment_round(tmp_path, micro_models, pythonpath=[fakes, site])
+    # Evidence that the processes ran the wheel's copy: Python compiled it when they imported it.
+    for module in ("trainer/flower/apps", "trainer/methods/pftt", "adapters/store"):
+        folder, name = (site / "fedpersona" / module).parent, Path(module).name
+        assert list((folder / "__pycache__").glob(f"{name}.*.pyc")), f"{module} not imported"
+
+
+def run_deployment_round(
+    tmp_path: Path, micro_models: ModelPair, *, pythonpath: list[Path] | None = None
+) -> None:
     home = tmp_path / "home"
     write_silos(home / "silos", USERS, n_train=4, n_eval=2)
     flwr_home = tmp_path / "flwr" / ".flwr"
     env = flwr_env(flwr_home)
     env["HOME"] = str(flwr_home.parent)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
     fleet, serverappio, control, io_a, io_b = free_ports(5)
     links = SuperLinkAddresses.on(
         "127.0.0.1", fleet=fleet, serverappio=serverappio, control=control
