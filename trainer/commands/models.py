@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from fedpersona.adapters.home import resolve_home
 
 if TYPE_CHECKING:
     from fedpersona.trainer.models.basemodel import ModelPair
 
-DEFAULT_HOME = Path(".fedpersona")
 # The names of `fedpersona.trainer.models.basemodel.RECIPES`, spelled out so that building the root
 # parser does not
 # import torch and transformers (seconds) for every `fedpersona` command.
@@ -47,14 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="rebuild even on a cache hit")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def resolve_home(home: Path | None) -> Path:
-    """`--home`, else `$FEDPERSONA_HOME`, else `./.fedpersona`."""
-    if home is not None:
-        return home
-    env = os.environ.get("FEDPERSONA_HOME")
-    return Path(env) if env else DEFAULT_HOME
 
 
 def summary(pair: ModelPair) -> dict[str, object]:

@@ -22,11 +22,11 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedpersona.adapters import home as adapters_home
 from fedpersona.trainer.commands.spec_args import add_spec_arguments, spec_from_args
 from fedpersona.trainer.errors import TrainerError
 from fedpersona.trainer.flower.runconfig import config_of
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_home(home: Path | None) -> Path:
-    return Path(home or os.environ.get("FEDPERSONA_HOME") or ".fedpersona").resolve()
+    return adapters_home.resolve_home(home).resolve()
 
 
 def run(args: argparse.Namespace) -> int:

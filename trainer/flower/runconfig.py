@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fedpersona.adapters import InvalidName, validate_user_id
+from fedpersona.adapters.limits import MAX_LORA_RANK
 from fedpersona.trainer.errors import ConfigError, MethodError
 from fedpersona.trainer.methods import behaviour_of
 from fedpersona.trainer.rounds.records import RoundSpec, check_run_id
@@ -36,7 +37,7 @@ class RunConfig:
     store: Path
     base_model: Path
     runs_dir: Path
-    max_rank: int = 16
+    max_rank: int = MAX_LORA_RANK
     min_nodes: int = 0
     round_timeout: float = 3600.0
     resume: bool = True

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 from fedpersona.adapters import Slot
+from fedpersona.adapters.limits import MAX_LORA_RANK
 from fedpersona.trainer.errors import MethodError
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class LoraSpec:
 # FedAvg's LoRA. alpha = 2 * rank everywhere, so every method's LoRA has the same scaling.
 DEFAULT_SPEC = LoraSpec(rank=8, alpha=16.0)
 # The largest rank a served adapter may have (vLLM --max-lora-rank of the default deployment).
-DEFAULT_MAX_RANK = 16
+DEFAULT_MAX_RANK = MAX_LORA_RANK
 
 
 @dataclass(frozen=True)

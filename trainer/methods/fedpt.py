@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedpersona.adapters import AdapterStore, Slot
+from fedpersona.adapters.limits import EXPERT_MAX_RANK
 from fedpersona.trainer.errors import MethodError
 from fedpersona.trainer.methods.base import (
     BaseRole,
@@ -48,10 +49,6 @@ if TYPE_CHECKING:
     from fedpersona.trainer.models.basemodel import ModelInfo
 
 log = logging.getLogger(__name__)
-
-# Experts are never served by vLLM as LoRAs (they are merged into the small model by the
-# logits processor), so vLLM's --max-lora-rank does not bound them; the processor's does.
-EXPERT_MAX_RANK = 64
 
 
 def expert_slots(users: list[str]) -> tuple[Slot, dict[str, Slot]]:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from fedpersona.adapters.manifest import ModelManifest, write_model_manifest
 from fedpersona.trainer.errors import DataError
 from fedpersona.trainer.models.recipe import HEAD_DIM, MARKER, ROLES, ModelSize, Recipe
 from fedpersona.trainer.models.tokenizer import train_tokenizer
@@ -107,7 +107,7 @@ def write_models(staging: Path, recipe: Recipe, corpus: str, *, progress: bool) 
             "final_loss": round(losses[role], 4) if losses else None,
             "recipe": dataclasses.asdict(recipe),
         }
-        (target / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        write_model_manifest(target, ModelManifest.parse(marker, where=str(target / MARKER)))
         # transformers writes the weights through a private (0600) temp file; the serving
         # process may run as another user.
         for path in target.iterdir():
