@@ -1,4 +1,4 @@
-"""Builders shared by the adapter tests: random LoRAs with real PEFT key names, a tiny Llama.
+"""Builders shared by the adapter tests: random LoRAs (`support.lora`), a tiny Llama.
 
 Imported by module name (`from factories_adapters import ...`); a uniquely named module rather
 than a conftest, so imports stay unambiguous next to the other packages' test directories.
@@ -10,63 +10,30 @@ layers, and building it in memory keeps `tests/adapters` independent of the trai
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from fedpersona.adapters import LoraAdapter
+from support.lora import ALL_TARGETS, BASE, TINY_LLAMA, module_path, random_lora
 
-BASE = "fedpersona-test-base"
-HIDDEN, INTERMEDIATE, LAYERS = 128, 256, 2
+__all__ = [
+    "BASE",
+    "HIDDEN",
+    "INTERMEDIATE",
+    "LAYERS",
+    "TARGETS",
+    "logits",
+    "make_adapter",
+    "module_path",
+    "random_tokens",
+    "tiny_llama",
+    "with_deltas",
+]
 
-# (PEFT module path inside a LlamaForCausalLM, in_features, out_features) per target name.
-_MODULES = {
-    "q_proj": ("self_attn", HIDDEN, HIDDEN),
-    "k_proj": ("self_attn", HIDDEN, HIDDEN),
-    "v_proj": ("self_attn", HIDDEN, HIDDEN),
-    "o_proj": ("self_attn", HIDDEN, HIDDEN),
-    "gate_proj": ("mlp", HIDDEN, INTERMEDIATE),
-    "up_proj": ("mlp", HIDDEN, INTERMEDIATE),
-    "down_proj": ("mlp", INTERMEDIATE, HIDDEN),
-}
-TARGETS = tuple(_MODULES)
-
-
-def module_path(layer: int, target: str) -> str:
-    block = _MODULES[target][0]
-    return f"base_model.model.model.layers.{layer}.{block}.{target}"
-
-
-def make_adapter(
-    *,
-    seed: int,
-    r: int,
-    targets: Iterable[str] = ("q_proj", "v_proj"),
-    layers: Iterable[int] = range(LAYERS),
-    alpha: float | None = None,
-    base_model: str = BASE,
-    scale: float = 0.05,
-    dtype: torch.dtype = torch.float32,
-) -> LoraAdapter:
-    """A LoRA with random (non-zero) A and B for `targets` in `layers` of the tiny Llama."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    targets = tuple(targets)
-    for layer in layers:
-        for target in targets:
-            _, fan_in, fan_out = _MODULES[target]
-            path = module_path(layer, target)
-            a = torch.randn(r, fan_in, generator=gen, dtype=torch.float64) * scale
-            b = torch.randn(fan_out, r, generator=gen, dtype=torch.float64) * scale
-            tensors[f"{path}.lora_A.weight"] = a.to(dtype)
-            tensors[f"{path}.lora_B.weight"] = b.to(dtype)
-    return LoraAdapter(
-        r=r,
-        alpha=float(2 * r) if alpha is None else alpha,
-        target_modules=targets,
-        base_model=base_model,
-        tensors=tensors,
-    )
+HIDDEN, INTERMEDIATE, LAYERS = TINY_LLAMA.hidden, TINY_LLAMA.intermediate, TINY_LLAMA.layers
+TARGETS = ALL_TARGETS
+# The suite's one LoRA builder: random A and B for `targets` in `layers` of the tiny Llama.
+make_adapter = random_lora
 
 
 def tiny_llama(seed: int = 0) -> Any:

@@ -11,30 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from fake_engine import BASE_MODEL, FakeEngine
 from fastapi.testclient import TestClient
 from fedpersona.adapters import AdapterStore, LoraAdapter, Version
 from fedpersona.service.registry import Registry
 from fedpersona.service.settings import Settings
+from support.lora import random_lora
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
-HIDDEN = 128
 
 
 def tiny_lora(seed: int, *, r: int = 2, base_model: str = BASE_MODEL) -> LoraAdapter:
-    """A valid rank-`r` LoRA on one q_proj of a hidden-128 Llama (real PEFT key names)."""
-    gen = torch.Generator().manual_seed(seed)
-    module = "base_model.model.model.layers.0.self_attn.q_proj"
-    return LoraAdapter(
-        r=r,
-        alpha=float(2 * r),
-        target_modules=("q_proj",),
-        base_model=base_model,
-        tensors={
-            f"{module}.lora_A.weight": torch.randn(r, HIDDEN, generator=gen) * 0.01,
-            f"{module}.lora_B.weight": torch.randn(HIDDEN, r, generator=gen) * 0.01,
-        },
+    """A valid rank-`r` LoRA on layer 0's q_proj of the tiny Llama (real PEFT key names)."""
+    return random_lora(
+        seed=seed, r=r, targets=("q_proj",), layers=(0,), base_model=base_model, scale=0.01
     )
 
 

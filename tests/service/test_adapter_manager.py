@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import torch
 from fedpersona.adapters import AdapterStore, LoraAdapter, Slot, Version
 from fedpersona.adapters.refs import engine_adapter_name as adapter_name
 from fedpersona.service.engine.adapters import AdapterManager
 from fedpersona.service.errors import AdapterLoadFailed, EngineRequestError, EngineUnavailable
 from fedpersona.service.metrics import Metrics
+from support.lora import random_lora
 
 T = TypeVar("T")
 BASE = "fedpersona-test-base"
@@ -64,16 +64,7 @@ class RecordingEngine:
 
 
 def lora(seed: int) -> LoraAdapter:
-    g = torch.Generator().manual_seed(seed)
-    tensors = {
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(
-            8, 16, generator=g
-        ),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(
-            16, 8, generator=g
-        ),
-    }
-    return LoraAdapter(r=8, alpha=16, target_modules=("q_proj",), base_model=BASE, tensors=tensors)
+    return random_lora(seed=seed, r=8, targets=("q_proj",), layers=(0,), base_model=BASE, scale=1.0)
 
 
 @pytest.fixture
