@@ -96,7 +96,7 @@ class RunConfig:
         ):
             if name in values:
                 try:
-                    kwargs[name] = parse(values[name])  # type: ignore[operator]
+                    kwargs[name] = parse(values[name])
                 except (TypeError, ValueError) as e:
                     key = name.replace("_", "-")
                     raise ConfigError(f"run config {key}={values[name]!r}: {e}") from e
@@ -141,7 +141,7 @@ def _spec(values: Mapping[str, Scalar]) -> RoundSpec:
 def _integer(raw: Scalar) -> int:
     if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
         raise ValueError("expected an integer")
-    return int(raw)  # type: ignore[arg-type]
+    return int(raw)
 
 
 def _boolean(raw: Scalar) -> bool:
@@ -171,7 +171,7 @@ class NodeIdentity:
         if user in (None, ""):
             if "partition-id" not in node_config:
                 raise ConfigError("node config names no user (set user=... or partition-id=...)")
-            index = int(node_config["partition-id"])  # type: ignore[arg-type]
+            index = int(node_config["partition-id"])
             if not 0 <= index < len(run.users):
                 raise ConfigError(
                     f"partition-id {index} has no user: the run names {len(run.users)} users"

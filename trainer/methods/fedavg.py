@@ -45,7 +45,7 @@ class FedAvg(LoraMethod):
     max_rank: int = DEFAULT_MAX_RANK
     name: str = "fedavg"
     SHARED: ClassVar[str | None] = SHARED
-    behaviour: ClassVar[Behaviour] = Behaviour(  # type: ignore[misc]
+    behaviour: ClassVar[Behaviour] = Behaviour(
         shares=Shares.LORA,
         publishes=frozenset({Product.GLOBAL, Product.SERVED}),
         base_role=BaseRole.LARGE,

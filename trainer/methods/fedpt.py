@@ -81,7 +81,7 @@ class FedPT(FedAvg):
         if not self.prox_mu >= 0:
             raise MethodError(f"prox_mu must be >= 0, got {self.prox_mu!r}")
 
-    @property  # type: ignore[override]
+    @property
     def behaviour(self) -> Behaviour:
         publishes = {Product.GLOBAL, Product.EXPERTS}
         if self.personal_steps > 0:

@@ -42,7 +42,7 @@ class LocalOnly(LoraMethod):
     max_rank: int = DEFAULT_MAX_RANK
     name: str = "local"
     KEPT: ClassVar[str | None] = OWN
-    behaviour: ClassVar[Behaviour] = Behaviour(  # type: ignore[misc]
+    behaviour: ClassVar[Behaviour] = Behaviour(
         shares=Shares.NOTHING,
         publishes=frozenset({Product.SERVED, Product.PERSONAL}),
         base_role=BaseRole.LARGE,

@@ -71,7 +71,7 @@ class PerFit(LoraMethod):
     name: str = "perfit"
     SHARED: ClassVar[str | None] = LORA
     TRAINS_ITSELF: ClassVar[bool] = True  # the first round searches the architecture
-    behaviour: ClassVar[Behaviour] = Behaviour(  # type: ignore[misc]
+    behaviour: ClassVar[Behaviour] = Behaviour(
         shares=Shares.SPARSE_LORA,
         publishes=frozenset({Product.GLOBAL, Product.SERVED}),
         base_role=BaseRole.LARGE,

@@ -60,7 +60,7 @@ class Pftt(LoraMethod):
     name: str = "pftt"
     SHARED: ClassVar[str | None] = GLOBAL
     KEPT: ClassVar[str | None] = PERSONAL
-    behaviour: ClassVar[Behaviour] = Behaviour(  # type: ignore[misc]
+    behaviour: ClassVar[Behaviour] = Behaviour(
         shares=Shares.GLOBAL_LORA,
         publishes=frozenset({Product.GLOBAL, Product.SERVED, Product.PERSONAL}),
         base_role=BaseRole.LARGE,
