@@ -193,7 +193,12 @@ def test_chart_command_lines_parse_with_the_real_cli(helm_bin: Path) -> None:
     # /admin/rounds to the trainer Service (the HTTP round controller).
     assert args.no_rounds is False
     assert args.engine_url == env_map(gateway)["FEDPERSONA_ENGINE__URL"]
-    service = rendered.get("Service", "trainer")
+    (service,) = [
+        s
+        for s in rendered.all("Service")
+        if any(p["name"] == "api" for p in s["spec"]["ports"])
+        and s["metadata"]["labels"]["app.kubernetes.io/component"] == "trainer"
+    ]
     port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "api")
     assert env_map(gateway)["FEDPERSONA_ROUNDS_URL"] == (
         f"http://{service['metadata']['name']}:{port}/admin/rounds"
