@@ -23,7 +23,7 @@ COPY trainer ./trainer
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --extra-index-url "${TORCH_INDEX}" . \
  && cd / \
- && python -c "import fedpersona.service.commands, fedpersona.trainer.commands.serve" \
+ && python -c "import fedpersona.cli, fedpersona.trainer_api" \
  && python -c "import fedpersona.trainer.flower.deployment as d; assert (d.APP_DIR / 'pyproject.toml').is_file(), \
       'the Flower App (trainer/flower/flwr_app) is missing from the installed package'"
 
