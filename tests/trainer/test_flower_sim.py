@@ -133,3 +133,25 @@ def test_a_round_that_crashes_midway_publishes_nothing_and_the_next_run_succeeds
     shift = sum(n * n for n in USERS.values()) / total
     glob = load_lora(store.current(Slot.global_adapter("pftt")).path)  # type: ignore[union-attr]
     np.testing.assert_allclose(glob.tensors[keys(GLOBAL_MODULE)[0]].numpy(), 0.5 + 2 * shift)
+
+
+def test_fedprox_from_the_command_line_trains_and_publishes(
+    tmp_path: Path, micro_models: ModelPair
+) -> None:
+    from fedpersona.trainer.commands.train import main
+
+    home = tmp_path / "home"
+    write_silos(home / "silos", {"alice": "pirate", "bob": "poet"}, n_train=4, n_eval=1)
+    (home / "models").mkdir()
+    (home / "models" / "large").symlink_to(micro_models.large.path)
+    argv = ["--home", str(home), "--algorithm", "fedprox", "--prox-mu", "0.05", "--rounds", "1"]
+    argv += ["--local-steps", "1", "--batch-size", "2", "--max-len", "64", "--rank", "2"]
+
+    assert main([*argv, "--cpus", "1", "--json"]) == 0
+
+    (status,) = RunRecords(home / "runs").list_all()
+    assert status.state == RunState.succeeded, status.error
+    assert (status.spec.algorithm, status.spec.prox_mu) == ("fedprox", 0.05)
+    glob = AdapterStore(home / "store").current(Slot.global_adapter("fedprox"))
+    assert glob is not None and status.rounds[0].global_version == glob.id
+    assert load_lora(glob.path).r == 2
