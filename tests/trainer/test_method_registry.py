@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedpersona.adapters import AdapterStore, Slot, load_lora
+from fedpersona.adapters import MAX_LORA_RANK, AdapterStore, Slot, load_lora
 from fedpersona.trainer.commands import eval as eval_cmd
 from fedpersona.trainer.commands import train as train_cmd
 from fedpersona.trainer.commands.spec_args import add_spec_arguments, spec_from_args
@@ -87,7 +87,16 @@ def test_every_list_of_methods_is_the_registry() -> None:
     assert listed is not None and tuple(listed.group(1).split(" | ")) == names
     data = tomllib.loads(app)
     config = config_of(RoundSpec(), run_id=new_run_id(), home=Path("/h"), users=("a",))
-    assert set(data["tool"]["flwr"]["app"]["config"]) == set(config.to_flower())
+    app_config = data["tool"]["flwr"]["app"]["config"]
+    assert set(app_config) == set(config.to_flower())
+    # Its defaults are RoundSpec's and the run config's (TOML cannot import them).
+    defaults = RunConfig.from_flower({"run-id": new_run_id(), "home": "/h", "algorithm": "pftt"})
+    flat = defaults.to_flower()
+    paths = {"run-id", "home", "store", "base-model", "runs-dir"}
+    assert {k: v for k, v in app_config.items() if k not in paths} == {
+        k: v for k, v in flat.items() if k not in paths
+    }
+    assert app_config["max-rank"] == MAX_LORA_RANK
     description = data["project"]["description"].lower()
     assert all(name in description for name in names)
     # The trainer docs have one row per method.

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedpersona.adapters import MAX_LORA_RANK
 from fedpersona.adapters import home as adapters_home
 from fedpersona.trainer.commands.spec_args import add_spec_arguments, spec_from_args
 from fedpersona.trainer.errors import TrainerError
@@ -47,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--store", type=Path, default=None, help="default <home>/store")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default <home>/runs")
-    parser.add_argument("--max-rank", type=int, default=16, help="the store's (= vLLM's) max rank")
+    parser.add_argument(
+        "--max-rank",
+        type=int,
+        default=MAX_LORA_RANK,
+        help="the store's (= vLLM's --max-lora-rank) max rank (default: %(default)s)",
+    )
     parser.add_argument("--cpus", type=int, default=None, help="ClientApps training at once")
     parser.add_argument("--no-resume", action="store_true", help="start from a fresh global")
     parser.add_argument(
