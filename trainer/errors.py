@@ -64,6 +64,11 @@ class RoundFailed(TrainerError):
     """A federated round could not complete (a client failed or replied badly)."""
 
 
+class ReplyRefused(TrainerError):
+    """A client's reply the server drops: its node may not speak for that user, or it is
+    malformed."""
+
+
 class PublishError(TrainerError):
     """A round's adapters could not be built or staged; nothing of the round was published."""
 
