@@ -10,12 +10,18 @@ is the model manifest's (`read_model_manifest`, strict: no manifest, no launch, 
 `served_model_name` is configured), default paths come from `Home`, and `max_lora_rank` must be
 a rank vLLM accepts (`VLLM_LORA_RANKS`, default `MAX_LORA_RANK`).
 
+Model-dependent settings left unset (max model length, dtype, KV cache, memory fraction) follow
+the model: its manifest's engine hints, else its config (`EngineSettings.for_model`).
+
 This module starts nothing and knows nothing about HTTP; its only I/O is reading the model's
-`fedpersona.json` to learn the served name when none is configured.
+`fedpersona.json` and `config.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import secrets
 import shlex
 import sys
 from collections.abc import Mapping
@@ -25,7 +31,11 @@ from pathlib import Path
 from fedpersona.adapters.home import Home
 from fedpersona.adapters.limits import MAX_LORA_RANK, VLLM_LORA_RANKS
 from fedpersona.adapters.manifest import read_model_manifest
-from pydantic import BaseModel, Field, field_validator, model_validator
+from fedpersona.service.engine.guard import ENGINE_API_KEY_ENV, GUARD_MIDDLEWARE
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+
+DEFAULT_MAX_MODEL_LEN = 2048
+DEFAULT_KV_CACHE_GIB = 1
 
 # Environment of the vLLM process read by the proxy-tuning processor (`ProxySettings`).
 PROXY_SMALL_MODEL_ENV = "FEDPERSONA_PROXY_SMALL_MODEL"
@@ -51,8 +61,12 @@ _OWNED_FLAGS = frozenset(
         "--dtype",
         "--logits-processors",
         "--lora-modules",
+        "--middleware",
+        "--api-key",
     }
 )
+# Environment values `EngineLaunch.shell` and `fedpersona engine` never print.
+_SECRET_ENV = frozenset({ENGINE_API_KEY_ENV})
 
 
 class EngineSettings(BaseModel):
@@ -75,9 +89,17 @@ class EngineSettings(BaseModel):
     max_lora_rank: int = Field(
         default=MAX_LORA_RANK, description="--max-lora-rank; the store's limit may not exceed it"
     )
-    max_model_len: int = Field(default=1024, ge=16)
-    kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (CPU build)")
-    dtype: str = "float32"
+    # None: follow the model (its manifest's engine hints, else its config), see `for_model`.
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="None: the model manifest's hint, else its config"
+    )
+    kv_cache_gib: int | None = Field(
+        default=None, ge=1, description="VLLM_CPU_KVCACHE_SPACE (CPU build); None: the model's"
+    )
+    dtype: str | None = Field(default=None, description="None: the model manifest's hint")
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="--gpu-memory-utilization; None: the model's hint"
+    )
     extra_args: list[str] = Field(default_factory=list)
     proxy_small_model: Path | None = Field(
         default=None, description="small base model dir; set: enable the FedPT logits processor"
@@ -85,6 +107,11 @@ class EngineSettings(BaseModel):
     proxy_processor: str = Field(
         default="fedpersona.service.proxy_tuning.processor:ProxyTuningLogitsProcessor",
         description="module:Class of the FedPT vLLM logits processor",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="shared secret between the gateway and vLLM (vLLM's VLLM_API_KEY); None in "
+        "embedded mode: a fresh one per start; required for a separately run engine",
     )
     ready_timeout_s: float = Field(default=600.0, gt=0)
     request_timeout_s: float = Field(default=600.0, gt=0)
@@ -120,6 +147,40 @@ class EngineSettings(BaseModel):
             raise ValueError("max_cpu_loras must be >= max_loras (vLLM refuses otherwise)")
         return self
 
+    def for_model(self, model_dir: Path | None) -> EngineSettings:
+        """These settings with every unset model-dependent value taken from the model.
+
+        Order: the setting, else the manifest's engine hint (`fedpersona.json`), else the
+        model's `config.json` (`max_position_embeddings`, capped at 2048), else a default that
+        suits the CPU build. A model whose own limit is below `max_model_len` would make vLLM
+        refuse to start, so the setting is the only way above the model's.
+        """
+        hints = None
+        limit = None
+        if model_dir is not None:
+            with contextlib.suppress(ValueError, OSError):
+                hints = read_model_manifest(model_dir).engine
+            with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
+                config = json.loads((Path(model_dir) / "config.json").read_text())
+                limit = int(config["max_position_embeddings"])
+
+        def pick(name: str, fallback: object) -> object:
+            value = getattr(self, name)
+            if value is None and hints is not None:
+                value = getattr(hints, name, None)
+            return fallback if value is None else value
+
+        return self.model_copy(
+            update={
+                "max_model_len": pick(
+                    "max_model_len", min(limit, DEFAULT_MAX_MODEL_LEN) if limit else 1024
+                ),
+                "kv_cache_gib": pick("kv_cache_gib", DEFAULT_KV_CACHE_GIB),
+                "dtype": pick("dtype", "float32"),
+                "gpu_memory_utilization": pick("gpu_memory_utilization", None),
+            }
+        )
+
     @property
     def supervised(self) -> bool:
         """True when the gateway starts vLLM itself (no url configured)."""
@@ -139,10 +200,19 @@ class EngineLaunch:
     """Everything needed to start one vLLM server: the argv, the env overrides, the address."""
 
     argv: list[str]
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)
     base_url: str
     served_model_name: str
     unset_env: tuple[str, ...] = field(default=_RESOLVER_ENV)
+
+    @property
+    def api_key(self) -> str:
+        """The key the gateway must send (vLLM's `VLLM_API_KEY` in `env`)."""
+        return self.env.get(ENGINE_API_KEY_ENV, "")
+
+    def public_env(self) -> dict[str, str]:
+        """`env` with secrets replaced, for logs and printing."""
+        return {k: ("<redacted>" if k in _SECRET_ENV else v) for k, v in self.env.items()}
 
     def environ(self, base: Mapping[str, str]) -> dict[str, str]:
         """The child's full environment: `base` minus resolver variables, plus `env`."""
@@ -151,8 +221,8 @@ class EngineLaunch:
         return merged
 
     def shell(self) -> str:
-        """The launch as one copy-pasteable shell line."""
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        """The launch as one shell line, secrets redacted (it is written to the engine log)."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.public_env().items()))
         return f"{env} {shlex.join(self.argv)}"
 
 
@@ -176,26 +246,36 @@ def engine_argv(
         "--max-lora-rank",
         str(settings.max_lora_rank),
         "--max-model-len",
-        str(settings.max_model_len),
+        str(settings.max_model_len or DEFAULT_MAX_MODEL_LEN),
         "--dtype",
-        settings.dtype,
+        settings.dtype or "float32",
         "--host",
         settings.host,
         "--port",
         str(settings.port),
         # The gateway logs every request; vLLM's per-request access log would double it.
         "--disable-uvicorn-access-log",
+        # Every path but /health and /metrics needs the key (vLLM's own check leaves some open).
+        "--middleware",
+        GUARD_MIDDLEWARE,
     ]
+    # The chart's GPU values pass their own fraction through extra_args; that one wins.
+    explicit = any(a.split("=", 1)[0] == "--gpu-memory-utilization" for a in settings.extra_args)
+    if settings.gpu_memory_utilization is not None and not explicit:
+        argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     if settings.proxy_small_model is not None:
         argv += ["--logits-processors", settings.proxy_processor]
     return argv + list(settings.extra_args)
 
 
-def engine_env(settings: EngineSettings, *, store_dir: Path) -> dict[str, str]:
+def engine_env(settings: EngineSettings, *, store_dir: Path, api_key: str) -> dict[str, str]:
     """Environment overrides for the vLLM child. Pure: no I/O."""
+    if not api_key:
+        raise ValueError("the engine needs an API key")
     env = {
+        ENGINE_API_KEY_ENV: api_key,
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-        "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib or DEFAULT_KV_CACHE_GIB),
         # An allow-list naming no plugin: the LoRA resolver plugins stay off (see _RESOLVER_ENV).
         "VLLM_PLUGINS": "",
         "HF_HUB_OFFLINE": "1",
@@ -207,6 +287,13 @@ def engine_env(settings: EngineSettings, *, store_dir: Path) -> dict[str, str]:
     return env
 
 
+def engine_key(settings: EngineSettings) -> str:
+    """The configured engine key, else a new random one (256 bits)."""
+    if settings.api_key is not None and settings.api_key.get_secret_value():
+        return settings.api_key.get_secret_value()
+    return secrets.token_urlsafe(32)
+
+
 def build_launch(
     settings: EngineSettings,
     *,
@@ -216,16 +303,18 @@ def build_launch(
 ) -> EngineLaunch:
     """Resolve defaults against `home` and build the launch the supervisor runs.
 
-    Raises `InvalidManifest` (a `ValueError`) when no served name is configured and the model
-    directory has no valid `fedpersona.json`.
+    The engine key is `settings.api_key`, else a fresh random one (embedded mode: the gateway
+    reads it from the launch). Raises `InvalidManifest` (a `ValueError`) when no served name is
+    configured and the model directory has no valid `fedpersona.json`.
     """
     layout = Home(home)
     model_dir = (settings.model_dir or layout.large_model).resolve()
     served = settings.served_model_name or read_model_manifest(model_dir).name
+    settings = settings.for_model(model_dir)
     store = (store_dir or layout.store).resolve()
     return EngineLaunch(
         argv=engine_argv(settings, model_dir=model_dir, served_model_name=served, python=python),
-        env=engine_env(settings, store_dir=store),
+        env=engine_env(settings, store_dir=store, api_key=engine_key(settings)),
         base_url=settings.base_url,
         served_model_name=served,
     )

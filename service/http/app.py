@@ -98,7 +98,10 @@ def create_app(
         config=ChatConfig(
             personal_alias=settings.personal_alias,
             base_model=base_model,
-            max_model_len=settings.engine.max_model_len,
+            max_model_len=settings.engine.for_model(
+                settings.large_model_dir if settings.engine.supervised else None
+            ).max_model_len
+            or 1024,
             max_bytes_per_token=settings.max_bytes_per_token,
             proxy_tuning=settings.proxy_tuning,
         ),

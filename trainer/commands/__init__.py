@@ -11,7 +11,11 @@ from __future__ import annotations
 COMMANDS: dict[str, tuple[str, str]] = {
     "models bootstrap": (
         "fedpersona.trainer.commands.models",
-        "build and briefly pretrain the tiny base models",
+        "build (or reuse) the default base models: SmolLM2-135M-Instruct and its proxy",
+    ),
+    "models import": (
+        "fedpersona.trainer.commands.model_import",
+        "import a GGUF file or a Hugging Face directory as a served model",
     ),
     "data shakespeare": (
         "fedpersona.trainer.data.shakespeare",
