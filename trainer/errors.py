@@ -76,3 +76,7 @@ class PublishError(TrainerError):
 class ModelImportError(TrainerError, ValueError):
     """A model source that cannot be imported: missing, corrupt, truncated, unsupported, or a
     small/large pair whose tokenizers differ. Nothing was written."""
+
+
+class WireFormatError(TrainerError, ValueError):
+    """A Flower message's packed parameters that cannot be read (truncated, bad index)."""

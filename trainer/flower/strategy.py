@@ -6,8 +6,11 @@ this class fills in each step from the `Method` protocol:
 - `configure_train` sends every connected SuperNode the current global params (ArrayRecord
   "global") and the round number, and notes the serialized bytes each node receives.
 - `aggregate_train` refuses a round with failed clients (nothing of it gets published), reads
-  each reply's upload, example count, loss and user, calls `Method.aggregate` (pure), then hands
-  the new global and the participants to the publisher, and only then records the round.
+  each reply's upload, example count, loss and user, drops the replies `Admission` refuses (a
+  node speaking for a user it is not bound to, a user outside the round, a malformed reply) and
+  caps example counts, aggregates with the run's `AggregationRule` around `Method.aggregate`
+  (both pure), then hands the new global and the admitted participants to the publisher, and
+  only then records the round (with the refusals and, under DP, the run's epsilon so far).
 
 The strategy keeps the global params of the run in memory (they are the server's model); all
 per-user state lives on the clients (`context.state` and their silos). It knows nothing about
@@ -22,11 +25,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from fedpersona.trainer.errors import RoundFailed
+from fedpersona.trainer.errors import ReplyRefused, RoundFailed
+from fedpersona.trainer.flower.admission import Admission
+from fedpersona.trainer.flower.packing import pack, unpack
 from fedpersona.trainer.methods.base import Method, Params
+from fedpersona.trainer.methods.robust import AggregationRule
 from fedpersona.trainer.rounds.records import ClientRound, RoundRecord
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -50,11 +55,12 @@ TRAIN_LOSS = "train-loss"
 
 
 def to_record(params: Params) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+    """`params` in one packed array (`fedpersona.trainer.flower.packing`): no per-key overhead."""
+    return pack(params)
 
 
 def from_record(record: ArrayRecord) -> Params:
-    return {k: v.numpy() for k, v in record.items()}
+    return unpack(record)
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -83,6 +89,7 @@ class Published:
 Publisher = Callable[[int, Params, list[Participant]], Published]
 RoundSink = Callable[[RoundRecord], None]
 MessageObserver = Callable[[str, Message], None]
+EpsilonAt = Callable[[int], float | None]  # rounds done -> the run's epsilon (None: no DP)
 
 
 @dataclass
@@ -103,6 +110,10 @@ class MethodStrategy(Strategy):
         on_round: RoundSink,
         min_nodes: int,
         observer: MessageObserver | None = None,
+        admission: Admission | None = None,
+        rule: AggregationRule | None = None,
+        epsilon_at: EpsilonAt | None = None,
+        seed: int = 0,
     ) -> None:
         self.method = method
         self.current: Params = dict(initial)
@@ -110,6 +121,10 @@ class MethodStrategy(Strategy):
         self.on_round = on_round
         self.min_nodes = max(1, min_nodes)
         self.observer = observer
+        self.admission = admission or Admission()
+        self.rule = rule or AggregationRule()
+        self.epsilon_at = epsilon_at
+        self.rng = np.random.default_rng(seed)
         self._book = _RoundBook()
 
     def summary(self) -> None:
@@ -155,13 +170,25 @@ class MethodStrategy(Strategy):
                 f"round {server_round}: no reply from {len(missing) or 'any'} node(s) in time"
             )
 
-        participants = [self._participant(r) for r in replies]
+        admitted: list[tuple[Participant, Message]] = []
+        refused: list[str] = []
+        for reply in replies:
+            try:
+                admitted.append((self._participant(reply), reply))
+            except ReplyRefused as e:
+                log.warning("round %d: reply refused: %s", server_round, e)
+                refused.append(str(e))
+        if not admitted:
+            raise RoundFailed(f"round {server_round}: every reply was refused: {refused}")
+        participants = [p for p, _ in admitted]
         users = [p.user for p in participants]
         if len(set(users)) != len(users):
             raise RoundFailed(f"round {server_round}: two nodes claim the same user: {users}")
-        new_global = self.method.aggregate(
+        new_global = self.rule.aggregate(
+            self.method,
             previous=self.current,
             results=[(p.upload, p.num_examples) for p in participants],
+            rng=self.rng,
         )
         published = self.publisher(server_round, new_global, participants)
         self.current = new_global
@@ -174,7 +201,7 @@ class MethodStrategy(Strategy):
                 bytes_down=self._book.bytes_down[p.node_id],
                 train_loss=p.metrics.get(TRAIN_LOSS),
             )
-            for p, r in zip(participants, replies, strict=True)
+            for p, r in admitted
         ]
         loss = _weighted_loss(clients)
         record = RoundRecord(
@@ -186,6 +213,8 @@ class MethodStrategy(Strategy):
             clients=sorted(clients, key=lambda c: c.user),
             global_version=published.global_version,
             served_versions=published.served_versions,
+            refused=refused,
+            epsilon=self.epsilon_at(server_round) if self.epsilon_at else None,
         )
         self.on_round(record)
         metrics = MetricRecord({"bytes-up": record.bytes_up, "bytes-down": record.bytes_down})
@@ -208,7 +237,7 @@ class MethodStrategy(Strategy):
     # ---------------------------------------------------------------------------- helpers
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_nodes:
+        while len(nodes := self.admission.eligible(grid.get_node_ids())) < self.min_nodes:
             log.info("waiting for nodes: %d of %d connected", len(nodes), self.min_nodes)
             time.sleep(1.0)
         return nodes
@@ -220,12 +249,11 @@ class MethodStrategy(Strategy):
             client = content.config_records[CLIENT_KEY]
             metrics = content.metric_records[METRICS_KEY]
             upload = from_record(content.array_records[UPLOAD_KEY])
-            num_examples = int(metrics[NUM_EXAMPLES])  # type: ignore[arg-type]
+            claimed = metrics[NUM_EXAMPLES]
             user = str(client["user"])
         except (KeyError, TypeError, ValueError) as e:
-            raise RoundFailed(f"node {node} sent a malformed reply: {e!r}") from e
-        if num_examples <= 0:
-            raise RoundFailed(f"node {node} ({user}) trained on no examples")
+            raise ReplyRefused(f"node {node} sent a malformed reply: {e!r}") from e
+        num_examples = self.admission.admit(node_id=node, user=user, num_examples=claimed)
         version = str(client.get("personal-version", "") or "") or None
         return Participant(
             user=user,
