@@ -17,11 +17,19 @@ import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from fedpersona.adapters import InvalidName, validate_user_id
 from fedpersona.trainer.errors import RunNotFound
 from fedpersona.trainer.methods import method_names
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 _RUN_ID = re.compile(r"^r-[0-9]{8}t[0-9]{6}-[0-9a-f]{6}$")
 
@@ -67,6 +75,36 @@ class RoundSpec(BaseModel):
         description="FedProx coefficient mu on the shared LoRA (0: the method's own, "
         "fedprox: 0.01)",
     )
+    max_examples: int = Field(
+        default=100_000,
+        ge=1,
+        description="cap on the example count one client's reply may weigh with",
+    )
+    aggregation: Literal["mean", "median", "trimmed-mean", "krum", "multi-krum"] = Field(
+        default="mean",
+        description="how the shared part is aggregated (fedpersona.trainer.methods.robust)",
+    )
+    trim_fraction: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=0.5,
+        description="trimmed-mean: fraction of clients cut at each end, per coordinate",
+    )
+    byzantine: int = Field(
+        default=1, ge=0, le=1000, description="krum, multi-krum: clients assumed malicious"
+    )
+    clip_norm: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="clip each client's update (upload - global) to this L2 norm (0: off)",
+    )
+    dp_noise: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=100.0,
+        description="central DP: Gaussian noise multiplier on the clipped mean (needs clip-norm)",
+    )
+    dp_delta: float = Field(default=1e-5, gt=0.0, lt=1.0, description="central DP: delta")
 
     @field_validator("algorithm")
     @classmethod
@@ -76,6 +114,14 @@ class RoundSpec(BaseModel):
                 f"unknown algorithm {algorithm!r}; expected one of {', '.join(method_names())}"
             )
         return algorithm
+
+    @model_validator(mode="after")
+    def _check_privacy(self) -> RoundSpec:
+        if self.dp_noise > 0 and self.clip_norm <= 0:
+            raise ValueError("dp-noise needs clip-norm > 0 (the noise is scaled to it)")
+        if self.dp_noise > 0 and self.aggregation != "mean":
+            raise ValueError("dp-noise is calibrated for aggregation 'mean' only")
+        return self
 
     @field_validator("users")
     @classmethod
@@ -113,6 +159,12 @@ class RoundRecord(BaseModel):
     clients: list[ClientRound]
     global_version: str | None = None
     served_versions: dict[str, str] = Field(default_factory=dict)
+    refused: list[str] = Field(
+        default_factory=list, description="replies the server dropped, with the reason"
+    )
+    epsilon: float | None = Field(
+        default=None, description="central DP: the run's epsilon after this round (at dp_delta)"
+    )
 
 
 class RunStatus(BaseModel):
