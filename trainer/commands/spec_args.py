@@ -53,6 +53,8 @@ def add_spec_arguments(
         kwargs: dict[str, Any] = {"default": default}
         if name == "algorithm":
             kwargs["choices"] = method_names()
+        elif typing.get_origin(info.annotation) is typing.Literal:
+            kwargs["choices"] = typing.get_args(info.annotation)
         elif _is_tuple(info.annotation):
             kwargs["type"] = comma_list
             kwargs["metavar"] = "A,B"

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 from fedpersona.adapters import AdapterStore
+from fedpersona.trainer.flower.admission import Admission
+from fedpersona.trainer.flower.identity import NodeBindings
 from fedpersona.trainer.flower.runconfig import NodeIdentity, RunConfig, Scalar, spec_of
 from fedpersona.trainer.flower.strategy import (
     CLIENT_KEY,
@@ -45,9 +47,18 @@ from fedpersona.trainer.flower.strategy import (
     to_record,
 )
 from fedpersona.trainer.methods.base import Method, Params, TrainConfig
+from fedpersona.trainer.methods.robust import AggregationRule
 from fedpersona.trainer.models.basemodel import ModelInfo, read_marker
+from fedpersona.trainer.privacy import spent
 from fedpersona.trainer.rounds.publish import RoundPublisher, publish_personal
-from fedpersona.trainer.rounds.records import RoundRecord, RunNotFound, RunRecords, RunState, utcnow
+from fedpersona.trainer.rounds.records import (
+    RoundRecord,
+    RoundSpec,
+    RunNotFound,
+    RunRecords,
+    RunState,
+    utcnow,
+)
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -126,6 +137,15 @@ def run_server(
         initial = method.init_global(base_model=base, seed=config.spec.seed)
         if config.resume:
             initial = checkpoint.load(like=initial) or initial
+        spec = config.spec
+        bindings = NodeBindings.load(config.node_bindings) if config.node_bindings else None
+        rule = AggregationRule(
+            name=spec.aggregation,
+            trim_fraction=spec.trim_fraction,
+            byzantine=spec.byzantine,
+            clip_norm=spec.clip_norm,
+            dp_noise=spec.dp_noise,
+        )
         publisher = RoundPublisher(
             store=store,
             method=method,
@@ -134,6 +154,7 @@ def run_server(
             run_id=config.run_id,
             staging_root=config.runs_dir / "staging" / config.run_id,
             on_published=lambda _round, params: checkpoint.save(params),
+            privacy=(lambda done: privacy_of(spec, done)) if spec.dp_noise > 0 else None,
         )
         strategy = MethodStrategy(
             method=method,
@@ -142,6 +163,18 @@ def run_server(
             on_round=journal.add_round,
             min_nodes=config.expected_nodes,
             observer=observer,
+            admission=Admission(
+                bindings=bindings.as_mapping() if bindings is not None else None,
+                round_users=frozenset(config.users) or None,
+                max_examples=spec.max_examples,
+            ),
+            rule=rule,
+            epsilon_at=(
+                (lambda done: float(privacy_of(spec, done)["epsilon"]))
+                if spec.dp_noise > 0
+                else None
+            ),
+            seed=spec.seed,
         )
         strategy.start(
             grid=grid,
@@ -153,6 +186,18 @@ def run_server(
         journal.fail(e)
         raise
     journal.succeed()
+
+
+def privacy_of(spec: RoundSpec, rounds_done: int) -> dict[str, float]:
+    """What a published adapter records about the central DP of the rounds behind it."""
+    budget = spent(noise_multiplier=spec.dp_noise, rounds=rounds_done, delta=spec.dp_delta)
+    return {
+        "epsilon": round(budget.epsilon, 4),
+        "delta": spec.dp_delta,
+        "noise_multiplier": spec.dp_noise,
+        "clip_norm": spec.clip_norm,
+        "rounds": rounds_done,
+    }
 
 
 def build_server_app(

@@ -41,6 +41,9 @@ class RunConfig:
     min_nodes: int = 0
     round_timeout: float = 3600.0
     resume: bool = True
+    # The operator's node -> users bindings (`fedpersona.trainer.flower.identity.NodeBindings`);
+    # set on the Deployment Engine, where the SuperLink authenticates node ids. None: unbound.
+    node_bindings: Path | None = None
 
     def __post_init__(self) -> None:
         check_run_id(self.run_id)
@@ -88,6 +91,8 @@ class RunConfig:
             name: Path(str(values[name])) if name in values else default
             for name, default in paths.items()
         }
+        if "node_bindings" in values:
+            kwargs["node_bindings"] = Path(str(values["node_bindings"]))
         for name, parse in (
             ("max_rank", _integer),
             ("min_nodes", _integer),
@@ -109,6 +114,8 @@ class RunConfig:
             if f.name in ("run_id", "spec"):
                 continue
             value = getattr(self, f.name)
+            if value is None:
+                value = ""  # Flower's run config has no null: empty is "unset"
             out[f.name.replace("_", "-")] = str(value) if isinstance(value, Path) else value
         return out
 

@@ -1,5 +1,8 @@
 """Publishing a finished round to the adapter store: all of it, or none of it.
 
+Every published version's metadata names its run, round and algorithm and, for a run with central
+DP, the budget spent so far (`dp`: epsilon, delta, noise multiplier, clip norm, rounds).
+
 After `Method.aggregate` succeeded, a round produces what the method's `Behaviour` says it
 publishes: the new global part (`global/adapters/<algorithm>`, or the global expert; none for a
 method without one, e.g. local-only) and, for every user that took part, the adapter that user
@@ -94,6 +97,7 @@ class RoundPublisher:
         run_id: str,
         staging_root: Path,
         on_published: Callable[[int, Params], None] | None = None,
+        privacy: Callable[[int], dict[str, float]] | None = None,
     ) -> None:
         self.store = store
         self.method = method
@@ -102,6 +106,7 @@ class RoundPublisher:
         self.run_id = run_id
         self.staging_root = Path(staging_root)
         self.on_published = on_published
+        self.privacy = privacy
 
     def __call__(
         self, round_idx: int, new_global: Params, participants: list[Participant]
@@ -127,6 +132,8 @@ class RoundPublisher:
             "round": round_idx,
             "algorithm": self.algorithm,
         }
+        if self.privacy is not None:
+            meta["dp"] = self.privacy(round_idx)
         staged: list[_Staged] = []
         behaviour = self.method.behaviour
         try:
