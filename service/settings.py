@@ -10,6 +10,7 @@ path, never re-derives it. The store's rank limit is checked against the engine'
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,17 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 logger = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 # Values that must never guard an admin API outside development.
 _KNOWN_DEFAULT_KEYS = frozenset({"", "changethis", "change-me", "changeme", "admin", "secret"})
@@ -84,6 +96,40 @@ class Settings(BaseSettings):
         "max_model_len * this are refused without asking the engine",
     )
 
+    max_messages: int = Field(
+        default=512, ge=1, description="most messages one chat request may carry (400 above)"
+    )
+    min_tokens_per_message: int = Field(
+        default=1,
+        ge=0,
+        description="tokens the chat template adds to each message at least; counted against "
+        "the context before asking the engine",
+    )
+
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a connection must send a request's headers within this"
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="a request body must arrive in full within this (408)"
+    )
+    max_connections: int = Field(
+        default=1024,
+        ge=1,
+        description="connections and requests served at once (uvicorn limit_concurrency); "
+        "503 above",
+    )
+    max_in_flight_per_user: int = Field(
+        default=8, ge=0, description="chat requests one user may have running at once; 0: no cap"
+    )
+
+    docs: bool = Field(
+        default=True, description="serve /docs and /openapi.json (the chart turns them off)"
+    )
+    metrics_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="Bearer key for /metrics; empty: /metrics is open (keep it off the ingress)",
+    )
+
     proxy_tuning: bool = Field(default=False, description="send proxy experts to vLLM")
     proxy_alpha_default: float = Field(default=1.0, description="alpha for new users")
 
@@ -95,12 +141,31 @@ class Settings(BaseSettings):
     def _refuse_weak_admin_key(self) -> Settings:
         key = self.admin_key.get_secret_value()
         weak = key.strip().lower() in _KNOWN_DEFAULT_KEYS or len(key) < MIN_ADMIN_KEY_LENGTH
-        if weak and self.environment != "development":
+        if not weak:
+            return self
+        if self.environment != "development":
             raise ValueError(
                 "admin_key: refusing an empty, default or short (< "
                 f"{MIN_ADMIN_KEY_LENGTH} chars) admin key outside development; set "
                 "FEDPERSONA_ADMIN_KEY to a random secret (e.g. `python -c 'import secrets; "
                 "print(secrets.token_urlsafe(32))'`)"
+            )
+        if key and not is_loopback(self.host):
+            # An empty key disables /admin; a weak one is tolerated only where nobody else
+            # can reach it.
+            raise ValueError(
+                f"admin_key: refusing a default or short (< {MIN_ADMIN_KEY_LENGTH} chars) admin "
+                f"key on host {self.host!r}, which other machines can reach; use a random "
+                "secret or listen on 127.0.0.1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _external_engine_has_a_key(self) -> Settings:
+        if self.environment == "production" and not self.engine.supervised and not self.engine_key:
+            raise ValueError(
+                "engine.api_key: a separately run engine needs its shared secret in production; "
+                "set FEDPERSONA_ENGINE__API_KEY (the engine's VLLM_API_KEY)"
             )
         return self
 
@@ -110,6 +175,12 @@ class Settings(BaseSettings):
             store_max_rank=self.adapter_max_rank, engine_max_lora_rank=self.engine.max_lora_rank
         )
         return self
+
+    @property
+    def engine_key(self) -> str | None:
+        """The key sent to a separately run engine (None: none configured)."""
+        key = self.engine.api_key
+        return key.get_secret_value() or None if key is not None else None
 
     @property
     def admin_enabled(self) -> bool:

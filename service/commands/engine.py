@@ -64,10 +64,18 @@ def launch_from_args(args: argparse.Namespace) -> EngineLaunch:
 def run(args: argparse.Namespace) -> int:
     launch = launch_from_args(args)
     if args.exec:
+        if EngineProcessSettings().engine.api_key is None:
+            # A key generated here would be known to no gateway: refuse an open engine instead.
+            print(
+                "fedpersona engine --exec: set FEDPERSONA_ENGINE__API_KEY (the same secret the "
+                "gateway sends) before starting a separately run engine",
+                file=sys.stderr,
+            )
+            return 2
         sys.stdout.flush()
         os.execvpe(launch.argv[0], launch.argv, launch.environ(os.environ))
     if args.json:
-        print(json.dumps({"argv": launch.argv, "env": launch.env}, indent=2))
+        print(json.dumps({"argv": launch.argv, "env": launch.public_env()}, indent=2))
     else:
         print(launch.shell())
     return 0

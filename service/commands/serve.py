@@ -94,6 +94,7 @@ def build_app(settings: Settings, *, rounds: bool = True) -> Any:
     supervisor = build_supervisor(settings)
     engine = EngineClient(
         supervisor.launch.base_url if supervisor is not None else settings.engine.base_url,
+        api_key=supervisor.launch.api_key if supervisor is not None else settings.engine_key,
         request_timeout_s=settings.engine.request_timeout_s,
         gate=supervisor.check_available if supervisor is not None else None,
     )

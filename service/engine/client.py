@@ -77,15 +77,19 @@ class EngineClient:
         self,
         base_url: str,
         *,
+        api_key: str | None = None,
         request_timeout_s: float = 600.0,
         connect_timeout_s: float = 5.0,
         gate: Gate | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`api_key` is the engine's shared secret, sent as a Bearer token on every request;
+        `gate` is checked before every chat and every adapter load or unload."""
         self.base_url = base_url.rstrip("/")
         self._gate = gate
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
             # Concurrency is bounded by the gateway and by vLLM's scheduler, not by a pool here:
             # a pool limit would queue requests in front of an engine that batches them.
@@ -103,9 +107,12 @@ class EngineClient:
         """Chat requests currently being answered (streams count until they end)."""
         return self._in_flight
 
-    def _enter(self) -> None:
+    def _check_gate(self) -> None:
         if self._gate is not None:
             self._gate()
+
+    def _enter(self) -> None:
+        self._check_gate()
         self._in_flight += 1
         self._idle.clear()
 
@@ -191,6 +198,7 @@ class EngineClient:
 
         `replace` loads over a name vLLM may already hold (vLLM's `load_inplace`).
         """
+        self._check_gate()
         body: dict[str, Any] = {"lora_name": name, "lora_path": path}
         if replace:
             body["load_inplace"] = True
@@ -198,6 +206,7 @@ class EngineClient:
 
     async def unload_lora(self, name: str) -> None:
         """Forget the adapter `name`; a 404 (already gone) is not an error."""
+        self._check_gate()
         try:
             await self._post("/v1/unload_lora_adapter", {"lora_name": name})
         except EngineRequestError as e:

@@ -2,8 +2,9 @@
 
 `vllm_server` (session scope) starts vLLM on the `micro_models` large model through
 `EngineSupervisor`, the same code path `fedpersona serve` uses, with `max_loras=2` and
-`max_cpu_loras=4` so that adapter eviction happens with a handful of users, and with the FedPT
-logits processor on (requests without proxy arguments are untouched by it). Every test that
+`max_cpu_loras=4` so that adapter eviction happens with a handful of users, with the FedPT
+logits processor on (requests without proxy arguments are untouched by it), and with an engine
+key like every launch (`VllmServer.headers` for tests that talk to vLLM directly). Every test that
 needs a real engine shares it (marker `vllm`); adapters are content-named, so tests cannot see
 each other's.
 
@@ -63,12 +64,20 @@ class VllmServer:
     supervisor: EngineSupervisor
     loop: LoopThread
     ready_s: float
+    api_key: str  # the engine's shared secret (generated per session, as in embedded mode)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What the gateway sends: the engine refuses everything but probes without it."""
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     def direct(self, body: dict[str, Any]) -> dict[str, Any]:
         """A chat completion straight from vLLM (no gateway)."""
         import httpx
 
-        response = httpx.post(f"{self.base_url}/v1/chat/completions", json=body, timeout=120)
+        response = httpx.post(
+            f"{self.base_url}/v1/chat/completions", json=body, headers=self.headers, timeout=120
+        )
         response.raise_for_status()
         result: dict[str, Any] = response.json()
         return result
@@ -76,7 +85,7 @@ class VllmServer:
     def registered(self) -> list[str]:
         import httpx
 
-        response = httpx.get(f"{self.base_url}/v1/models", timeout=30)
+        response = httpx.get(f"{self.base_url}/v1/models", headers=self.headers, timeout=30)
         response.raise_for_status()
         return [card["id"] for card in response.json()["data"]]
 
@@ -119,6 +128,7 @@ def vllm_server(
         supervisor=supervisor,
         loop=loop,
         ready_s=time.monotonic() - started,
+        api_key=launch.api_key,
     )
     print(f"\nvLLM ready in {server.ready_s:.1f} s at {server.base_url}")
     try:
@@ -152,6 +162,7 @@ def gateway(
         admin_key=ADMIN_KEY,
         users=USERS,
         gate=vllm_server.supervisor.check_available,
+        engine_api_key=vllm_server.api_key,
     ) as running:
         vllm_server.supervisor.on_restart(running.manager.reset)
         yield GatewayUnderTest(**vars(running), vllm=vllm_server)

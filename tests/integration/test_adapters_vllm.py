@@ -53,6 +53,7 @@ class Loader:
         response = httpx.post(
             f"{self.server.base_url}/v1/load_lora_adapter",
             json={"lora_name": name, "lora_path": str(path)},
+            headers=self.server.headers,
             timeout=120,
         )
         if response.status_code == 200:
@@ -64,6 +65,7 @@ class Loader:
             httpx.post(
                 f"{self.server.base_url}/v1/unload_lora_adapter",
                 json={"lora_name": name},
+                headers=self.server.headers,
                 timeout=60,
             )
 
@@ -92,6 +94,7 @@ def complete(
             "logprobs": 1,
             "return_tokens_as_token_ids": True,
         },
+        headers=server.headers,
         timeout=120,
     )
     response.raise_for_status()

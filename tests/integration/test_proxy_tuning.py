@@ -84,7 +84,12 @@ class ProxyEnv:
         }
         if expert is not None:
             body["vllm_xargs"] = {"fedpersona_expert": expert, "fedpersona_alpha": alpha}
-        return httpx.post(f"{self.server.base_url}/v1/completions", json=body, timeout=300)
+        return httpx.post(
+            f"{self.server.base_url}/v1/completions",
+            json=body,
+            headers=self.server.headers,
+            timeout=300,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +270,7 @@ def proxy_gateway(
         admin_key=ADMIN_KEY,
         users=("pia", "quinn"),
         gate=proxy.server.supervisor.check_available,
+        engine_api_key=proxy.server.api_key,
         store_dir=proxy.store.root,
         proxy_tuning=True,
     ) as running:

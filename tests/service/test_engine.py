@@ -229,12 +229,38 @@ def test_gate_refuses_before_sending() -> None:
         with pytest.raises(EngineUnavailable):
             async for _ in c.stream_chat({}):
                 pass
+        # Adapter loads go through the same gate: a restarting engine loads nothing.
+        with pytest.raises(EngineUnavailable):
+            await c.load_lora("u-a-1", "/store/x")
+        with pytest.raises(EngineUnavailable):
+            await c.unload_lora("u-a-1")
         assert await c.health()  # health bypasses the gate
         assert c.in_flight == 0
         await c.aclose()
 
     run(main())
     assert [r.url.path for r in sent] == ["/health"]
+
+
+def test_every_engine_request_carries_the_engine_key() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"data": []})
+
+    async def main() -> None:
+        c = client(handler, api_key="engine-secret")
+        await c.chat({})
+        await c.load_lora("u-a-1", "/p")
+        await c.unload_lora("u-a-1")
+        await c.models()
+        await c.health()
+        await c.aclose()
+
+    run(main())
+    assert len(seen) == 5
+    assert {r.headers.get("authorization") for r in seen} == {"Bearer engine-secret"}
 
 
 VLLM_CHUNK = (

@@ -192,11 +192,46 @@ def test_engine_command_exec_replaces_the_process_with_vllm(
     monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", "/")
     parser = argparse.ArgumentParser()
     engine_cmd.add_arguments(parser)
+    # Without the shared secret a separately run engine would be open: refused.
+    assert engine_cmd.run(parser.parse_args(["--home", str(home), "--exec"])) == 2
+    assert calls == []
+    monkeypatch.setenv("FEDPERSONA_ENGINE__API_KEY", "engine-secret-0123456789")
     engine_cmd.run(parser.parse_args(["--home", str(home), "--exec"]))
     [(file, argv, env)] = calls
     assert file == argv[0] and argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert "VLLM_LORA_RESOLVER_CACHE_DIR" not in env
+    assert env["VLLM_API_KEY"] == "engine-secret-0123456789"
+    assert "engine-secret" not in " ".join(argv)  # never on a command line
+    assert flag(argv, "--middleware") == "fedpersona.service.engine.guard.EngineKeyGuard"
+
+
+def test_engine_key_is_generated_per_launch_and_never_printed(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = build_launch(EngineSettings(), home=home)
+    second = build_launch(EngineSettings(), home=home)
+    assert len(first.api_key) >= 40 and first.api_key != second.api_key
+    assert first.api_key not in first.shell() and first.api_key not in repr(first)
+    fixed = build_launch(EngineSettings(api_key="configured-key-0123456789"), home=home)
+    assert fixed.api_key == "configured-key-0123456789"
+    monkeypatch.setenv("FEDPERSONA_ENGINE__API_KEY", "configured-key-0123456789")
+    parser = argparse.ArgumentParser()
+    engine_cmd.add_arguments(parser)
+    engine_cmd.run(parser.parse_args(["--home", str(home), "--json"]))
+    engine_cmd.run(parser.parse_args(["--home", str(home)]))
+    assert "configured-key" not in capsys.readouterr().out
+
+
+def test_an_external_engine_needs_its_key_in_production(tmp_path: Path) -> None:
+    production = {"environment": "production", "admin_key": "a" * 8 + "-long-admin-key-0123"}
+    with pytest.raises(ValidationError, match="engine.api_key"):
+        Settings(home=tmp_path, engine={"url": "http://vllm:8000"}, **production)
+    settings = Settings(
+        home=tmp_path, engine={"url": "http://vllm:8000", "api_key": "k" * 32}, **production
+    )
+    assert settings.engine_key == "k" * 32
+    Settings(home=tmp_path, **production)  # embedded: the key is generated per start
 
 
 def test_every_settings_class_reads_the_same_home(

@@ -150,8 +150,10 @@ def test_settings_read_env_with_prefix_and_nesting(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("FEDPERSONA_ENGINE__URL", "http://vllm:8000")
     monkeypatch.setenv("FEDPERSONA_ENGINE__MAX_MODEL_LEN", "2048")
     monkeypatch.setenv("FEDPERSONA_RATE_LIMIT_RPM", "30")
+    monkeypatch.setenv("FEDPERSONA_ENGINE__API_KEY", "e" * 32)
     settings = Settings()
     assert settings.engine.url == "http://vllm:8000" and settings.engine.max_model_len == 2048
+    assert settings.engine_key == "e" * 32 and "e" * 32 not in repr(settings)
     assert settings.registry_file == Path("/srv/fp/registry.sqlite")
     assert settings.store_path == Path("/srv/fp/store")
     assert settings.rate_limit_rpm == 30

@@ -45,10 +45,11 @@ def running_gateway(
     admin_key: str,
     users: Iterable[str],
     gate: Callable[[], Any] | None = None,
+    engine_api_key: str | None = None,
     **settings: Any,
 ) -> Iterator[RunningGateway]:
     """`settings` are more gateway settings (e.g. `store_dir`, `proxy_tuning=True`); `gate` is
-    the engine supervisor's `check_available`."""
+    the engine supervisor's `check_available`; `engine_api_key` the engine's shared secret."""
     config = Settings.model_validate(
         {
             "home": home,
@@ -60,6 +61,7 @@ def running_gateway(
                 "max_model_len": max_model_len,
                 "max_loras": 2,
                 "max_cpu_loras": 4,
+                "api_key": engine_api_key,
             },
             **settings,
         }
@@ -70,7 +72,7 @@ def running_gateway(
     for user in users:
         registry.create_user(user)
         keys[user] = registry.issue_key(user).api_key
-    engine = EngineClient(config.engine.base_url, gate=gate)
+    engine = EngineClient(config.engine.base_url, api_key=config.engine_key, gate=gate)
     manager = AdapterManager(store=store, engine=engine, max_loaded=4)
     app = create_app(
         config, engine=engine, adapters=manager, store=store, registry=registry, base_model=model
