@@ -23,4 +23,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train": ("fedpersona.trainer.commands.train", "run federated rounds and publish adapters"),
     "eval": ("fedpersona.trainer.commands.eval", "per-user held-out perplexity for each method"),
+    "nodes keygen": (
+        "fedpersona.trainer.commands.nodes",
+        "a SuperNode key pair (and SuperLink TLS files) for authenticated federation",
+    ),
+    "nodes register": (
+        "fedpersona.trainer.commands.nodes_register",
+        "register a SuperNode's public key and bind its node id to users",
+    ),
 }

@@ -6,9 +6,12 @@ App in `trainer/flower/flwr_app/` and submitted with `flwr run`. This module bui
 lines
 and the Flower CLI's configuration; it starts nothing by itself except in `submit`.
 
-    flower-superlink --insecure --fleet-api-address H:P --serverappio-api-address H:P
-                     --control-api-address H:P
-    flower-supernode --insecure --superlink H:FLEET --clientappio-api-address H:P
+    flower-superlink --enable-supernode-auth --ssl-ca-certfile ca.crt --ssl-certfile server.crt
+                     --ssl-keyfile server.key --fleet-api-address H:P
+                     --serverappio-api-address H:P --control-api-address H:P
+    flwr supernode register alice.pub fedpersona --format json       # -> node id (operator)
+    flower-supernode --root-certificates ca.crt --auth-supernode-private-key alice
+                     --superlink H:FLEET --clientappio-api-address H:P
                      --node-config "user='alice' silo='/data/alice'"
     flwr run trainer/flower/flwr_app fedpersona --run-config <overrides.toml> --stream
 
@@ -19,8 +22,10 @@ SuperNodes start must be able to import `trainer` (installed, or on `PYTHONPATH`
 CLI keeps its configuration under `$FLWR_HOME` (default `~/.flwr`), which `flwr_env` points at
 a directory of ours.
 
-Insecure (plain gRPC) is for loopback and tests; across machines, use Flower's TLS and SuperNode
-authentication flags.
+TLS and SuperNode authentication are the default: only nodes whose public key the operator
+registered can join, and the run config's `node-bindings` (written by `register_node`) says which
+users each authenticated node id may train for. `tls=None` (plain gRPC, any node may join) is
+for loopback tests of the plumbing only.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpersona.trainer.errors import ConfigError
+from fedpersona.trainer.flower.identity import (
+    NodeBinding,
+    NodeBindings,
+    TlsFiles,
+    public_key_fingerprint,
+)
 from fedpersona.trainer.flower.runconfig import RunConfig, Scalar
 from fedpersona.trainer.rounds.records import RunRecords, RunStatus
 
@@ -75,10 +87,29 @@ def flwr_env(flwr_home: Path, *, base: dict[str, str] | None = None) -> dict[str
     return env
 
 
-def superlink_command(addresses: SuperLinkAddresses, *, database: Path | None = None) -> list[str]:
+def superlink_command(
+    addresses: SuperLinkAddresses,
+    *,
+    database: Path | None = None,
+    tls: TlsFiles | None = None,
+) -> list[str]:
+    """The SuperLink with TLS and SuperNode authentication (`tls=None`: plain, no auth)."""
+    security = (
+        [
+            "--enable-supernode-auth",
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+        ]
+        if tls is not None
+        else ["--insecure"]
+    )
     command = [
         str(bin_dir() / "flower-superlink"),
-        "--insecure",
+        *security,
         "--fleet-api-address",
         addresses.fleet,
         "--serverappio-api-address",
@@ -99,15 +130,24 @@ def supernode_command(
     silo: Path,
     store: Path | None = None,
     base_model: Path | None = None,
+    root_certificates: Path | None = None,
+    private_key: Path | None = None,
 ) -> list[str]:
+    """A SuperNode for `user`; with `root_certificates` and `private_key`, over TLS, signed."""
     node_config = {"user": user, "silo": str(silo)}
     if store is not None:
         node_config["store"] = str(store)
     if base_model is not None:
         node_config["base-model"] = str(base_model)
+    if root_certificates is not None:
+        security = ["--root-certificates", str(root_certificates)]
+        if private_key is not None:
+            security += ["--auth-supernode-private-key", str(private_key)]
+    else:
+        security = ["--insecure"]
     return [
         str(bin_dir() / "flower-supernode"),
-        "--insecure",
+        *security,
         "--superlink",
         superlink_fleet,
         "--clientappio-api-address",
@@ -117,16 +157,85 @@ def supernode_command(
     ]
 
 
-def write_connection(flwr_home: Path, *, control: str) -> Path:
+def write_connection(
+    flwr_home: Path, *, control: str, root_certificates: Path | None = None
+) -> Path:
     """Write `$FLWR_HOME/config.toml` naming the SuperLink's control API as the default."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
+    security = (
+        f"root-certificates = {_toml_value(str(root_certificates))}\n"
+        if root_certificates is not None
+        else "insecure = true\n"
+    )
     path.write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{control}"\ninsecure = true\n',
+        f'[superlink.{CONNECTION}]\naddress = "{control}"\n{security}',
         encoding="utf-8",
     )
     return path
+
+
+def register_node(
+    public_key: Path,
+    *,
+    control: str,
+    flwr_home: Path,
+    root_certificates: Path | None,
+    users: tuple[str, ...],
+    bindings_file: Path,
+    name: str = "",
+) -> NodeBinding:
+    """Register `public_key` on the SuperLink and bind the node id it gets to `users`.
+
+    The one operator step that makes a device a participant: the SuperLink will accept the
+    node's signed calls, and the ServerApp (reading `bindings_file`) its replies for `users`.
+    """
+    write_connection(flwr_home, control=control, root_certificates=root_certificates)
+    env = flwr_env(flwr_home)
+    env["HOME"] = str(flwr_home.parent)
+    command = [
+        str(bin_dir() / "flwr"),
+        "supernode",
+        "register",
+        str(public_key),
+        CONNECTION,
+        "--format",
+        "json",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    node_id = _node_id(done.stdout)
+    if done.returncode != 0 or node_id is None:
+        raise ConfigError(
+            f"registering {public_key} failed ({done.returncode}): "
+            f"{(done.stdout + done.stderr).strip()[-500:]}"
+        )
+    bindings = NodeBindings.load(bindings_file) if bindings_file.exists() else NodeBindings()
+    binding = NodeBinding(
+        node_id=node_id,
+        users=tuple(users),
+        name=name or public_key.stem,
+        public_key_sha256=public_key_fingerprint(public_key),
+    )
+    bindings.bind(binding)
+    bindings.save(bindings_file)
+    log.info("registered node %d for %s", node_id, ", ".join(users))
+    return binding
+
+
+def _node_id(output: str) -> int | None:
+    for line in reversed(output.strip().splitlines()):
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict) and isinstance(data.get("node-id"), int):
+            return int(data["node-id"])
+    try:
+        data = json.loads(output[output.index("{") :])
+        return int(data["node-id"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def write_run_config(config: RunConfig, path: Path) -> Path:
@@ -143,13 +252,14 @@ def submit(
     flwr_home: Path,
     timeout: float | None = None,
     log_file: Path | None = None,
+    root_certificates: Path | None = None,
 ) -> RunStatus:
     """Run `config` on the SuperLink at `control` with `flwr run --stream`; return its record.
 
     The record must exist (`RunRecords.create`); the ServerApp, wherever the SuperLink runs it,
     writes to the run's `runs_dir`, which must therefore be shared with this process.
     """
-    write_connection(flwr_home, control=control)
+    write_connection(flwr_home, control=control, root_certificates=root_certificates)
     overrides = write_run_config(config, flwr_home / f"run-{config.run_id}.toml")
     command = [
         str(bin_dir() / "flwr"),
