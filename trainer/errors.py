@@ -80,3 +80,8 @@ class ModelImportError(TrainerError, ValueError):
 
 class WireFormatError(TrainerError, ValueError):
     """A Flower message's packed parameters that cannot be read (truncated, bad index)."""
+
+
+class StateMismatch(TrainerError, ValueError):
+    """A user's saved personal state was trained with another base model or other method
+    settings than the run that would resume from it; the message names the file to remove."""

@@ -45,7 +45,7 @@ from flower_toy_method import ToyMethod, personal_state
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINER = REPO / "trainer"
-BUILT_IN = ("fedavg", "fedprox", "local", "pftt", "perfit", "fedpt")
+BUILT_IN = ("fedavg", "fedprox", "local", "pftt", "perfit", "fedpt", "fedavg-ft", "fedsa")
 
 
 def _parser(add: object) -> argparse.ArgumentParser:
@@ -113,8 +113,10 @@ def test_declared_behaviours() -> None:
         "fedprox": (Shares.LORA, {G, S}, large),
         "local": (Shares.NOTHING, {S, P}, large),
         "pftt": (Shares.GLOBAL_LORA, {G, S, P}, large),
-        "perfit": (Shares.SPARSE_LORA, {G, S}, large),
+        "perfit": (Shares.SPARSE_LORA, {G, S, P}, large),
         "fedpt": (Shares.LORA, {G, E}, small),
+        "fedavg-ft": (Shares.LORA, {G, S, P}, large),
+        "fedsa": (Shares.LORA_A, {G, S, P}, large),
     }
     for name, (shares, publishes, role) in expected.items():
         assert behaviour_of(name) == Behaviour(

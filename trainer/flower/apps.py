@@ -26,11 +26,16 @@ import traceback
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from fedpersona.adapters import AdapterStore
 from fedpersona.trainer.flower.admission import Admission
+from fedpersona.trainer.flower.client_state import (
+    ClientState,
+    binding_of,
+    load_params,
+    save_params,
+)
 from fedpersona.trainer.flower.identity import NodeBindings
 from fedpersona.trainer.flower.runconfig import NodeIdentity, RunConfig, Scalar, spec_of
 from fedpersona.trainer.flower.strategy import (
@@ -66,8 +71,6 @@ from flwr.serverapp import Grid, ServerApp
 log = logging.getLogger(__name__)
 
 MethodFactory = Callable[[RunConfig], Method]
-STATE_KEY = "fedpersona-state"
-STATE_DIR = ".fedpersona"
 
 
 def model_info(path: Path) -> ModelInfo:
@@ -107,6 +110,7 @@ def train_config(config: RunConfig, *, round_idx: int, user: str) -> TrainConfig
         max_len=spec.max_len,
         seed=seed % (2**31),
         prox_mu=spec.prox_mu,
+        total_rounds=spec.rounds,
     )
 
 
@@ -235,7 +239,13 @@ def run_client(
     round_idx = int(message.content.config_records[CONFIG_KEY]["server-round"])  # type: ignore[arg-type]
     global_params = from_record(message.content.array_records[GLOBAL_KEY])
 
-    states = ClientState(context, node.silo, config.spec.algorithm)
+    states = ClientState(
+        context,
+        node.silo,
+        config.spec.algorithm,
+        binding=binding_of(method, base),
+        resume=config.resume,
+    )
     update = method.client_update(
         base_model=base,
         silo=node.silo,
@@ -281,41 +291,6 @@ def build_client_app(
 
 
 # ------------------------------------------------------------------------ state and records
-
-
-def save_params(path: Path, params: Params) -> None:
-    """Write `params` as .npz atomically (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    savez: Any = np.savez
-    with open(tmp, "wb") as f:
-        savez(f, **params)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_params(path: Path) -> Params:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
-
-
-class ClientState:
-    """A client's method state: `context.state` within a run, its silo across runs."""
-
-    def __init__(self, context: Context, silo: Path, algorithm: str) -> None:
-        self.context = context
-        self.key = f"{STATE_KEY}-{algorithm}"
-        self.file = Path(silo) / STATE_DIR / f"{algorithm}-state.npz"
-
-    def load(self) -> Params:
-        if self.key in self.context.state.array_records:
-            return from_record(self.context.state.array_records[self.key])
-        return load_params(self.file) if self.file.is_file() else {}
-
-    def save(self, state: Params) -> None:
-        self.context.state[self.key] = to_record(state)
-        save_params(self.file, state)
 
 
 class Checkpoint:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -162,6 +162,8 @@ class LocalTrainer:
 
     - `prox`: adapter -> anchor params; adds `prox_mu / 2 * ||w - anchor||^2` (FedProx).
     - `masks`: adapter -> {key: 0/1 array}; masked entries get no gradient and stay zero.
+    - `key_filters`: adapter -> predicate on its keys; only the keys it accepts train (None or
+      absent: all of them). Adapters not in `adapters` and rejected keys stay frozen.
     """
 
     def __init__(
@@ -173,13 +175,24 @@ class LocalTrainer:
         adapters: Sequence[str],
         order_seed: Sequence[int],
         prox: Mapping[str, Params] | None = None,
+        key_filters: Mapping[str, Callable[[str], bool] | None] | None = None,
     ) -> None:
         self.session = session
         self.examples = list(examples)
         self.config = config
+        filters = key_filters or {}
         self._params = [
-            (name, key, p) for name in adapters for key, p in session.parameters(name).items()
+            (name, key, p)
+            for name in adapters
+            for key, p in session.parameters(name).items()
+            if filters.get(name) is None or filters[name](key)  # type: ignore[misc]
         ]
+        if not self._params:
+            raise MethodError(f"nothing to train in adapters {list(adapters)}")
+        # Everything else stays frozen: no gradient is computed for it, no step moves it.
+        for name in session.specs:
+            for param in session.parameters(name).values():
+                param.requires_grad_(False)
         for _, _, param in self._params:
             param.requires_grad_(True)
         self._optimizer = torch.optim.Adam([p for _, _, p in self._params], lr=config.lr)

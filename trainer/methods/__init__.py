@@ -9,6 +9,8 @@ behaviour and never branch on a name. Built in:
 | ------- | --------------------- | ---------------------------------------------------------- |
 | fedavg  | `fedavg.FedAvg`       | one LoRA, averaged weighted by examples                    |
 | fedprox | `fedavg.FedAvg`       | FedAvg with a proximal term (`prox_mu` 0.01 by default)    |
+| fedavg-ft | `fedavg.FedAvgFT`   | FedAvg, then the final global fine-tuned by each user      |
+| fedsa   | `fedsa.FedSA`         | FedSA-LoRA: A matrices averaged, B matrices personal       |
 | local   | `local.LocalOnly`     | each user's own LoRA, nothing shared                       |
 | pftt    | `pftt.Pftt`           | global LoRA (averaged) + personal LoRA, served composed    |
 | perfit  | `perfit.PerFit`       | expanded LoRA pruned to a personal sparse architecture     |
@@ -38,8 +40,9 @@ from fedpersona.trainer.methods.base import (
     Shares,
     TrainConfig,
 )
-from fedpersona.trainer.methods.fedavg import FedAvg
+from fedpersona.trainer.methods.fedavg import FedAvg, FedAvgFT
 from fedpersona.trainer.methods.fedpt import FedPT
+from fedpersona.trainer.methods.fedsa import FedSA
 from fedpersona.trainer.methods.local import LocalOnly
 from fedpersona.trainer.methods.perfit import PerFit
 from fedpersona.trainer.methods.pftt import Pftt
@@ -102,6 +105,8 @@ register("local", LocalOnly)
 register("pftt", Pftt)
 register("perfit", PerFit)
 register("fedpt", FedPT)
+register("fedavg-ft", FedAvgFT)
+register("fedsa", FedSA)
 
 __all__ = [
     "BaseRole",

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -87,8 +89,11 @@ class TrainConfig:
     max_len: int
     seed: int
     prox_mu: float = 0.0  # FedProx: adds prox_mu / 2 * ||w - w_global||^2 on the shared LoRA
+    total_rounds: int = 0  # rounds of the run (0: unknown; a method then never personalizes)
 
     def __post_init__(self) -> None:
+        if self.total_rounds < 0:
+            raise MethodError(f"TrainConfig.total_rounds must be >= 0, got {self.total_rounds!r}")
         for name in ("steps", "batch_size", "max_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -124,6 +129,7 @@ class Shares(StrEnum):
     LORA = "lora"  # the whole trained LoRA (FedAvg, FedProx, FedPT)
     GLOBAL_LORA = "global-lora"  # only the global one of its LoRAs (PFTT)
     SPARSE_LORA = "sparse-lora"  # the kept entries of a pruned LoRA and its bit mask (PerFIT)
+    LORA_A = "lora-a"  # only the A matrices of its LoRA (FedSA-LoRA)
 
 
 class Product(StrEnum):
@@ -200,10 +206,28 @@ class Method(Protocol):
         self, *, base_model: ModelInfo, global_params: Params, state: Params
     ) -> LoraAdapter: ...
 
-    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter:
+    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter | None:
         """The user's personal LoRA alone (for `users/<u>/personal`); only called for methods
-        whose behaviour publishes `Product.PERSONAL`, with a non-empty state."""
+        whose behaviour publishes `Product.PERSONAL`, with a non-empty state (None: the state
+        holds no personal LoRA yet, e.g. PerFIT's masks before its personalization round)."""
         ...
+
+
+def method_settings(method: Method) -> dict[str, object]:
+    """A method's class and options as JSON-safe data (what a client state is bound to)."""
+    settings: dict[str, object] = {"class": type(method).__qualname__, "name": method.name}
+    if dataclasses.is_dataclass(method):
+        for f in dataclasses.fields(method):
+            value = getattr(method, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                value = dataclasses.asdict(value)
+            settings[f.name] = value
+    return json.loads(json.dumps(settings, default=str))
+
+
+def without_uploads(results: list[tuple[Params, int]]) -> bool:
+    """True when no client uploaded anything (a personalization round): the global stays."""
+    return all(not upload for upload, _ in results)
 
 
 def order_seed(config: TrainConfig, *, round_idx: int, silo: Path) -> tuple[int, ...]:
@@ -247,6 +271,7 @@ class LocalRound:
     round_idx: int
     session: LoraSession
     trainer: LocalTrainer
+    final: bool = False  # the personalization round: only personal parts train, nothing is sent
 
 
 @dataclass
@@ -268,11 +293,18 @@ class LoraMethod:
     a trained round yields (`finish`; it may train further, e.g. PerFIT's pruning search). The
     template loads the session and the user's chats, trains `config.steps` steps unless
     `finish` trains itself (`TRAINS_ITSELF`), and assembles the `ClientUpdate`.
+
+    Personalization round: a method with `personal_round` set spends the last round of a run
+    (`TrainConfig.total_rounds` > 1) on the user's personal part only, against the last
+    aggregate: `trainable(final=True)` says what trains, no FedProx term applies, the upload is
+    empty (so `aggregate` keeps the global: `without_uploads`) and what the user is served is
+    exactly what was trained on top of the global they were sent.
     """
 
     name: str
     spec: LoraSpec
     prox_mu: float = 0.0
+    personal_round: bool = False
     SHARED: ClassVar[str | None] = None
     KEPT: ClassVar[str | None] = None
     TRAINS_ITSELF: ClassVar[bool] = False
@@ -280,10 +312,30 @@ class LoraMethod:
     def loras(self) -> dict[str, LoraSpec]:
         raise NotImplementedError
 
+    def personalizes(self, config: TrainConfig, round_idx: int) -> bool:
+        """Whether round `round_idx` is this run's personalization round."""
+        return self.personal_round and config.total_rounds > 1 and round_idx >= config.total_rounds
+
+    def prepare(
+        self, session: LoraSession, *, global_params: Params, state: Params, final: bool
+    ) -> None:
+        """Load a round's starting point: the global into `SHARED`, the state into `KEPT`."""
+        if self.SHARED is not None:
+            session.write(self.SHARED, global_params)
+        if self.KEPT is not None and state:
+            # A first round starts from the session's seeded initialization instead.
+            session.write(self.KEPT, state)
+
+    def trainable(self, *, final: bool) -> dict[str, Callable[[str], bool] | None]:
+        """Adapters trained this round, each with a filter of its keys (None: all of them)."""
+        if final and self.KEPT is not None:
+            return {self.KEPT: None}
+        return {name: None for name in self.loras()}
+
     def finish(self, local: LocalRound) -> LocalResult:
         raise NotImplementedError
 
-    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter:
+    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter | None:
         raise MethodError(f"{self.name}: keeps no personal LoRA")
 
     def proximal_mu(self, config: TrainConfig) -> float:
@@ -308,27 +360,28 @@ class LoraMethod:
         from fedpersona.trainer.learn.lora_train import LocalTrainer, LoraSession
 
         loras = self.loras()
+        final = self.personalizes(config, round_idx)
         session = LoraSession(base_model, loras, seed=config.seed)
-        if self.SHARED is not None:
-            session.write(self.SHARED, global_params)
-        if self.KEPT is not None and state:
-            # A first round starts from the session's seeded initialization instead.
-            session.write(self.KEPT, state)
+        self.prepare(session, global_params=global_params, state=state, final=final)
         examples = load_examples(silo, "train", session.tokenizer, max_len=config.max_len)
         prox: dict[str, Params] | None = None
-        extra: dict[str, float] = {}
-        if self.SHARED is not None:
+        extra: dict[str, float] = {"personalization_round": float(final)}
+        trainable = self.trainable(final=final)
+        if self.SHARED is not None and self.SHARED in trainable and not final:
             mu = self.proximal_mu(config)
             config = dataclasses.replace(config, prox_mu=mu)
             prox = {self.SHARED: global_params}
             extra["prox_mu"] = mu
+        else:
+            config = dataclasses.replace(config, prox_mu=0.0)
         trainer = LocalTrainer(
             session,
             examples,
             config=config,
-            adapters=list(loras),
+            adapters=list(trainable),
             order_seed=order_seed(config, round_idx=round_idx, silo=silo),
             prox=prox,
+            key_filters=trainable,
         )
         if not self.TRAINS_ITSELF:
             trainer.run(config.steps)
@@ -341,6 +394,7 @@ class LoraMethod:
             round_idx=round_idx,
             session=session,
             trainer=trainer,
+            final=final,
         )
         result = self.finish(local)
         return ClientUpdate(

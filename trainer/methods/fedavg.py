@@ -6,6 +6,11 @@ local training adds `mu / 2 * ||w - w_global||^2` (FedProx, Li et al. 2020), whi
 clients with very different data from drifting far from the global model; the registry's
 `fedprox` is this class with `prox_mu = 0.01`. A user is served the global LoRA (after local
 training: their locally trained copy). Nothing stays on the client.
+
+`FedAvgFT` (registered as `fedavg-ft`) is FedAvg + local fine-tuning, the standard strong
+baseline of personalized FL: rounds 1..R-1 are FedAvg; in the last round every client
+fine-tunes the final global LoRA on its own chats for the same `local_steps`, keeps the result
+as its personal LoRA (published to its private slot, never uploaded) and is served it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from fedpersona.trainer.methods.base import (
     Params,
     Product,
     Shares,
+    without_uploads,
 )
 
 if TYPE_CHECKING:
@@ -72,9 +78,40 @@ class FedAvg(LoraMethod):
         )
 
     def aggregate(self, *, previous: Params, results: list[tuple[Params, int]]) -> Params:
+        if without_uploads(results):
+            return dict(previous)
         return weighted_mean(results)
 
     def served_adapter(
         self, *, base_model: ModelInfo, global_params: Params, state: Params
     ) -> LoraAdapter:
         return self.adapter(global_params, self.spec, base_model)
+
+
+@dataclass(frozen=True)
+class FedAvgFT(FedAvg):
+    """FedAvg, then the final global fine-tuned locally by every user (its last round)."""
+
+    name: str = "fedavg-ft"
+    personal_round: bool = True
+    behaviour: ClassVar[Behaviour] = Behaviour(
+        shares=Shares.LORA,
+        publishes=frozenset({Product.GLOBAL, Product.SERVED, Product.PERSONAL}),
+        base_role=BaseRole.LARGE,
+    )
+
+    def finish(self, local: LocalRound) -> LocalResult:
+        if not local.final:
+            return super().finish(local)
+        tuned = local.session.read(SHARED)
+        return LocalResult(
+            upload={}, state=tuned, served=self.adapter(tuned, self.spec, local.base_model)
+        )
+
+    def served_adapter(
+        self, *, base_model: ModelInfo, global_params: Params, state: Params
+    ) -> LoraAdapter:
+        return self.adapter(state or global_params, self.spec, base_model)
+
+    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter | None:
+        return self.adapter(state, self.spec, base_model) if state else None

@@ -77,6 +77,6 @@ class LocalOnly(LoraMethod):
             raise MethodError("local-only: this user has not trained yet; nothing to serve")
         return self.adapter(state, self.spec, base_model)
 
-    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter:
+    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter | None:
         """The user's own LoRA: personal and served are the same adapter."""
         return self.served_adapter(base_model=base_model, global_params={}, state=state)

@@ -16,6 +16,12 @@ global value (`fedpersona.trainer.methods.aggregation.masked_weighted_mean`). A 
 global LoRA
 with their own mask applied: a rank-`expansion * rank` LoRA with at most `budget` non-zeros.
 A user without a mask yet (never trained) is served the dense global LoRA.
+
+With `personal_round` (the evaluation's setting, `docs/evaluation.md`) the last round of a run
+fine-tunes the user's masked copy of the final global on their own chats, for the same local
+steps, uploads nothing, and keeps the result (`state`: the masks and these values) as the
+user's personal sparse LoRA, published to their private slot and served: the final aggregate
+re-trained locally under the user's own architecture.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from fedpersona.trainer.methods.base import (
     Params,
     Product,
     Shares,
+    without_uploads,
 )
 from fedpersona.trainer.methods.pruning import (
     MASK_SUFFIX,
@@ -67,13 +74,14 @@ class PerFit(LoraMethod):
     prune_iterations: int = 3
     importance_batches: int = 2
     prox_mu: float = 0.0
+    personal_round: bool = False
     max_rank: int = DEFAULT_MAX_RANK
     name: str = "perfit"
     SHARED: ClassVar[str | None] = LORA
     TRAINS_ITSELF: ClassVar[bool] = True  # the first round searches the architecture
     behaviour: ClassVar[Behaviour] = Behaviour(
         shares=Shares.SPARSE_LORA,
-        publishes=frozenset({Product.GLOBAL, Product.SERVED}),
+        publishes=frozenset({Product.GLOBAL, Product.SERVED, Product.PERSONAL}),
         base_role=BaseRole.LARGE,
     )
 
@@ -121,9 +129,12 @@ class PerFit(LoraMethod):
             trainer.set_masks({LORA: mask})
             trainer.run(steps)
         params = apply_mask(local.session.read(LORA), mask)
+        state = {key + MASK_SUFFIX: m for key, m in mask.items()}
+        if local.final:  # the personal sparse LoRA stays here; nothing is sent
+            state.update(params)
         return LocalResult(
-            upload=pack_sparse(params, mask),
-            state={key + MASK_SUFFIX: m for key, m in mask.items()},
+            upload={} if local.final else pack_sparse(params, mask),
+            state=state,
             served=self.adapter(params, self.expanded, local.base_model),
             metrics={
                 "kept_entries": float(kept(mask)),
@@ -151,10 +162,11 @@ class PerFit(LoraMethod):
         return mask
 
     def _mask_from_state(self, state: Params, *, like: Params) -> Params | None:
-        if not state:
+        masks = {k for k in state if k.endswith(MASK_SUFFIX)}
+        if not masks:
             return None
         expected = {key + MASK_SUFFIX for key in like}
-        if set(state) != expected:
+        if masks != expected:
             raise MethodError("perfit: the client state does not hold a mask for this LoRA")
         mask = {key: np.asarray(state[key + MASK_SUFFIX], np.float32) for key in like}
         for key, m in mask.items():
@@ -163,6 +175,8 @@ class PerFit(LoraMethod):
         return mask
 
     def aggregate(self, *, previous: Params, results: list[tuple[Params, int]]) -> Params:
+        if without_uploads(results):
+            return dict(previous)
         dense = []
         for upload, n in results:
             values, masks = unpack_sparse(upload, like=previous)
@@ -172,6 +186,18 @@ class PerFit(LoraMethod):
     def served_adapter(
         self, *, base_model: ModelInfo, global_params: Params, state: Params
     ) -> LoraAdapter:
+        personal = self._personal_values(state)
+        if personal:
+            return self.adapter(personal, self.expanded, base_model)
         mask = self._mask_from_state(state, like=global_params)
         params = global_params if mask is None else apply_mask(global_params, mask)
         return self.adapter(params, self.expanded, base_model)
+
+    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter | None:
+        """The personal sparse LoRA of a personalization round (None before one)."""
+        personal = self._personal_values(state)
+        return self.adapter(personal, self.expanded, base_model) if personal else None
+
+    @staticmethod
+    def _personal_values(state: Params) -> Params:
+        return {k: v for k, v in state.items() if not k.endswith(MASK_SUFFIX)}

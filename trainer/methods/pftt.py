@@ -12,6 +12,13 @@ rank 8), the global LoRA gets half of it on the same target modules (rank 4, sam
 alpha / rank), so each round's uplink is half of FedAvg's (for odd ranks a little less); the
 personal LoRA gets the rest, so the served composition has FedAvg's rank (8).
 A FedProx term (`prox_mu`), if set, applies to the global LoRA only.
+
+With `personal_round` (the evaluation's setting, `docs/evaluation.md`) the last round of a run
+trains only the personal LoRA, for the same local steps, against the final global, which stays
+frozen and is not uploaded again: the user is then served the final global composed with a
+personal LoRA trained on top of exactly that global. Without it, the served adapter after the
+last round is the final global composed with the personal LoRA trained jointly with the global
+the client received in that round.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from fedpersona.trainer.methods.base import (
     Params,
     Product,
     Shares,
+    without_uploads,
 )
 
 if TYPE_CHECKING:
@@ -56,6 +64,7 @@ class Pftt(LoraMethod):
     global_rank: int | None = None
     personal_rank: int | None = None
     prox_mu: float = 0.0
+    personal_round: bool = False
     max_rank: int = DEFAULT_MAX_RANK
     name: str = "pftt"
     SHARED: ClassVar[str | None] = GLOBAL
@@ -107,13 +116,17 @@ class Pftt(LoraMethod):
 
     def finish(self, local: LocalRound) -> LocalResult:
         upload, personal = local.session.read(GLOBAL), local.session.read(PERSONAL)
+        if local.final:  # the global was frozen: the user is served it with the new personal
+            upload = {}
         return LocalResult(
             upload=upload,
             state=personal,
-            served=self._compose(local.base_model, upload, personal),
+            served=self._compose(local.base_model, local.session.read(GLOBAL), personal),
         )
 
     def aggregate(self, *, previous: Params, results: list[tuple[Params, int]]) -> Params:
+        if without_uploads(results):
+            return dict(previous)
         return weighted_mean(results)
 
     def served_adapter(
@@ -124,7 +137,7 @@ class Pftt(LoraMethod):
             return self.adapter(global_params, self.global_spec, base_model)
         return self._compose(base_model, global_params, state)
 
-    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter:
+    def personal_adapter(self, *, base_model: ModelInfo, state: Params) -> LoraAdapter | None:
         """The user's personal LoRA alone (for their private `users/<u>/personal` slot)."""
         if not state:
             raise MethodError("pftt: this user has no personal LoRA yet")
