@@ -15,6 +15,11 @@ per-name lock a loader takes, so a load and an unload of one name never interlea
 restarts it forgets every adapter: `reset()` forgets them here too, and a 404 from the engine
 for a name we think is loaded drops that name, so the next request loads it again.
 
+Cold start: a user with no served adapter of their own yet is served the newest global adapter
+of the deployment's method (`cold_start_method`, `global/adapters/<method>`), or, when that is
+not set, the most recently published of the store's global adapters (the list is re-read at most
+every `COLD_START_TTL_S` seconds); only with no global adapter at all does the base model answer.
+
 This module knows nothing about HTTP routes, API keys or request bodies.
 """
 
@@ -30,7 +35,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedpersona.adapters import AdapterError, AdapterStore, Slot, Version
+from fedpersona.adapters import AdapterError, AdapterStore, Slot, SlotKind, Version
 from fedpersona.adapters.refs import engine_adapter_name
 from fedpersona.service.errors import AdapterLoadFailed, EngineRequestError, EngineUnavailable
 
@@ -39,6 +44,8 @@ if TYPE_CHECKING:
     from fedpersona.service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+
+COLD_START_TTL_S = 5.0
 
 
 @dataclass(eq=False)
@@ -60,9 +67,14 @@ class AdapterManager:
         engine: EngineClient,
         max_loaded: int,
         metrics: Metrics | None = None,
+        cold_start_method: str | None = None,
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
+        self._cold_slot = (
+            None if cold_start_method is None else Slot.global_adapter(cold_start_method)
+        )
+        self._global_slots: tuple[float, list[Slot]] = (-COLD_START_TTL_S, [])
         self._store = store
         self._engine = engine
         self._max_loaded = max_loaded
@@ -88,9 +100,9 @@ class AdapterManager:
     def use(self, user_id: str) -> AbstractAsyncContextManager[str | None]:
         """Pin `user_id`'s current adapter for the duration of a request.
 
-        Yields the vLLM model name to send, or None when the user has no served adapter yet (the
-        base model answers). Raises `AdapterLoadFailed` if vLLM refuses the adapter and
-        `EngineUnavailable` if the engine cannot be reached.
+        Yields the vLLM model name to send: the user's served adapter, else (cold start) the
+        newest global adapter, else None (the base model answers). Raises `AdapterLoadFailed` if
+        vLLM refuses the adapter and `EngineUnavailable` if the engine cannot be reached.
         """
         return self._use(user_id)
 
@@ -138,7 +150,7 @@ class AdapterManager:
             version_id = self._store.current_id(slot)
             if version_id is None:
                 self._versions.pop(user_id, None)
-                return None
+                return self._cold_start()
             cached = self._versions.get(user_id)
             if cached is not None and cached.id == version_id:
                 return cached
@@ -151,6 +163,18 @@ class AdapterManager:
         else:
             self._versions[user_id] = version
         return version
+
+    def _cold_start(self) -> Version | None:
+        """The newest global adapter of the deployment's method (any method if unset)."""
+        if self._cold_slot is not None:
+            return self._store.current(self._cold_slot)
+        now = time.monotonic()
+        read_at, slots = self._global_slots
+        if now - read_at >= COLD_START_TTL_S:
+            slots = [s for s in self._store.slots() if s.kind is SlotKind.GLOBAL_ADAPTER]
+            self._global_slots = (now, slots)
+        versions = [v for v in map(self._store.current, slots) if v is not None]
+        return max(versions, key=lambda v: v.created_at, default=None)
 
     async def _acquire(self, user: str, version: Version) -> _Loaded:
         try:

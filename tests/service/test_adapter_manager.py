@@ -379,3 +379,50 @@ def test_store_manifest_is_read_only_when_it_changed(
     before, after = run(main())
     # One manifest read per published version, not one per request.
     assert len(set(before)) == 1 and len(set(after)) == 1 and before[0] != after[0]
+
+
+# --------------------------------------------------------------------------- cold start
+
+
+def test_user_without_adapter_gets_the_newest_global_adapter(store: AdapterStore) -> None:
+    engine = RecordingEngine()
+    older = store.publish_lora(Slot.global_adapter("fedavg"), lora(1))
+    newer = store.publish_lora(Slot.global_adapter("pftt"), lora(2))
+    assert newer.created_at >= older.created_at
+    adapters = manager(store, engine)
+
+    async def main() -> list[str | None]:
+        names = []
+        async with adapters.use("newcomer") as name:
+            names.append(name)
+        own = publish(store, "newcomer", 3)  # their first personal round lands
+        async with adapters.use("newcomer") as name:
+            names.append(name)
+        names.append(adapter_name("newcomer", own.id))
+        return names
+
+    cold, personal, expected = run(main())
+    assert cold == adapter_name("newcomer", newer.id)
+    assert personal == expected  # and the global is no longer theirs
+
+
+def test_cold_start_follows_the_deployments_method(store: AdapterStore) -> None:
+    engine = RecordingEngine()
+    mine = store.publish_lora(Slot.global_adapter("fedavg"), lora(1))
+    store.publish_lora(Slot.global_adapter("pftt"), lora(2))  # newer, another method's
+
+    async def main() -> str | None:
+        async with manager(store, engine, cold_start_method="fedavg").use("newcomer") as name:
+            return name
+
+    assert run(main()) == adapter_name("newcomer", mine.id)
+
+
+def test_cold_start_through_the_gateway(make_gateway: Any) -> None:
+    gw = make_gateway()
+    glob = gw.store.publish_lora(Slot.global_adapter("pftt"), lora(5))
+    response = gw.chat("carol")  # carol has no adapter of her own
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "personal"
+    assert gw.engine.last["model"] == adapter_name("carol", glob.id)
+    assert gw.engine.loaded[adapter_name("carol", glob.id)] == str(glob.path)
