@@ -72,6 +72,23 @@ class PayloadTooLarge(GatewayError):
     default_message = "The request body is too large."
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    default_message = "The request body did not arrive in time."
+
+
+class ClientDisconnected(GatewayError):
+    """The client left before the answer was ready; the engine request was cancelled. Nobody
+    reads the response: the status (nginx's 499) is for logs and metrics."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+    default_message = "The client closed the connection."
+
+
 class AuthenticationFailed(GatewayError):
     status = 401
     type = "authentication_error"
@@ -121,6 +138,11 @@ class RateLimited(GatewayError):
     default_message = "Rate limit exceeded for this API key; retry later."
 
 
+class TooManyInFlight(RateLimited):
+    code = "too_many_concurrent_requests"
+    default_message = "Too many requests of this user are running at once; wait for one to finish."
+
+
 class UpstreamError(GatewayError):
     """The engine failed a request in a way that is not the client's fault."""
 
@@ -157,6 +179,35 @@ class AdapterLoadFailed(GatewayError):
     )
 
 
+class ProxyExpertFailed(GatewayError):
+    """The engine could not use the caller's proxy-tuning expert (a broken file in the store):
+    the operator's problem, not the client's. The engine's message names store paths, so it is
+    logged, never shown."""
+
+    status = 500
+    type = "server_error"
+    code = "proxy_expert_failed"
+    default_message = (
+        "Your personalized model could not be applied by the inference engine; "
+        "the operator has to publish a working expert."
+    )
+
+
+# Longest engine message shown to a client; longer ones are dumps, not explanations.
+_MAX_ENGINE_MESSAGE = 300
+
+
+def _client_message(message: str) -> str | None:
+    """An engine's 4xx message when it is a short sentence; None for dumps (pydantic errors,
+    reprs, multi-line text), which are logged by the caller and replaced by a generic line."""
+    message = message.strip()
+    if not message or len(message) > _MAX_ENGINE_MESSAGE or "\n" in message:
+        return None
+    if any(marker in message for marker in ("pydantic", "input_value", "{", "Traceback")):
+        return None
+    return message
+
+
 class EngineRequestError(Exception):
     """The engine answered a request with an error status. Raised by `EngineClient`.
 
@@ -185,10 +236,12 @@ class EngineRequestError(Exception):
 
     def to_gateway_error(self) -> GatewayError:
         if self.status == 400 and self.param in _CONTEXT_LENGTH_PARAMS:
-            return PromptTooLong(self.message or None, param="messages")
+            return PromptTooLong(_client_message(self.message), param="messages")
         if self.status in (400, 422):
-            # Sampling-parameter validation by vLLM: the client's fault, message is safe to show.
-            return BadRequest(self.message or None, param=self.param)
+            # Sampling-parameter validation by vLLM: the client's fault; its message is shown
+            # only when it is a plain sentence.
+            message = _client_message(self.message) or "The inference engine refused a parameter."
+            return BadRequest(message, param=self.param)
         if self.status == 404:
             # The adapter vanished between load and use (eviction race): retryable, not a 404
             # the client could mistake for "no such model".

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from fedpersona.service.http.server import uvicorn_config
 from fedpersona.service.metrics import Metrics
 from fedpersona.service.settings import Settings
 from fedpersona.trainer.rounds import interface as rounds
@@ -129,15 +130,7 @@ def run(args: argparse.Namespace) -> int:
         settings.port,
         "supervised" if settings.engine.supervised else settings.engine.url,
     )
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep the root logging set up by `fedpersona`
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
-        proxy_headers=False,  # identity comes from API keys only, never from headers
-    )
-    uvicorn.Server(config).run()
+    uvicorn.Server(uvicorn_config(app, settings)).run()
     return 0
 
 

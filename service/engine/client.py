@@ -51,7 +51,8 @@ def _envelope(response: httpx.Response) -> dict[str, Any]:
 def renamed_chunk(line: bytes, *, engine_model: str, public_model: str) -> bytes | None:
     """Fast path for relaying vLLM's stream: a plain content chunk as an SSE event with its
     `model` renamed by one byte replace, or None when the line needs a JSON parse (the usage
-    chunk, an error event, `[DONE]`, or a shape this does not recognise).
+    chunk, an error event, a chunk with a `system_fingerprint`, `[DONE]`, or a shape this does
+    not recognise).
 
     Safe without parsing because vLLM writes compact JSON: inside a JSON string every quote is
     escaped, so an unescaped `"model":"<name>"` can only be the key itself; requiring exactly
@@ -59,6 +60,8 @@ def renamed_chunk(line: bytes, *, engine_model: str, public_model: str) -> bytes
     """
     if not line.startswith(b"data: {") or b'"usage"' in line or b'"error"' in line:
         return None
+    if b'"system_fingerprint"' in line:
+        return None  # the slow path drops it: it names the engine's version
     needle = b'"model":' + json.dumps(engine_model).encode()
     if line.count(needle) != 1:
         return None

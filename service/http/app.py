@@ -11,7 +11,6 @@ FastAPI's 422 for a malformed body becomes a 400 like OpenAI's.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,9 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fedpersona.adapters import AdapterStore
 from fedpersona.adapters.manifest import model_name
-from fedpersona.service.errors import BadRequest, GatewayError, PayloadTooLarge, error_envelope
+from fedpersona.service.errors import BadRequest, GatewayError, error_envelope
 from fedpersona.service.http.auth import gateway_admin_guard
 from fedpersona.service.http.chat import ChatConfig, ChatService
+from fedpersona.service.http.limits import InFlightLimiter
+from fedpersona.service.http.middleware import AuthenticateFirst, BodyLimits
 from fedpersona.service.http.routes import admin, chat, health, models, rounds
 from fedpersona.service.metrics import Metrics
 from fedpersona.service.ratelimit import RateLimiter
@@ -83,7 +84,9 @@ def create_app(
         from fedpersona.service.engine.client import EngineClient
 
         engine = EngineClient(
-            settings.engine.base_url, request_timeout_s=settings.engine.request_timeout_s
+            settings.engine.base_url,
+            api_key=settings.engine_key,
+            request_timeout_s=settings.engine.request_timeout_s,
         )
     if adapters is None:
         from fedpersona.service.engine.adapters import AdapterManager
@@ -104,6 +107,8 @@ def create_app(
             or 1024,
             max_bytes_per_token=settings.max_bytes_per_token,
             proxy_tuning=settings.proxy_tuning,
+            max_messages=settings.max_messages,
+            min_tokens_per_message=settings.min_tokens_per_message,
         ),
         engine=engine,
         adapters=adapters,
@@ -153,14 +158,27 @@ def create_app(
         title="fedpersona gateway",
         summary="OpenAI-compatible chat with each user's own federated-trained adapter",
         lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.services = services
     app.state.admin_guard = gateway_admin_guard(services)
     app.state.rounds = rounds_controller
+    app.state.in_flight = InFlightLimiter(settings.max_in_flight_per_user)
     install_error_handlers(app)
     for router in (chat.router, models.router, health.router, admin.router, rounds.router):
         app.include_router(router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    # Added innermost first: metrics see everything, credentials are checked before the body.
+    app.add_middleware(
+        BodyLimits, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s
+    )
+    app.add_middleware(
+        AuthenticateFirst,
+        authenticate_user=registry.authenticate,
+        check_admin=app.state.admin_guard.check,
+        metrics_key=settings.metrics_key.get_secret_value(),
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
@@ -217,52 +235,6 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return message, param
-
-
-class BodySizeLimit:
-    """Refuse request bodies above `max_bytes` with 413, declared or streamed (chunked).
-
-    The body is read ahead (bounded by the limit) and replayed to the app, so an oversized
-    chunked body is refused before any handler runs rather than failing mid-parse.
-    """
-
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await _send_error(send, PayloadTooLarge())
-                return
-        buffered: list[Message] = []
-        seen = 0
-        while True:
-            message = await receive()
-            buffered.append(message)
-            if message["type"] != "http.request":
-                break  # a disconnect: let the app see it
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                await _send_error(send, PayloadTooLarge())
-                return
-            if not message.get("more_body", False):
-                break
-
-        async def replay() -> Message:
-            return buffered.pop(0) if buffered else await receive()
-
-        await self.app(scope, replay, send)
-
-
-async def _send_error(send: Send, error: GatewayError) -> None:
-    body = json.dumps(error.envelope()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class MetricsMiddleware:

@@ -20,13 +20,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fedpersona.service.errors import AuthenticationFailed, PermissionDenied, RateLimited
+from fedpersona.service.http.middleware import MISSING_KEY as _MISSING
+from fedpersona.service.http.middleware import USER_STATE
 from fedpersona.service.registry import User
 from fedpersona.service.state import Services, get_services
-
-_MISSING = (
-    "Missing API key. Send it as 'Authorization: Bearer <key>'; an administrator creates keys "
-    "with `fedpersona users add NAME`."
-)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -43,6 +40,10 @@ def bearer_token(request: Request) -> str | None:
 # Plain `def` dependencies: FastAPI runs them in its thread pool, so the SQLite look-up never
 # blocks the event loop.
 def current_user(request: Request, services: Annotated[Services, Depends(get_services)]) -> User:
+    # `AuthenticateFirst` already looked the key up for this request, before its body was read.
+    checked = request.scope.get("state", {}).get(USER_STATE)
+    if isinstance(checked, User):
+        return checked
     token = bearer_token(request)
     if token is None:
         raise AuthenticationFailed(_MISSING)

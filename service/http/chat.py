@@ -27,8 +27,10 @@ from fedpersona.adapters.refs import ExpertRef, proxy_xargs
 from fedpersona.service.engine.client import chunk_has_content, renamed_chunk
 from fedpersona.service.errors import (
     AdapterLoadFailed,
+    BadRequest,
     EngineRequestError,
     GatewayError,
+    ProxyExpertFailed,
     UpstreamError,
 )
 from fedpersona.service.http.protocol import ChatCompletionRequest
@@ -68,6 +70,8 @@ class ChatConfig:
     max_model_len: int
     max_bytes_per_token: int
     proxy_tuning: bool
+    max_messages: int = 512
+    min_tokens_per_message: int = 1
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
@@ -98,16 +102,28 @@ class ChatService:
         Every error that happens before the first byte is raised, so the route can still answer
         with the right status; errors after that become an error event followed by `[DONE]`.
         """
+        if len(request.messages) > self.config.max_messages:
+            raise BadRequest(
+                f"A request may carry at most {self.config.max_messages} messages; this one has "
+                f"{len(request.messages)}.",
+                param="messages",
+            )
         route = resolve_model(
             request.model, alias=self.config.personal_alias, base_model=self.config.base_model
         )
+        # The chat template adds tokens around every message, even an empty one: counted as
+        # bytes, `min_tokens_per_message` tokens each is exact for the lower bound.
+        template_bytes = (
+            len(request.messages) * self.config.min_tokens_per_message
+        ) * self.config.max_bytes_per_token
         check_prompt_fits(
-            prompt_bytes=sum(len(m.text().encode()) for m in request.messages),
+            prompt_bytes=template_bytes + sum(len(m.text().encode()) for m in request.messages),
             max_output_tokens=request.output_limit,
             max_model_len=self.config.max_model_len,
             max_bytes_per_token=self.config.max_bytes_per_token,
         )
         started = time.perf_counter()
+        body: dict[str, Any] | None = None
         try:
             # Engine errors leave the `async with` unmapped, so the adapter pin sees them (a 404
             # tells the adapter manager that vLLM lost the adapter), then they are translated.
@@ -127,8 +143,9 @@ class ChatService:
                     )
                 answer = await self.engine.chat(body)
         except EngineRequestError as e:
-            raise self._engine_error(e) from e
+            raise self._engine_error(e, body=body) from e
         self._count_usage(answer.get("usage"), route)
+        answer.pop("system_fingerprint", None)  # names the engine's version
         self.metrics.chat_seconds.labels(route.kind.value, "false").observe(
             time.perf_counter() - started
         )
@@ -251,8 +268,14 @@ class ChatService:
             self.metrics.chat_seconds.labels(kind, "true").observe(time.perf_counter() - started)
             await stack.aclose()
 
-    def _engine_error(self, error: EngineRequestError) -> GatewayError:
+    def _engine_error(
+        self, error: EngineRequestError, *, body: dict[str, Any] | None = None
+    ) -> GatewayError:
         mapped = error.to_gateway_error()
+        if mapped.status < 500 and _names_our_expert(error, body):
+            # The engine refused the expert this gateway chose: a broken file in the store.
+            logger.error("engine refused the proxy expert: %s %s", error.status, error.message)
+            mapped = ProxyExpertFailed()
         self.metrics.engine_errors.labels(type(mapped).__name__).inc()
         if mapped.status >= 500:
             logger.error("engine error %s: %s", error.status, error.message)
@@ -301,10 +324,22 @@ def _has_content(event: dict[str, Any]) -> bool:
     return False
 
 
+def _names_our_expert(error: EngineRequestError, body: dict[str, Any] | None) -> bool:
+    """Whether an engine error is about the proxy expert this gateway put in `body`: its message
+    names the expert reference, which only this gateway (never the client) chose."""
+    xargs = (body or {}).get("vllm_xargs")
+    if not isinstance(xargs, dict):
+        return False
+    refs = [v for v in xargs.values() if isinstance(v, str) and v]
+    return any(ref in error.message for ref in refs)
+
+
 def _rewrite_chunk(
     event: dict[str, Any], *, public_name: str, include_usage: bool
 ) -> dict[str, Any] | None:
-    """Put the public model name in; strip the usage the gateway asked for on its own behalf."""
+    """Put the public model name in; strip the usage the gateway asked for on its own behalf,
+    and the engine's version (`system_fingerprint`)."""
+    event.pop("system_fingerprint", None)
     if not include_usage:
         if not event.get("choices") and "usage" in event:
             return None  # the usage-only final chunk the client did not ask for

@@ -11,21 +11,46 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+# The engine's seed is a 64-bit integer; larger ones came back as vLLM's raw validation dump.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# No context is this long; keeps token counts in the engine's integer range.
+MAX_TOKENS_LIMIT = 2**31 - 1
+
+
+def _encodable(value: str) -> str:
+    """Refuse text that is not valid Unicode: JSON's `\\ud800` escapes decode to lone
+    surrogates, which no UTF-8 encoder (ours, the tokenizer's, the engine's) accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains a lone UTF-16 surrogate at position {e.start}") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = Field(default=None, max_length=64)
+    content: Text | list[TextPart]
+    name: Text | None = Field(default=None, max_length=64)
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -38,7 +63,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-StopParam = Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(max_length=4)]
+StopParam = (
+    Annotated[Text, Field(min_length=1, max_length=256)]
+    | Annotated[list[Annotated[Text, Field(max_length=256)]], Field(max_length=4)]
+)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -46,14 +74,14 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=256)
+    model: Text = Field(min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     stop: StopParam | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -61,7 +89,7 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(default=None, max_length=256, description="accepted, not forwarded")
+    user: Text | None = Field(default=None, max_length=256, description="accepted, not forwarded")
 
     @field_validator("messages")
     @classmethod
@@ -126,7 +154,7 @@ class ModelList(BaseModel):
 
 class UserCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=63)
+    name: Text = Field(min_length=1, max_length=63)
     proxy_alpha: float | None = Field(default=None, ge=0, le=10)
     issue_key: bool = Field(default=True, description="also issue a first API key")
 

@@ -225,7 +225,7 @@ def test_engine_key_is_generated_per_launch_and_never_printed(
 
 def test_an_external_engine_needs_its_key_in_production(tmp_path: Path) -> None:
     production = {"environment": "production", "admin_key": "a" * 8 + "-long-admin-key-0123"}
-    with pytest.raises(ValidationError, match="engine.api_key"):
+    with pytest.raises(ValidationError, match=r"engine\.api_key"):
         Settings(home=tmp_path, engine={"url": "http://vllm:8000"}, **production)
     settings = Settings(
         home=tmp_path, engine={"url": "http://vllm:8000", "api_key": "k" * 32}, **production

@@ -70,8 +70,10 @@ def test_auth_is_checked_before_the_body(gw: Gateway) -> None:
 
 
 def test_unknown_route_and_wrong_method_use_the_envelope(gw: Gateway) -> None:
-    missing = gw.client.get("/v1/nothing-here")
+    missing = gw.client.get("/v1/nothing-here", headers=gw.auth("alice"))
     assert missing.status_code == 404 and set(missing.json()["error"]) == ENVELOPE_KEYS
+    # Without a key every /v1 path is a 401: credentials are checked before routing.
+    assert gw.client.get("/v1/nothing-here").status_code == 401
     wrong = gw.client.get("/v1/chat/completions", headers=gw.auth("alice"))
     assert wrong.status_code == 405 and set(wrong.json()["error"]) == ENVELOPE_KEYS
 
