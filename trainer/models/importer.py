@@ -166,7 +166,9 @@ def import_model(
                 "tokenizer": info["tokenizer"],
                 "source": {"kind": kind, "file": source.name, "sha256": digest},
                 "license": license,
-                "engine": (engine or default_engine_hints(info["max_model_len"])).to_json(),
+                "engine": (engine or default_engine_hints(info["max_model_len"])).model_dump(
+                    exclude_none=True
+                ),
                 "import_version": IMPORT_VERSION,
             }
         )

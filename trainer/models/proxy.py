@@ -58,8 +58,8 @@ class DistillSettings:
 
     layers: tuple[int, ...] = (0, 1, 2, 27, 28, 29)
     steps: int = 60
-    batch_size: int = 8
-    seq_len: int = 128
+    batch_size: int = 4
+    seq_len: int = 96
     lr: float = 3e-4
     seed: int = 0
     conversations: int = 40  # per persona, from the built-in persona corpus
