@@ -1,0 +1,92 @@
+"""Connection-level attacks against a real gateway process (uvicorn with the gateway's own
+configuration): slow headers, slow bodies, abandoned requests, too many connections."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+from gateway_process import LiveGateway, SlowEngine, live_gateway
+
+
+def _connect(gw: LiveGateway) -> socket.socket:
+    return socket.create_connection((gw.host, gw.port), timeout=10)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` within `seconds` (reads until EOF)."""
+    sock.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if sock.recv(4096) == b"":
+                return True
+    except (TimeoutError, OSError):
+        return False
+    return False
+
+
+def _chat_request(gw: LiveGateway, body: bytes, *, length: int | None = None) -> bytes:
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {gw.keys['alice']}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length if length is not None else len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def test_half_sent_headers_are_cut_off(tmp_path: Path) -> None:
+    with live_gateway(tmp_path, header_timeout_s=1.0) as gw:
+        sockets = [_connect(gw) for _ in range(20)]
+        for s in sockets:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert all(_closed_within(s, 5.0) for s in sockets)
+        # A well-behaved client is served as before.
+        assert httpx.get(f"{gw.root}/health").status_code == 200
+
+
+def test_a_body_that_stops_arriving_is_a_408(tmp_path: Path) -> None:
+    with live_gateway(tmp_path, body_timeout_s=1.0) as gw:
+        sock = _connect(gw)
+        sock.sendall(_chat_request(gw, b'{"model":', length=100))
+        sock.settimeout(10)
+        started = time.monotonic()
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert time.monotonic() - started < 5
+        assert _closed_within(sock, 5.0)
+        assert gw.engine.started == 0
+
+
+def test_an_abandoned_request_is_cancelled_in_the_engine(tmp_path: Path) -> None:
+    with live_gateway(tmp_path, engine=SlowEngine(delay_s=30)) as gw:
+        body = json.dumps(
+            {"model": "security-base", "messages": [{"role": "user", "content": "x"}]}
+        )
+        for i in range(5):
+            sock = _connect(gw)
+            sock.sendall(_chat_request(gw, body.encode()))
+            deadline = time.monotonic() + 10
+            while gw.engine.started <= i and time.monotonic() < deadline:
+                time.sleep(0.05)
+            sock.close()
+        deadline = time.monotonic() + 10
+        while gw.engine.cancelled < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (gw.engine.started, gw.engine.cancelled, gw.engine.finished) == (5, 5, 0)
+
+
+def test_connections_above_the_cap_get_503(tmp_path: Path) -> None:
+    with live_gateway(tmp_path, max_connections=4, header_timeout_s=30) as gw:
+        held = [_connect(gw) for _ in range(4)]
+        for s in held:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # open, headers unfinished
+        time.sleep(0.3)
+        assert httpx.get(f"{gw.root}/health").status_code == 503
+        for s in held:
+            s.close()
+        time.sleep(0.3)
+        assert httpx.get(f"{gw.root}/health").status_code == 200
