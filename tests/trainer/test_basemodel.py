@@ -54,7 +54,7 @@ def test_recipes_have_the_promised_shapes() -> None:
     assert (TINY.small.layers, TINY.small.hidden, TINY.small.heads) == (2, 128, 2)
     assert (MICRO.large.layers, MICRO.large.hidden, MICRO.small.layers) == (2, 128, 1)
     assert TINY.max_position_embeddings >= 512
-    assert set(RECIPES) == set(bootstrap.RECIPE_NAMES)
+    assert set(RECIPES) | {bootstrap.DEFAULT_RECIPE} == set(bootstrap.RECIPE_NAMES)
 
 
 def test_head_dim_must_be_64() -> None:
