@@ -14,6 +14,13 @@ proxy experts are measured by `benchmarks/proxy_tuning.py`). The training flags 
 from `RoundSpec` (`fedpersona.trainer.commands.spec_args`). `--no-train` re-evaluates the
 stores of an earlier `eval` run.
 
+Every method's run starts from clean client state (`resume = False`: no personal state an
+earlier run left in a silo is read, `fedpersona.trainer.flower.client_state`). `compare` takes
+per-method options (e.g. PFTT's `global_rank`, `personal_round`), which reach every client
+through the run's method factory, and can measure each round's served adapters too
+(`convergence`). Uplink and downlink are averaged over the rounds that uploaded something (a
+personalization round uploads nothing).
+
 Writes `<out>/comparison.json` (per-user perplexities, means, uplink bytes per round, run ids)
 and `<out>/comparison.png`, and prints both tables.
 """
@@ -21,17 +28,27 @@ and `<out>/comparison.png`, and prints both tables.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedpersona.adapters import AdapterStore, Slot, load_lora
 from fedpersona.trainer.commands.spec_args import add_spec_arguments, comma_list, spec_from_args
 from fedpersona.trainer.flower.runconfig import RunConfig
-from fedpersona.trainer.methods import Product, behaviour_of, method_names
+from fedpersona.trainer.methods import (
+    LoraSpec,
+    Method,
+    Product,
+    behaviour_of,
+    get_method,
+    method_names,
+)
 from fedpersona.trainer.rounds.records import RoundSpec, RunRecords, RunState
 
 log = logging.getLogger(__name__)
@@ -56,6 +73,9 @@ class Comparison:
     train_seconds: dict[str, float] = field(default_factory=dict)
     runs: dict[str, str] = field(default_factory=dict)
     settings: dict[str, object] = field(default_factory=dict)
+    # method -> round -> mean perplexity over users of the adapters served after that round
+    convergence: dict[str, dict[int, float]] = field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def mean(self, method: str) -> float:
         return statistics.fmean(self.perplexity[method].values())
@@ -70,11 +90,22 @@ class Comparison:
             "downlink_bytes_per_round": self.downlink_bytes_per_round,
             "train_seconds": self.train_seconds,
             "runs": self.runs,
+            "convergence": self.convergence,
+            "method_options": self.options,
         }
 
 
 def method_home(out: Path, method: str) -> Path:
     return out / method
+
+
+def configured_method(
+    config: RunConfig, *, options: Mapping[str, Mapping[str, Any]] | None = None
+) -> Method:
+    """The run's method with its LoRA rank (alpha = 2 x rank) and this comparison's options."""
+    spec = config.spec
+    extra = dict((options or {}).get(spec.algorithm, {}))
+    return get_method(spec.algorithm, spec=LoraSpec(rank=spec.rank, alpha=2.0 * spec.rank), **extra)
 
 
 def method_run_config(
@@ -105,8 +136,11 @@ def train_method(
     users: list[str],
     base_model: Path,
     cpus: int | None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """One fresh federated run of `method` into `<out>/<method>/store`; returns the run id."""
+    """One fresh federated run of `method` into `<out>/<method>/store`; returns the run id.
+
+    Fresh: a new store, no global checkpoint and no client state of an earlier run."""
     from fedpersona.trainer.flower.simulation import simulate
 
     method_spec = spec.model_copy(update={"algorithm": method})
@@ -119,16 +153,25 @@ def train_method(
         users=users,
         base_model=base_model,
     )
-    final = simulate(config, cpus=cpus)
+    factory = functools.partial(configured_method, options=dict(options or {}))
+    final = simulate(config, cpus=cpus, method_factory=factory)
     if final.state != RunState.succeeded:
         raise RuntimeError(f"{method}: training run {final.id} failed: {final.error}")
     return final.id
 
 
 def evaluate_method(
-    *, home: Path, out: Path, method: str, users: list[str], base_model: Path, max_len: int
+    *,
+    home: Path,
+    out: Path,
+    method: str,
+    users: list[str],
+    base_model: Path,
+    max_len: int,
+    versions: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
-    """Each user's held-out perplexity with the adapter `method` serves them (base: none)."""
+    """Each user's held-out perplexity with the adapter `method` serves them (base: none);
+    `versions` (user -> served version id) measures those versions instead of the current."""
     from fedpersona.trainer.flower.apps import model_info
     from fedpersona.trainer.learn.evaluate import perplexity
 
@@ -138,7 +181,8 @@ def evaluate_method(
     for user in users:
         adapter = None
         if store is not None:
-            version = store.current(Slot.user_served(user))
+            slot = Slot.user_served(user)
+            version = store.get(slot, versions[user]) if versions else store.current(slot)
             if version is None:
                 raise RuntimeError(f"{method}: no served adapter for {user} in {store.root}")
             adapter = load_lora(version.path)
@@ -147,14 +191,51 @@ def evaluate_method(
     return result
 
 
+def convergence(
+    *,
+    home: Path,
+    out: Path,
+    method: str,
+    run_id: str,
+    users: list[str],
+    base_model: Path,
+    max_len: int,
+) -> dict[int, float]:
+    """Round -> mean perplexity over users of the adapters served after that round (rounds
+    whose versions the store no longer retains are left out)."""
+    from fedpersona.adapters import AdapterError
+
+    status = RunRecords(method_home(out, method) / "runs").read(run_id)
+    curve: dict[int, float] = {}
+    for record in status.rounds or []:
+        if set(record.served_versions) < set(users):
+            continue
+        try:
+            ppl = evaluate_method(
+                home=home,
+                out=out,
+                method=method,
+                users=users,
+                base_model=base_model,
+                max_len=max_len,
+                versions=record.served_versions,
+            )
+        except AdapterError:
+            continue
+        curve[record.round] = statistics.fmean(ppl.values())
+    return curve
+
+
 def traffic(out: Path, method: str, run_id: str) -> tuple[float, float, float]:
-    """(mean uplink bytes per round, mean downlink bytes per round, total wall seconds)."""
+    """(mean uplink bytes per round, mean downlink bytes per round, total wall seconds), the
+    means over the rounds that uploaded something (all rounds if none did: local-only)."""
     status = RunRecords(method_home(out, method) / "runs").read(run_id)
     rounds = status.rounds or []
     if not rounds:
         return 0.0, 0.0, 0.0
-    up = statistics.fmean(r.bytes_up for r in rounds)
-    down = statistics.fmean(r.bytes_down for r in rounds)
+    sending = [r for r in rounds if r.bytes_up > 0] or rounds
+    up = statistics.fmean(r.bytes_up for r in sending)
+    down = statistics.fmean(r.bytes_down for r in sending)
     return up, down, sum(r.wall_s for r in rounds)
 
 
@@ -168,9 +249,12 @@ def compare(
     base_model: Path,
     train: bool = True,
     cpus: int | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    per_round: bool = False,
 ) -> Comparison:
     """Train (unless `train=False`) and evaluate every method; nothing here reads eval data
-    before all training is done."""
+    before all training is done. `per_round` also measures every round's served adapters."""
+    options = {m: dict(o) for m, o in (options or {}).items()}
     comparison = Comparison(
         users=users,
         settings={
@@ -178,6 +262,7 @@ def compare(
             "methods": methods,
             "home": str(home),
         },
+        options=options,
     )
     for method in methods:
         if method == BASE:
@@ -191,6 +276,7 @@ def compare(
                 users=users,
                 base_model=base_model,
                 cpus=cpus,
+                options=options,
             )
         else:
             records = RunRecords(method_home(out, method) / "runs").list_all()
@@ -211,6 +297,16 @@ def compare(
             base_model=base_model,
             max_len=spec.max_len,
         )
+        if per_round and method != BASE:
+            comparison.convergence[method] = convergence(
+                home=home,
+                out=out,
+                method=method,
+                run_id=comparison.runs[method],
+                users=users,
+                base_model=base_model,
+                max_len=spec.max_len,
+            )
     return comparison
 
 
