@@ -29,6 +29,7 @@ pytestmark = pytest.mark.helm
 
 FEDPERSONA = Path(sys.executable).parent / "fedpersona"
 ADMIN_KEY = "k" * 32
+ENGINE_KEY = "e" * 32
 
 ENGINE_CASES: list[tuple[str, list[Path], dict[str, Any] | None]] = [
     ("defaults", [], None),
@@ -94,7 +95,17 @@ def test_vllm_container_runs_what_the_engine_launcher_builds(
     assert launch.argv[1:] == container["command"][1:] + container["args"]
     env = env_map(container)
     for key, value in launch.env.items():
+        if key == "VLLM_API_KEY":
+            continue  # a Secret reference, checked below
         assert env.get(key) == value, f"{name}: vLLM env {key}"
+    _assert_engine_key_from_the_secret(env)
+
+
+def _assert_engine_key_from_the_secret(env: dict[str, Any]) -> None:
+    """vLLM's key and the engine setting come from the same Secret key, never a literal."""
+    refs = [env.get(name) for name in ("VLLM_API_KEY", "FEDPERSONA_ENGINE__API_KEY")]
+    assert all(isinstance(ref, dict) and "secretKeyRef" in ref for ref in refs)
+    assert refs[0] == refs[1]
 
 
 def test_fedpersona_engine_process_prints_the_chart_command(helm_bin: Path) -> None:
@@ -105,7 +116,9 @@ def test_fedpersona_engine_process_prints_the_chart_command(helm_bin: Path) -> N
     assert launch["argv"][1:] == container["command"][1:] + container["args"]
     assert "--logits-processors" in launch["argv"] and "--enable-prefix-caching" in launch["argv"]
     env = env_map(container)
+    assert launch["env"].pop("VLLM_API_KEY") == "<redacted>"  # printed, never shown
     assert {k: env.get(k) for k in launch["env"]} == launch["env"]
+    _assert_engine_key_from_the_secret(env)
 
 
 def test_default_processor_is_the_engines_and_exists(helm_bin: Path) -> None:
@@ -147,10 +160,12 @@ def test_gateway_env_is_read_by_the_real_settings(
     for key in list(os.environ):
         if key.startswith("FEDPERSONA_"):
             monkeypatch.delenv(key)
-    for key, value in plain_env(gateway, FEDPERSONA_ADMIN_KEY=ADMIN_KEY).items():
+    extra = {"FEDPERSONA_ADMIN_KEY": ADMIN_KEY, "FEDPERSONA_ENGINE__API_KEY": ENGINE_KEY}
+    for key, value in plain_env(gateway, **extra).items():
         if key.startswith("FEDPERSONA_"):
             monkeypatch.setenv(key, value)
     settings = Settings()
+    assert settings.engine_key == ENGINE_KEY and not settings.docs
     port = int(gateway["ports"][0]["containerPort"])
     assert (settings.host, settings.port, settings.home) == ("0.0.0.0", port, Path("/data"))
     assert settings.admin_enabled
@@ -162,8 +177,9 @@ def test_gateway_env_is_read_by_the_real_settings(
         if key.startswith("FEDPERSONA_"):
             monkeypatch.delenv(key)
     for key, value in env_map(vllm).items():
-        if key.startswith("FEDPERSONA_ENGINE__"):
+        if key.startswith("FEDPERSONA_ENGINE__") and isinstance(value, str):
             monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FEDPERSONA_ENGINE__API_KEY", ENGINE_KEY)
     engine = EngineSettings.model_validate(Settings(environment="development").engine)
     ignore = {"url", "host", "port"}
     assert settings.engine.model_dump(exclude=ignore) == engine.model_dump(exclude=ignore)

@@ -155,9 +155,13 @@ def test_existing_secrets_are_referenced_never_inlined(helm_bin: Path) -> None:
             "password": sentinel_password,
         },
         "roundSchedule": {"enabled": True},
+        "vllm": {"apiKey": {"existingSecret": "ops-engine", "existingSecretKey": "e"}},
     }
     rendered = render(helm_bin, values=values)
     assert rendered.all("Secret") == []
+    engine_ref = {"secretKeyRef": {"name": "ops-engine", "key": "e"}}
+    assert env_map(rendered.container("vllm"))["VLLM_API_KEY"] == engine_ref
+    assert env_map(rendered.container("gateway"))["FEDPERSONA_ENGINE__API_KEY"] == engine_ref
     assert sentinel_key not in rendered.text
     assert sentinel_password not in rendered.text
     for component, kind in [
@@ -439,3 +443,22 @@ def test_every_container_is_non_root_with_a_writable_home(helm_bin: Path) -> Non
             assert home is not None, f"{where} runs {container['command'][0]} without HOME"
         if home is not None:
             assert any(home == m or home.startswith(m + "/") for m in mounts), where
+
+
+def test_engine_key_is_a_generated_secret_and_the_ingress_serves_only_the_api(
+    helm_bin: Path,
+) -> None:
+    rendered = render(helm_bin, values={"gateway": {"ingress": {"enabled": True}}})
+    secret = rendered.named("Secret", f"{RELEASE}-fedpersona-engine")
+    assert secret is not None and len(secret["data"]["engine-key"]) >= 48
+    ref = {"secretKeyRef": {"name": f"{RELEASE}-fedpersona-engine", "key": "engine-key"}}
+    vllm = rendered.container("vllm")
+    assert env_map(vllm)["VLLM_API_KEY"] == ref
+    assert env_map(rendered.container("gateway"))["FEDPERSONA_ENGINE__API_KEY"] == ref
+    args = vllm["args"]
+    assert args[args.index("--middleware") + 1] == "fedpersona.service.engine.guard.EngineKeyGuard"
+    assert "--api-key" not in args  # never on a command line
+    ingress = rendered.all("Ingress")[0]
+    paths = [p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert paths == ["/v1"]  # not /metrics, /docs, /admin or the probes
+    assert env_map(rendered.container("gateway"))["FEDPERSONA_DOCS"] == "false"

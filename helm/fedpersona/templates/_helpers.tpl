@@ -104,6 +104,22 @@ imagePullSecrets:
 {{- ternary .Values.auth.existingSecretKey "admin-key" (ne .Values.auth.existingSecret "") }}
 {{- end }}
 
+{{/* The engine key shared by the gateway and vLLM: the chart's Secret unless one is named. */}}
+{{- define "fedpersona.engineSecretName" -}}
+{{- default (printf "%s-engine" (include "fedpersona.fullname" .)) .Values.vllm.apiKey.existingSecret }}
+{{- end }}
+
+{{- define "fedpersona.engineSecretKey" -}}
+{{- ternary .Values.vllm.apiKey.existingSecretKey "engine-key" (ne .Values.vllm.apiKey.existingSecret "") }}
+{{- end }}
+
+{{- define "fedpersona.engineKeyRef" -}}
+valueFrom:
+  secretKeyRef:
+    name: {{ include "fedpersona.engineSecretName" . }}
+    key: {{ include "fedpersona.engineSecretKey" . }}
+{{- end }}
+
 {{- define "fedpersona.registrySecretName" -}}
 {{- if .Values.registryCredentials.existingSecret }}
 {{- .Values.registryCredentials.existingSecret }}
@@ -185,6 +201,9 @@ as the engine's extra args, after the flags the engine owns.
 - --port
 - {{ $v.port | int | quote }}
 - --disable-uvicorn-access-log
+# Every path but GET /health and /metrics needs the engine key (VLLM_API_KEY below).
+- --middleware
+- fedpersona.service.engine.guard.EngineKeyGuard
 {{- if .Values.proxyTuning.enabled }}
 - --logits-processors
 - {{ .Values.proxyTuning.processor | quote }}
@@ -217,6 +236,8 @@ match the vLLM flags above. The gateway reads them; on the vLLM container they m
 */}}
 {{- define "fedpersona.engineSettingsEnv" -}}
 {{- $v := .Values.vllm -}}
+- name: FEDPERSONA_ENGINE__API_KEY
+  {{- include "fedpersona.engineKeyRef" . | nindent 2 }}
 - name: FEDPERSONA_ENGINE__MODEL_DIR
   value: {{ include "fedpersona.modelDir" . | quote }}
 - name: FEDPERSONA_ENGINE__SERVED_MODEL_NAME
@@ -313,6 +334,9 @@ The vLLM server's environment. Same variables and values as fedpersona.service.e
 (tests/helm compares the two), plus cache locations on a writable volume.
 */}}
 {{- define "fedpersona.vllmEnv" -}}
+# vLLM's API key, read by its own check and by the fedpersona guard (never on the command line).
+- name: VLLM_API_KEY
+  {{- include "fedpersona.engineKeyRef" . | nindent 2 }}
 - name: VLLM_ALLOW_RUNTIME_LORA_UPDATING
   value: "True"
 - name: VLLM_CPU_KVCACHE_SPACE
