@@ -18,7 +18,7 @@ and the Flower CLI's configuration; it starts nothing by itself except in `submi
 A SuperNode's node config says whom it trains for (`user`, `silo`, and optionally `store` and
 `base-model` where that device sees them elsewhere). Traps this module handles: the SuperLink
 starts `flower-superexec` from `PATH` (so the venv's `bin` must be on it), the processes the
-SuperNodes start must be able to import `trainer` (installed, or on `PYTHONPATH`), and the `flwr`
+SuperNodes start must be able to import `fedpersona` (installed), and the `flwr`
 CLI keeps its configuration under `$FLWR_HOME` (default `~/.flwr`), which `flwr_env` points at
 a directory of ours.
 
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent / "flwr_app"
 CONNECTION = "fedpersona"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -78,10 +77,13 @@ def bin_dir() -> Path:
 
 
 def flwr_env(flwr_home: Path, *, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for Flower processes: venv bin on PATH, trainer importable, own FLWR_HOME."""
+    """The environment for Flower processes: venv bin on PATH, own FLWR_HOME.
+
+    fedpersona itself must be installed (editable or as a wheel) where those processes run:
+    nothing of the checkout goes on PYTHONPATH, which would expose its folders under bare names.
+    """
     env = dict(os.environ if base is None else base)
     env["PATH"] = f"{bin_dir()}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     env["FLWR_HOME"] = str(flwr_home)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     return env
