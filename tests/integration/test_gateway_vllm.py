@@ -208,3 +208,35 @@ def test_engine_crash_is_survived(gateway: GatewayUnderTest) -> None:
     assert supervisor.pid != pid
     assert gateway.manager.loaded == []  # the restart made the manager forget
     assert ask(gateway, "alice") == before  # reloaded into the new engine, same answer
+
+
+# ---- the engine's door (issue: vLLM answered anyone on its port) ------------------------------
+
+
+def test_the_engine_answers_only_its_gateway(gateway: GatewayUnderTest) -> None:
+    """Without the engine key nothing but probes and metrics: not the adapter list, not runtime
+    LoRA loading, not chat, not the routes vLLM's own --api-key leaves open."""
+    base = gateway.vllm.base_url
+    victim = (
+        served_name(gateway, "alice")
+        if gateway.store.current(Slot.user_served("alice"))
+        else "anything"
+    )
+    attempts = [
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/load_lora_adapter", {"lora_name": "stolen", "lora_path": "/tmp"}),
+        ("POST", "/v1/chat/completions", {"model": victim, "messages": PROMPT}),
+        ("POST", "/invocations", {"model": victim, "messages": PROMPT}),
+        ("POST", "/tokenize", {"model": gateway.vllm.model, "prompt": "x"}),
+        ("POST", "/pause", None),
+        ("GET", "/version", None),
+    ]
+    for method, path, body in attempts:
+        for headers in ({}, {"Authorization": "Bearer not-the-key"}):
+            response = httpx.request(method, base + path, json=body, headers=headers, timeout=30)
+            assert response.status_code == 401, (method, path, response.text[:200])
+    assert httpx.get(base + "/health", timeout=30).status_code == 200
+    assert "vllm:" in httpx.get(base + "/metrics", timeout=30).text
+    keyed = httpx.get(base + "/v1/models", headers=gateway.vllm.headers, timeout=30)
+    assert keyed.status_code == 200
+    assert ask(gateway, "bob")  # and the gateway, which has the key, serves as before
