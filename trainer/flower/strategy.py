@@ -200,6 +200,7 @@ class MethodStrategy(Strategy):
                 bytes_up=payload_bytes(r.content),
                 bytes_down=self._book.bytes_down[p.node_id],
                 train_loss=p.metrics.get(TRAIN_LOSS),
+                metrics={k: v for k, v in p.metrics.items() if np.isfinite(v)},
             )
             for p, r in admitted
         ]

@@ -148,6 +148,9 @@ class ClientRound(BaseModel):
     bytes_up: int
     bytes_down: int
     train_loss: float | None = None
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="what the client reported (e.g. reward-mix for pfit)"
+    )
 
 
 class RoundRecord(BaseModel):
