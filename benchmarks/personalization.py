@@ -224,6 +224,7 @@ def save_plots(summary: dict[str, Any], users: list[str], stem: Path) -> list[Pa
             ax.plot(list(curve), list(curve.values()), marker="o", label=m)
     if "base" in mean:
         ax.axhline(mean["base"], color="black", linestyle=":", label="base")
+    ax.set_xticks(sorted({k for curve in summary["convergence"].values() for k in curve}))
     ax.set_xlabel("round")
     ax.set_ylabel("mean held-out perplexity of the served adapters")
     ax.set_title("convergence per round")
