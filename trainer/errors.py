@@ -82,11 +82,6 @@ class WireFormatError(TrainerError, ValueError):
     """A Flower message's packed parameters that cannot be read (truncated, bad index)."""
 
 
-class StateMismatch(TrainerError, ValueError):
-    """A user's saved personal state was trained with another base model or other method
-    settings than the run that would resume from it; the message names the file to remove."""
-
-
 class RewardModelError(TrainerError, ValueError):
     """A reward model directory that cannot be used (missing, not a one-output sequence
     classifier), or a user's reward preferences file that is malformed or out of range."""

@@ -1,12 +1,13 @@
-"""Client state cannot leak between runs or across base models and method settings."""
+"""Client state cannot leak between runs, nor across base models and method settings (a
+mismatched state is reset with a warning, never loaded)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fedpersona.trainer.errors import StateMismatch
 from fedpersona.trainer.flower.client_state import ClientState, binding_of
 from fedpersona.trainer.methods import LoraSpec, get_method
 from fedpersona.trainer.models.basemodel import ModelInfo
@@ -41,24 +42,37 @@ def test_a_fresh_run_never_reads_an_earlier_runs_state(tmp_path: Path) -> None:
     assert _state(tmp_path, resume=False, personal_round=True).load() == {}
 
 
-def test_state_of_another_base_model_is_refused_with_how_to_fix(tmp_path: Path) -> None:
+def test_state_of_another_base_model_resets_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _state(tmp_path).save(STATE)
-    with pytest.raises(StateMismatch, match="base model 'micro'") as info:
-        _state(tmp_path, model=SMOL).load()
-    assert "pftt-state.npz" in str(info.value) and "--no-resume" in str(info.value)
+    with caplog.at_level(logging.WARNING):
+        assert _state(tmp_path, model=SMOL).load() == {}
+    assert "pftt-state.npz" in caplog.text and "base model 'micro'" in caplog.text
+    assert "base model 'smol'" in caplog.text
+    # Its first save binds the file to the new model; the old state is gone.
+    fresh = _state(tmp_path, model=SMOL)
+    fresh.save({})
+    assert _state(tmp_path, model=SMOL).load() == {}
 
 
-def test_state_of_other_method_settings_is_refused(tmp_path: Path) -> None:
+def test_state_of_other_method_settings_resets(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _state(tmp_path).save(STATE)
-    with pytest.raises(StateMismatch, match="personal_round"):
-        _state(tmp_path, personal_round=True).load()
+    with caplog.at_level(logging.WARNING):
+        assert _state(tmp_path, personal_round=True).load() == {}
+    assert "personal_round" in caplog.text
 
 
-def test_unbound_state_from_an_older_version_is_refused(tmp_path: Path) -> None:
+def test_unbound_state_from_an_older_version_resets(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _state(tmp_path).save(STATE)
     (tmp_path / ".fedpersona" / "pftt-state.json").unlink()
-    with pytest.raises(StateMismatch, match="no binding file"):
-        _state(tmp_path).load()
+    with caplog.at_level(logging.WARNING):
+        assert _state(tmp_path).load() == {}
+    assert "no binding file" in caplog.text
 
 
 def test_within_a_run_the_context_wins(tmp_path: Path) -> None:

@@ -6,9 +6,10 @@ base model (name and recipe hash) and the method's settings (`method_settings`) 
 with. A run reads the silo's state only when it resumes (`RunConfig.resume`) and the binding
 matches; a run that does not resume starts every user from the method's seeded initialization
 (what `fedpersona eval` and the benchmark do, so no method of a comparison inherits an earlier
-run's personal adapters); a resuming run whose binding does not match stops with
-`StateMismatch`, which names the file to remove (or says to train with `--no-resume`), rather
-than silently training another model's or another setting's parameters.
+run's personal adapters); a resuming run whose binding does not match resets that user's state
+(the user starts from the method's initialization, as the global checkpoint does when its shapes
+changed) and logs a warning that names the file and both bindings, rather than loading another
+model's or another setting's parameters into this run's LoRAs.
 
 This module knows the silo layout of client state and Flower's `Context`; nothing about what a
 method keeps.
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedpersona.trainer.errors import StateMismatch
 from fedpersona.trainer.flower.packing import pack, unpack
 from fedpersona.trainer.methods.base import Method, Params, method_settings
 from fedpersona.trainer.models.basemodel import ModelInfo
@@ -96,12 +96,14 @@ class ClientState:
             return {}
         found = self._stored_binding()
         if found != self.binding:
-            raise StateMismatch(
-                f"{self.file} holds personal state trained with {_describe(found)}, but this "
-                f"run trains {_describe(self.binding)}; remove {self.file} (and "
-                f"{self.binding_file.name}) to start this user afresh, or train without resuming "
-                "(`fedpersona train --no-resume`)"
+            log.warning(
+                "%s holds personal state trained with %s, but this run trains %s: this user "
+                "starts afresh (the file is replaced after their first round)",
+                self.file,
+                _describe(found),
+                _describe(self.binding),
             )
+            return {}
         return load_params(self.file)
 
     def save(self, state: Params) -> None:
