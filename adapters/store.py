@@ -9,6 +9,8 @@ Layout below the store root (one directory tree; on Kubernetes a ReadWriteMany v
     slots/<slot path>/current.json      {"version": "<id>"}: the version to serve
     .staging/<slot key>/<random>/       versions being written (slot key: path with "/" -> ".")
     .trash/                             versions being deleted by retention
+    .quarantine/<user>.<stamp>.<label>/ a deleted user's slots (served, personal, expert),
+                                        moved out whole by `quarantine_user`; never read again
     .locks/<slot key>.lock              one flock per slot, held by its publisher
 
 A version id is the first 16 hex digits of a SHA-256 over the adapter files' names and bytes,
@@ -39,6 +41,12 @@ reads, never loads them. `current_id` is the cheap "has this slot's current vers
 check: `current.json` is always replaced by `os.replace` (a new inode), so one `stat` tells
 whether the id read last time is still current.
 
+Quarantining a user (`quarantine_user`, when the gateway deletes them) takes the locks of the
+user's three slots, so no publish is half done, and renames `slots/users/<user>` into
+`.quarantine/` in one step: readers see the slots whole or gone, and the name starts from an
+empty store. Nothing here reads `.quarantine/` again; an operator removes it when no longer
+needed for an audit.
+
 Locks are `fcntl.flock`, which works between processes on one machine and on most local
 filesystems; on network filesystems without flock support run one publisher per slot.
 Test hook: if the environment variable `FEDPERSONA_STORE_TEST_STEP_DELAY` is set to a number
@@ -58,6 +66,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,7 +80,7 @@ from fedpersona.adapters.errors import (
     StoreCorrupt,
 )
 from fedpersona.adapters.limits import MAX_LORA_RANK
-from fedpersona.adapters.names import Slot
+from fedpersona.adapters.names import Slot, validate_adapter_name
 from fedpersona.adapters.version import (
     VERSION_FILE,
     Version,
@@ -118,6 +127,7 @@ class AdapterStore:
         self._staging = self.root / ".staging"
         self._trash = self.root / ".trash"
         self._locks = self.root / ".locks"
+        self._quarantine = self.root / ".quarantine"
         self.read_only = read_only
         # slot path -> (stat stamp of its current.json, the version id it named)
         self._current_ids: dict[str, tuple[tuple[int, int, int], str]] = {}
@@ -356,6 +366,41 @@ class AdapterStore:
         fsync_dir(target.parent)
         return version_from_record(slot, target, record)
 
+    # ----------------------------------------------------------------------------- quarantine
+
+    def quarantine_user(self, user: str, *, label: str) -> Quarantined:
+        """Move every slot of `user` out of the store in one rename; return what was moved.
+
+        Under the locks of the user's slots, `slots/users/<user>` becomes
+        `.quarantine/<user>.<UTC stamp>.<label>`: nothing in it is served or listed again, and a
+        later publish for the same name starts an empty slot. `label` (e.g. the deleted user's
+        immutable id) makes the directory traceable; it must be a valid name. A user with no
+        slots leaves the store unchanged (`path` is None).
+        """
+        if self.read_only:
+            raise ReadOnlyStore(f"{self!r} is read-only: cannot quarantine user {user!r}")
+        slots = [Slot.user_served(user), Slot.user_personal(user), Slot.user_expert(user)]
+        validate_adapter_name(label)
+        user_dir = self._slots / "users" / user
+        with contextlib.ExitStack() as held:
+            for slot in slots:  # a fixed order; publishers hold one slot lock at a time
+                held.enter_context(self._lock(slot))
+            if not user_dir.exists():
+                return Quarantined(user=user, slots=(), path=None)
+            had_versions = tuple(
+                s.path for s in slots if (self._slot_dir(s) / CURRENT_FILE).exists()
+            )
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            target = self._quarantine / f"{user}.{stamp}.{label}"
+            ensure_dir(self._quarantine)
+            os.rename(user_dir, target)
+            fsync_dir(user_dir.parent)
+            fsync_dir(self._quarantine)
+            for slot in slots:
+                self._current_ids.pop(slot.path, None)
+        logger.info("quarantined %s's slots %s into %s", user, had_versions, target)
+        return Quarantined(user=user, slots=had_versions, path=target)
+
     # ----------------------------------------------------------------------------- retention
 
     def _apply_retention(self, slot: Slot, *, keep: str) -> None:
@@ -425,6 +470,15 @@ class AdapterStore:
                     temp.unlink(missing_ok=True)
         for grave in list(self._trash.iterdir()):
             shutil.rmtree(grave, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """What `AdapterStore.quarantine_user` moved: slots that had a current version, and where."""
+
+    user: str
+    slots: tuple[str, ...]
+    path: Path | None
 
 
 def _read_manifest(manifest: Path) -> str | None:

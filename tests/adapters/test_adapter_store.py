@@ -443,3 +443,68 @@ def test_versions_are_hashable_values(tmp_path: Path) -> None:
     version = store.publish_lora(ALICE, make_adapter(seed=1, r=1), metadata={"a": [1, 2]})
     assert {version: 1}[store.current(ALICE)] == 1  # type: ignore[index]
     assert "AdapterStore(" in repr(store)
+
+
+# ---- quarantine ---------------------------------------------------------------------------
+
+
+def test_quarantine_moves_every_slot_of_a_user_out_of_serving(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    adapter = make_adapter(seed=1, r=1)
+    store.publish_lora(Slot.user_served("carol"), adapter)
+    store.publish_lora(Slot.user_personal("carol"), make_adapter(seed=2, r=1))
+    store.publish_lora(Slot.user_expert("carol"), make_adapter(seed=3, r=1, base_model="small"))
+    kept = store.publish_lora(Slot.user_served("alice"), adapter)
+    assert store.current_id(Slot.user_served("carol")) is not None  # cached id, dropped below
+
+    moved = store.quarantine_user("carol", label="u0123abcd")
+
+    assert moved.slots == ("users/carol/served", "users/carol/personal", "users/carol/expert")
+    assert moved.path is not None and moved.path.parent == tmp_path / ".quarantine"
+    assert moved.path.name.startswith("carol.") and moved.path.name.endswith(".u0123abcd")
+    assert (moved.path / "served" / "current.json").is_file()  # kept whole, for an audit
+    for slot in (Slot.user_served("carol"), Slot.user_personal("carol")):
+        assert store.current(slot) is None and store.current_id(slot) is None
+        assert store.versions(slot) == []
+    assert store.users() == ["alice"]
+    assert store.current(Slot.user_served("alice")) == kept
+    # a fresh reader (another process) sees the same; reopening does not bring anything back
+    assert AdapterStore(tmp_path, read_only=True).users() == ["alice"]
+    assert AdapterStore(tmp_path).users() == ["alice"]
+    # the name starts from an empty slot: its first version has seq 1 again
+    assert store.publish_lora(Slot.user_served("carol"), adapter).seq == 1
+
+
+def test_quarantine_of_a_user_without_slots_changes_nothing(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    moved = store.quarantine_user("nobody", label="u1")
+    assert moved.slots == () and moved.path is None
+    assert not (tmp_path / ".quarantine").exists()
+
+
+def test_quarantine_refuses_bad_names_and_read_only_stores(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    store.publish_lora(Slot.user_served("carol"), make_adapter(seed=1, r=1))
+    with pytest.raises(InvalidName):
+        store.quarantine_user("../carol", label="u1")
+    with pytest.raises(InvalidName):
+        store.quarantine_user("carol", label="../x")
+    with pytest.raises(ReadOnlyStore):
+        AdapterStore(tmp_path, read_only=True).quarantine_user("carol", label="u1")
+    assert store.users() == ["carol"]
+
+
+def test_quarantine_waits_for_a_publish_in_progress(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    store.publish_lora(Slot.user_served("carol"), make_adapter(seed=1, r=1))
+    done = threading.Event()
+    holder = AdapterStore(tmp_path)
+    with holder._lock(Slot.user_personal("carol")):  # a publisher mid-way on one slot
+        worker = threading.Thread(
+            target=lambda: (store.quarantine_user("carol", label="u1"), done.set())
+        )
+        worker.start()
+        assert not done.wait(0.3)
+        assert store.users() == ["carol"]
+    worker.join(5)
+    assert done.is_set() and store.users() == []
