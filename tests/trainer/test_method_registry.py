@@ -45,7 +45,9 @@ from flower_toy_method import ToyMethod, personal_state
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINER = REPO / "trainer"
-BUILT_IN = ("fedavg", "fedprox", "local", "pftt", "perfit", "fedpt", "fedavg-ft", "fedsa")
+BUILT_IN = (
+    "fedavg", "fedprox", "local", "pftt", "perfit", "fedpt", "fedavg-ft", "fedsa", "pfit", "fedrlhf"
+)  # fmt: skip
 
 
 def _parser(add: object) -> argparse.ArgumentParser:
@@ -78,7 +80,11 @@ def test_every_list_of_methods_is_the_registry() -> None:
     for name in names:
         assert RoundSpec(algorithm=name).algorithm == name
     assert _choices(_parser(train_cmd.add_arguments), "algorithm") == names
-    served = [n for n in names if Product.SERVED in behaviour_of(n).publishes]
+    served = [
+        n
+        for n in names
+        if Product.SERVED in behaviour_of(n).publishes and not behaviour_of(n).rewards
+    ]
     assert eval_cmd.evaluable_methods() == ("base", *served)
     assert _parser(eval_cmd.add_arguments).parse_args([]).methods == ("base", *served)
     # The Flower App config names every method, and lists exactly the run config's keys.

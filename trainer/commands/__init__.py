@@ -17,6 +17,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fedpersona.trainer.commands.model_import",
         "import a GGUF file or a Hugging Face directory as a served model",
     ),
+    "models rewards": (
+        "fedpersona.trainer.commands.rewards",
+        "build (or reuse) the default helpfulness and safety reward models (PFIT)",
+    ),
+    "reward-mix": (
+        "fedpersona.trainer.commands.reward_mix",
+        "show or set a user's PFIT reward mix lambda (helpfulness vs safety)",
+    ),
     "data shakespeare": (
         "fedpersona.trainer.data.shakespeare",
         "turn tinyshakespeare into per-speaker chat silos",

@@ -58,7 +58,11 @@ BASE = "base"  # the base model without an adapter: the reference every method i
 
 def evaluable_methods() -> tuple[str, ...]:
     """`base` and every registered method that serves each user a LoRA on the large model."""
-    served = tuple(n for n in method_names() if Product.SERVED in behaviour_of(n).publishes)
+    served = tuple(
+        n
+        for n in method_names()
+        if Product.SERVED in behaviour_of(n).publishes and not behaviour_of(n).rewards
+    )
     return (BASE, *served)
 
 

@@ -15,6 +15,8 @@ behaviour and never branch on a name. Built in:
 | pftt    | `pftt.Pftt`           | global LoRA (averaged) + personal LoRA, served composed    |
 | perfit  | `perfit.PerFit`       | expanded LoRA pruned to a personal sparse architecture     |
 | fedpt   | `fedpt.FedPT`         | FedAvg on the small model, published as proxy experts      |
+| pfit    | `pfit.Pfit`           | RLHF on each user's reward mix: sparse global + personal   |
+| fedrlhf | `pfit.FedRlhf`        | dense federated RLHF: one LoRA trained by RL, averaged     |
 
 `register` adds a method under a new name (the name is also its `global/adapters/<name>` slot,
 so it follows the store's adapter-name rule). Importing this package loads no training code.
@@ -45,6 +47,7 @@ from fedpersona.trainer.methods.fedpt import FedPT
 from fedpersona.trainer.methods.fedsa import FedSA
 from fedpersona.trainer.methods.local import LocalOnly
 from fedpersona.trainer.methods.perfit import PerFit
+from fedpersona.trainer.methods.pfit import FedRlhf, Pfit
 from fedpersona.trainer.methods.pftt import Pftt
 
 MethodFactory = Callable[..., Method]
@@ -107,6 +110,8 @@ register("perfit", PerFit)
 register("fedpt", FedPT)
 register("fedavg-ft", FedAvgFT)
 register("fedsa", FedSA)
+register("pfit", Pfit)
+register("fedrlhf", FedRlhf)
 
 __all__ = [
     "BaseRole",

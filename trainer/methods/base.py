@@ -152,6 +152,9 @@ class Behaviour:
     shares: Shares
     publishes: frozenset[Product]
     base_role: BaseRole
+    # Trained on reward models (RLHF, e.g. PFIT) rather than on the chats' likelihood: held-out
+    # perplexity does not measure it, so perplexity comparisons (`fedpersona eval`) leave it out.
+    rewards: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "publishes", frozenset(self.publishes))
