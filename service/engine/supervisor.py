@@ -23,7 +23,12 @@ and hands both to `fedpersona.service.http.app.create_app`, whose lifespan regis
 gate until then) and `supervisor.stop(shutdown_grace_s, wait_idle=engine.wait_idle)` at
 shutdown.
 
-This module does not know the OpenAI API or adapters; it knows processes and `/health`.
+A start that cannot succeed is not retried forever: a first start that dies, too many deaths in
+a row, or an engine port held by another process (checked before every spawn, so a gateway never
+reports ready on someone else's vLLM) make the state `FAILED`, and the callbacks registered with
+`on_failure` get the reason (`fedpersona serve` stops with it instead of answering 503 forever).
+
+This module does not know the OpenAI API or adapters; it knows processes, ports and `/health`.
 """
 
 from __future__ import annotations
@@ -36,11 +41,13 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 from fedpersona.service.engine.config import EngineLaunch
@@ -75,6 +82,33 @@ def log_tail(path: Path, lines: int = 30) -> str:
     except FileNotFoundError:
         return ""
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on `host:port` (a bind fails; TIME_WAIT leftovers do not
+    count, as the server binds with SO_REUSEADDR too)."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def launch_address(launch: EngineLaunch) -> tuple[str, int]:
+    """(host, port) the launch's server listens on, from its argv (else its base URL)."""
+    argv = launch.argv
+    url = urlsplit(launch.base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    for flag, i in ((a, i) for i, a in enumerate(argv[:-1])):
+        if flag == "--host":
+            host = argv[i + 1]
+        elif flag == "--port":
+            port = int(argv[i + 1])
+    return host, port
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
@@ -122,6 +156,7 @@ class EngineSupervisor:
         self._stopping = False
         self._failure: str | None = None
         self._listeners: list[Callable[[], None]] = []
+        self._failure_listeners: list[Callable[[str], None]] = []
         self._restarts = 0
         self.ready_after_s: float | None = None  # time the last start took to become ready
 
@@ -162,6 +197,16 @@ class EngineSupervisor:
     def on_restart(self, callback: Callable[[], None]) -> None:
         """Call `callback` each time the engine was restarted (it lost its loaded adapters)."""
         self._listeners.append(callback)
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` once when the supervisor gives up (state `FAILED`); the
+        reason ends with the last lines of vLLM's log."""
+        self._failure_listeners.append(callback)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the supervisor gave up (None unless `FAILED`)."""
+        return self._failure
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -218,6 +263,14 @@ class EngineSupervisor:
         ever_ready = False
         failures_in_a_row = 0
         while not self._stopping:
+            host, port = launch_address(self.launch)
+            if port_in_use(host, port):
+                self._fail(
+                    f"the engine port {host}:{port} is already in use by another process "
+                    "(another gateway's vLLM?); this gateway would talk to it, not to its own",
+                    with_log=False,
+                )
+                return
             proc = await self._spawn()
             became_ready = await self._wait_healthy(proc)
             if became_ready:
@@ -312,12 +365,15 @@ class EngineSupervisor:
         if not self._stopping:
             await proc.wait()
 
-    def _fail(self, reason: str) -> None:
-        tail = log_tail(self.log_path)
-        self._failure = f"{reason}. Last lines of {self.log_path}:\n{tail}"
+    def _fail(self, reason: str, *, with_log: bool = True) -> None:
+        tail = log_tail(self.log_path) if with_log else ""
+        self._failure = f"{reason}. Last lines of {self.log_path}:\n{tail}" if tail else reason
         self._state = EngineState.FAILED
         self._settled.set()
-        logger.error("%s", self._failure)
+        if not self._failure_listeners:  # a listener reports it (once) itself
+            logger.error("%s", self._failure)
+        for callback in self._failure_listeners:
+            callback(self._failure)
 
     # -- stopping --------------------------------------------------------------------------
 

@@ -14,6 +14,13 @@ lock for the whole run, and prints the run record as a table (and as JSON with `
 controller starts this same module as its child (`python -m fedpersona.trainer.commands.train
 --run-id ...`)
 after writing a queued record; that is the only use of `--run-id`.
+
+Before Flower or Ray start, `preflight` checks what would fail the run for sure: the base model
+must exist ("run `fedpersona models bootstrap`") and every user's silo must parse. A bad silo
+line fails the whole run fast, before any training, listing each bad file as `file:line: what
+is wrong`; the other users are not trained either (a round of a subset would silently change
+who the global adapter is averaged over). Exit codes: 0 succeeded, 2 input error (nothing ran),
+1 the run failed.
 """
 
 from __future__ import annotations
@@ -28,9 +35,12 @@ from pathlib import Path
 
 from fedpersona.adapters import MAX_LORA_RANK
 from fedpersona.adapters import home as adapters_home
+from fedpersona.adapters.home import Home
 from fedpersona.trainer.commands.spec_args import add_spec_arguments, spec_from_args
-from fedpersona.trainer.errors import TrainerError
+from fedpersona.trainer.data.validation import check_silos
+from fedpersona.trainer.errors import DataError, TrainerError
 from fedpersona.trainer.flower.runconfig import config_of
+from fedpersona.trainer.methods import behaviour_of
 from fedpersona.trainer.rounds.lock import RunLock, resolve_users
 from fedpersona.trainer.rounds.records import RunRecords, RunState, RunStatus, utcnow
 
@@ -72,10 +82,6 @@ def resolve_home(home: Path | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedpersona.trainer.flower.simulation import (
-        simulate,
-    )  # imports Flower and Ray: only when training
-
     home = resolve_home(args.home)
     runs_dir = (args.runs_dir or home / "runs").resolve()
     records = RunRecords(runs_dir)
@@ -92,6 +98,13 @@ def run(args: argparse.Namespace) -> int:
             else:
                 users = resolve_users(home, spec.users)
             status = None
+        preflight(
+            home,
+            algorithm=spec.algorithm,
+            users=users,
+            base_model=args.base_model,
+            silos=not args.superlink,
+        )
         with RunLock(runs_dir):
             if status is None:
                 status = records.create(spec, users=users)
@@ -116,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
                     log_file=runs_dir / f"{status.id}.flwr.log",
                 )
             else:
+                # Imports Flower and Ray: only once the run is known to be able to start.
+                from fedpersona.trainer.flower.simulation import simulate
+
                 final = simulate(config, cpus=args.cpus)
     except (TrainerError, ValueError) as e:
         if args.run_id:
@@ -124,6 +140,26 @@ def run(args: argparse.Namespace) -> int:
         return 2
     _report(final, as_json=args.json)
     return 0 if final.state == RunState.succeeded else 1
+
+
+def preflight(
+    home: Path, *, algorithm: str, users: Sequence[str], base_model: Path | None, silos: bool
+) -> None:
+    """Raise `DataError` for what would fail the run for sure (no Flower, no Ray, no model
+    loaded): a missing base model, or any bad silo line (all of them, one per line)."""
+    layout = Home(home)
+    model = base_model or layout.model(behaviour_of(algorithm).base_role.value)
+    if not (Path(model) / "config.json").is_file():
+        raise DataError(
+            f"no base model at {model}: run `fedpersona models bootstrap` first "
+            "(or pass --base-model DIR)"
+        )
+    if silos:
+        problems = check_silos({user: layout.silo(user) for user in users})
+        if problems:
+            raise DataError(
+                f"{len(problems)} bad silo file(s); nothing was trained:\n" + "\n".join(problems)
+            )
 
 
 def _mark_failed(records: RunRecords, run_id: str, error: Exception) -> None:
