@@ -10,6 +10,7 @@ this module knows nothing about models or methods.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from fedpersona.trainer.errors import DataError
@@ -47,3 +48,25 @@ def carve(
         (target / "eval.jsonl").write_text("\n".join(validation) + "\n", encoding="utf-8")
         result[user] = target
     return result
+
+
+def check_silos(silos: Mapping[str, Path]) -> list[str]:
+    """Every user's silo checked before a round: one `file:line: what is wrong` per bad file.
+
+    `silos` maps user -> silo directory. Both splits are read in full with the silo reader's
+    own checks (`read_chats`), so a problem that would fail a client mid-round is found before
+    any training starts; a file with no chat is a problem too. Empty list: all usable.
+    """
+    # The silo reader pulls in torch; only a round's pre-flight needs it here.
+    from fedpersona.trainer.data.silo import SPLITS, read_chats, silo_file
+
+    problems = []
+    for user, silo in silos.items():
+        for split in SPLITS:
+            path = silo_file(silo, split)
+            try:
+                if not read_chats(path):
+                    problems.append(f"{path}: no chat (user {user} has nothing to {split} on)")
+            except DataError as e:
+                problems.append(str(e))
+    return problems
