@@ -18,6 +18,7 @@ from typing import Literal
 from fedpersona.adapters.home import DEFAULT_HOME, HOME_ENV, Home
 from fedpersona.adapters.limits import MAX_LORA_RANK, check_engine_rank
 from fedpersona.service.engine.config import EngineSettings
+from fedpersona.service.engine.replicas import parse_host_port
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -137,6 +138,32 @@ class Settings(BaseSettings):
 
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
+    replicas: list[str] = Field(
+        default_factory=list,
+        description="base URLs of several vLLM replicas (JSON list); set: users are routed by "
+        "adapter affinity with failover, and no engine is supervised",
+    )
+    replicas_dns: str | None = Field(
+        default=None,
+        description="host:port of a headless Service whose A records are the vLLM replicas "
+        "(re-resolved every replicas_refresh_s)",
+    )
+    replicas_refresh_s: float = Field(
+        default=5.0, gt=0, description="how often replicas are probed and DNS re-resolved"
+    )
+    replicas_load_factor: float = Field(
+        default=1.25,
+        ge=1.0,
+        description="a replica takes a user's request while its load is below this times the "
+        "average (bounded-load rendezvous hashing)",
+    )
+    adapter_unload_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="a superseded adapter version stays registered this long after its last "
+        "request (other gateways sharing the engine may still send it)",
+    )
+
     @model_validator(mode="after")
     def _refuse_weak_admin_key(self) -> Settings:
         key = self.admin_key.get_secret_value()
@@ -161,6 +188,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _replicas_are_external(self) -> Settings:
+        if self.replicas_dns is not None:
+            parse_host_port(self.replicas_dns)
+        if self.replica_routing and self.engine.supervised:
+            # Replicas run on their own: nothing to supervise, and the key is required below.
+            first = self.replicas[0] if self.replicas else f"http://{self.replicas_dns}"
+            self.engine = self.engine.model_copy(update={"url": first})
+        return self
+
+    @model_validator(mode="after")
     def _external_engine_has_a_key(self) -> Settings:
         if self.environment == "production" and not self.engine.supervised and not self.engine_key:
             raise ValueError(
@@ -181,6 +218,11 @@ class Settings(BaseSettings):
         """The key sent to a separately run engine (None: none configured)."""
         key = self.engine.api_key
         return key.get_secret_value() or None if key is not None else None
+
+    @property
+    def replica_routing(self) -> bool:
+        """True when several vLLM replicas are configured (a list or a DNS name)."""
+        return bool(self.replicas) or self.replicas_dns is not None
 
     @property
     def admin_enabled(self) -> bool:

@@ -6,8 +6,23 @@ version is served from the next request on, with no restart), makes sure vLLM ha
 under the name `engine_adapter_name(user, version id)` (`u-<user>-<version id>`, owned by
 `fedpersona.adapters.refs`), and pins it until the request
 (including a whole stream) ends. Versions a user no longer serves are unloaded once nothing uses
-them; at most `max_loaded` adapters stay registered, the least recently used idle one being
-evicted first. A lock per adapter name makes concurrent first requests load it once.
+them. A lock per adapter name makes concurrent first requests load it once.
+
+Capacity is vLLM's business: a registration is a name and a path, the weights live in vLLM's
+own LRU cache (`--max-cpu-loras`, above the `--max-loras` batch slots), which loads them again
+from the path when an evicted adapter is asked for. So with the default `max_loaded=None` this
+manager never unloads an adapter to make room, and the only adapters it ever unloads are
+versions a user no longer serves (superseded), `unload_grace_s` after they went idle. That is
+what makes one engine safe to share between gateway replicas: adapter names are content
+hashes, so every gateway loads the same name for the same version, and no gateway removes a
+version another one may still be sending (by the time the grace has passed, every gateway reads
+the newer version from the store on its next request). `max_loaded` (an engine this gateway
+alone uses, e.g. the embedded one) additionally bounds the names registered, evicting the least
+recently used idle one first.
+
+Start-up reconciliation (`start`): a gateway joining a running engine reads `/v1/models`,
+adopts the adapters that are some user's current version (no reload) and unloads, after the
+grace, those that are superseded. Names that are not `u-<user>-<id>` are left alone.
 
 Invariant: a name is in `_loaded` only while vLLM has it registered (as far as we know). A load
 that fails leaves no entry; an unload removes the entry before it talks to vLLM, under the same
@@ -36,7 +51,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedpersona.adapters import AdapterError, AdapterStore, Slot, SlotKind, Version
-from fedpersona.adapters.refs import engine_adapter_name
+from fedpersona.adapters.errors import InvalidName
+from fedpersona.adapters.refs import engine_adapter_name, parse_engine_adapter_name
 from fedpersona.service.errors import AdapterLoadFailed, EngineRequestError, EngineUnavailable
 
 if TYPE_CHECKING:
@@ -65,12 +81,20 @@ class AdapterManager:
         *,
         store: AdapterStore,
         engine: EngineClient,
-        max_loaded: int,
+        max_loaded: int | None = None,
         metrics: Metrics | None = None,
         cold_start_method: str | None = None,
+        unload_grace_s: float = 0.0,
     ) -> None:
-        if max_loaded < 1:
+        """`max_loaded`: most adapters kept registered (None: no bound here, vLLM's LRU bounds
+        memory; set it only for an engine no other gateway uses). `unload_grace_s`: how long a
+        superseded version stays registered after its last request here (other gateways may
+        not have read the newer version yet)."""
+        if max_loaded is not None and max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
+        if unload_grace_s < 0:
+            raise ValueError(f"unload_grace_s must be >= 0, got {unload_grace_s}")
+        self._grace_s = unload_grace_s
         self._cold_slot = (
             None if cold_start_method is None else Slot.global_adapter(cold_start_method)
         )
@@ -86,6 +110,7 @@ class AdapterManager:
         # Locks live only while someone holds or waits on them (thousands of users, few active).
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._delayed: set[asyncio.Task[None]] = set()  # superseded unloads waiting for grace
         self._generation = 0
         # user -> the served version read last time (re-read only when its id changed)
         self._versions: dict[str, Version] = {}
@@ -106,6 +131,14 @@ class AdapterManager:
         """
         return self._use(user_id)
 
+    def invalidate(self, name: str) -> None:
+        """The engine answered 404 for `name`: forget it (the next `use` loads it again, in
+        place)."""
+        entry = self._loaded.get(name)
+        if entry is not None:
+            self._forget(entry)
+        self._stale.add(name)
+
     def reset(self) -> None:
         """Forget everything loaded: the engine restarted and lost its adapters."""
         self._generation += 1
@@ -116,8 +149,49 @@ class AdapterManager:
         if dropped:
             logger.info("engine restarted: forgot %d loaded adapters", dropped)
 
+    async def start(self) -> None:
+        """Reconcile with what the engine already holds (a gateway joining a shared engine).
+
+        Adopts every `u-<user>-<id>` that is `user`'s current version, unloads (after the grace)
+        the ones that are not; an engine that cannot be asked is left as it is."""
+        try:
+            names = await self._engine.models()
+        except (EngineUnavailable, EngineRequestError) as e:
+            logger.warning("could not list the engine's adapters at start-up: %s", e)
+            return
+        adopted = superseded = 0
+        for name in names:
+            try:
+                user, version_id = parse_engine_adapter_name(name)
+            except InvalidName:
+                continue  # the base model, or a name this gateway does not manage
+            if name in self._loaded:
+                continue
+            try:
+                current = self._current(user)
+            except AdapterLoadFailed:
+                continue  # unreadable store entry: leave the engine alone
+            entry = _Loaded(name=name, user=user, generation=self._generation)
+            self._loaded[name] = entry
+            if current is not None and current.id == version_id:
+                self._newest[user] = name
+                adopted += 1
+            else:
+                entry.superseded = True
+                self._spawn(self._unload_later(entry))
+                superseded += 1
+        logger.info(
+            "engine holds %d adapters: adopted %d current, unloading %d superseded",
+            adopted + superseded,
+            adopted,
+            superseded,
+        )
+
     async def aclose(self) -> None:
-        """Wait for background unloads to finish (at shutdown)."""
+        """Wait for background unloads to finish (at shutdown); delayed ones are dropped (the
+        next gateway to start reconciles them)."""
+        for task in self._delayed:
+            task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -207,7 +281,7 @@ class AdapterManager:
             if old is not None:
                 old.superseded = True
                 if old.refs == 0:
-                    self._spawn(self._unload(old, evicted=False))
+                    self._spawn(self._unload_later(old))
         return entry
 
     def _release(self, entry: _Loaded) -> None:
@@ -215,8 +289,8 @@ class AdapterManager:
         if entry.refs > 0 or self._loaded.get(entry.name) is not entry:
             return
         if entry.superseded:
-            self._spawn(self._unload(entry, evicted=False))
-        elif len(self._loaded) > self._max_loaded:
+            self._spawn(self._unload_later(entry))
+        elif self._max_loaded is not None and len(self._loaded) > self._max_loaded:
             self._spawn(self._trim())
 
     def _forget(self, entry: _Loaded) -> None:
@@ -265,7 +339,9 @@ class AdapterManager:
 
     async def _make_room(self, user: str) -> None:
         """Evict idle adapters until one more fits: first the version `user` is leaving, then
-        the least recently used."""
+        the least recently used. Nothing to do without a bound (vLLM's LRU makes room)."""
+        if self._max_loaded is None:
+            return
         previous = self._loaded.get(self._newest.get(user, ""))
         if len(self._loaded) >= self._max_loaded and previous is not None and previous.refs == 0:
             await self._unload(previous, evicted=False)
@@ -281,11 +357,25 @@ class AdapterManager:
             await self._unload(victim, evicted=True)
 
     async def _trim(self) -> None:
-        while len(self._loaded) > self._max_loaded:
+        while self._max_loaded is not None and len(self._loaded) > self._max_loaded:
             victim = next((e for e in self._loaded.values() if e.refs == 0), None)
             if victim is None:
                 return
             await self._unload(victim, evicted=True)
+
+    async def _unload_later(self, entry: _Loaded) -> None:
+        """Unload a superseded version once the grace has passed, if it is still superseded
+        and idle then (a rollback may have made it current again)."""
+        if self._grace_s > 0:
+            task = asyncio.current_task()
+            assert task is not None
+            self._delayed.add(task)
+            try:
+                await asyncio.sleep(self._grace_s)
+            finally:
+                self._delayed.discard(task)
+        if entry.superseded:
+            await self._unload(entry, evicted=False)
 
     async def _unload(self, entry: _Loaded, *, evicted: bool) -> None:
         """Unload `entry` if it is still registered and idle; otherwise do nothing."""

@@ -80,6 +80,14 @@ def create_app(
     registry = registry or Registry(
         settings.registry_file, default_alpha=settings.proxy_alpha_default
     )
+    reconcile = adapters is None and not settings.engine.supervised
+    unused: Engine | None = None
+    if settings.replica_routing and adapters is None:
+        from fedpersona.service.engine.wiring import build_replica_set
+
+        if engine is not None:
+            unused = engine  # built for engine.url by a caller that does not know of replicas
+        engine = adapters = build_replica_set(settings, store=store, metrics=metrics)
     if engine is None:
         from fedpersona.service.engine.client import EngineClient
 
@@ -89,14 +97,9 @@ def create_app(
             request_timeout_s=settings.engine.request_timeout_s,
         )
     if adapters is None:
-        from fedpersona.service.engine.adapters import AdapterManager
+        from fedpersona.service.engine.wiring import build_adapter_manager
 
-        adapters = AdapterManager(
-            store=store,
-            engine=engine,  # type: ignore[arg-type]
-            max_loaded=settings.engine.max_cpu_loras,
-            metrics=metrics,
-        )
+        adapters = build_adapter_manager(settings, store=store, engine=engine, metrics=metrics)
     chat_service = ChatService(
         config=ChatConfig(
             personal_alias=settings.personal_alias,
@@ -132,6 +135,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         watcher: asyncio.Task[None] | None = None
+        if reconcile:  # a shared, separately run engine: adopt what it already holds
+            await adapters.start()
         if supervisor is not None:
             reset = getattr(adapters, "reset", None)
             if reset is not None:
@@ -153,6 +158,8 @@ def create_app(
             if close is not None:
                 await close()
             await engine.aclose()  # the app owns the engine client it was given
+            if unused is not None:
+                await unused.aclose()
 
     app = FastAPI(
         title="fedpersona gateway",

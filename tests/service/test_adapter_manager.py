@@ -426,3 +426,161 @@ def test_cold_start_through_the_gateway(make_gateway: Any) -> None:
     assert response.json()["model"] == "personal"
     assert gw.engine.last["model"] == adapter_name("carol", glob.id)
     assert gw.engine.loaded[adapter_name("carol", glob.id)] == str(glob.path)
+
+
+# --------------------------------------------------------------------------- shared engines
+
+
+def test_two_gateways_on_one_engine_never_evict_each_others_adapters(tmp_path: Path) -> None:
+    """Reproduces the cross-gateway eviction: with a per-gateway LRU bound, gateway B serving
+    other users unloads alice's adapter from the shared engine and gateway A's next alice
+    request fails (503). A gateway on a separately run engine leaves capacity to vLLM's LRU."""
+    from fake_engine import FakeEngine
+    from fastapi.testclient import TestClient
+    from fedpersona.service.http.app import create_app
+    from fedpersona.service.registry import Registry
+    from gateway_harness import make_settings
+
+    store = AdapterStore(tmp_path / "store", max_rank=16)
+    users = ("alice", "bob", "carol", "dave")
+    for i, user in enumerate(users):
+        publish(store, user, i)
+
+    def two_gateways(
+        engine: FakeEngine, *, shared: bool
+    ) -> list[tuple[TestClient, dict[str, str]]]:
+        built = []
+        for g in ("a", "b"):
+            engine_settings = {"max_loras": 1, "max_cpu_loras": 1, "served_model_name": BASE}
+            if shared:
+                engine_settings["url"] = "http://vllm.invalid:8000"
+            settings = make_settings(
+                tmp_path / f"{g}-{shared}", store_dir=tmp_path / "store", engine=engine_settings
+            )
+            registry = Registry(settings.registry_file)
+            keys = {}
+            for user in users:
+                registry.create_user(user)
+                keys[user] = registry.issue_key(user).api_key
+            app = create_app(settings, engine=engine, store=store, registry=registry)  # type: ignore[arg-type]
+            built.append((TestClient(app), keys))
+        return built
+
+    def chat(gw: tuple[TestClient, dict[str, str]], user: str) -> int:
+        client, keys = gw
+        body = {"model": "personal", "messages": [{"role": "user", "content": "hi"}]}
+        auth = {"Authorization": f"Bearer {keys[user]}"}
+        return client.post("/v1/chat/completions", json=body, headers=auth).status_code
+
+    for shared, expected in ((False, 503), (True, 200)):
+        engine = FakeEngine()
+        engine.models = lambda e=engine: _names(e)  # type: ignore[method-assign]
+        a, b = two_gateways(engine, shared=shared)
+        with a[0], b[0]:
+            assert chat(a, "alice") == 200
+            assert chat(b, "alice") == 200  # B registers the same content-named version
+            for user in ("bob", "carol", "dave"):
+                assert chat(b, user) == 200
+            assert chat(a, "alice") == expected, f"shared={shared}"
+        if shared:
+            assert engine.unload_calls == []
+
+
+async def _names(engine: Any) -> list[str]:
+    return [BASE, *engine.loaded]
+
+
+def test_unbounded_manager_never_unloads_for_capacity(store: AdapterStore) -> None:
+    engine = RecordingEngine()
+    for i, u in enumerate("abcdef"):
+        publish(store, u, i)
+    m = manager(store, engine, max_loaded=None)
+
+    async def main() -> None:
+        for u in "abcdef":
+            async with m.use(u):
+                pass
+        await settle()
+
+    run(main())
+    assert engine.unloads() == []
+    assert len(engine.registered) == 6
+
+
+def test_superseded_version_is_unloaded_only_after_the_grace(store: AdapterStore) -> None:
+    engine = RecordingEngine()
+    v1 = publish(store, "alice", 1)
+    m = manager(store, engine, max_loaded=None, unload_grace_s=0.2)
+
+    async def main() -> None:
+        async with m.use("alice"):
+            pass
+        publish(store, "alice", 2)
+        async with m.use("alice"):
+            pass
+        await asyncio.sleep(0.05)
+        assert engine.unloads() == []  # another gateway may still be sending v1
+        await asyncio.sleep(0.3)
+        assert engine.unloads() == [adapter_name("alice", v1.id)]
+
+    run(main())
+
+
+def test_start_adopts_current_versions_and_unloads_superseded_ones(store: AdapterStore) -> None:
+    engine = RecordingEngine()
+    old = publish(store, "alice", 1)
+    new = publish(store, "alice", 2)
+    bob = publish(store, "bob", 3)
+    for name in (adapter_name("alice", old.id), adapter_name("alice", new.id)):
+        engine.registered[name] = "/left/by/another/gateway"
+    engine.registered[adapter_name("bob", bob.id)] = str(bob.path)
+    engine.registered["someone-elses-model"] = "/x"
+
+    async def models() -> list[str]:
+        return [BASE, *engine.registered]
+
+    engine.models = models  # type: ignore[attr-defined]
+    m = manager(store, engine, max_loaded=None)
+
+    async def main() -> list[str | None]:
+        await m.start()
+        await settle()
+        names = []
+        for user in ("alice", "bob"):
+            async with m.use(user) as name:
+                names.append(name)
+        return names
+
+    assert run(main()) == [adapter_name("alice", new.id), adapter_name("bob", bob.id)]
+    assert engine.unloads() == [adapter_name("alice", old.id)]
+    assert engine.loads() == []  # adopted, not reloaded
+    assert "someone-elses-model" in engine.registered
+
+
+def test_start_leaves_an_unreachable_engine_alone(store: AdapterStore) -> None:
+    engine = RecordingEngine()
+
+    async def models() -> list[str]:
+        raise EngineUnavailable()
+
+    engine.models = models  # type: ignore[attr-defined]
+    m = manager(store, engine, max_loaded=None)
+    run(m.start())
+    assert m.loaded == [] and engine.calls == []
+
+
+def test_invalidate_makes_the_next_use_reload_in_place(store: AdapterStore) -> None:
+    engine = RecordingEngine()
+    v = publish(store, "alice", 1)
+    name = adapter_name("alice", v.id)
+    m = manager(store, engine, max_loaded=None)
+
+    async def main() -> None:
+        async with m.use("alice"):
+            pass
+        m.invalidate(name)
+        async with m.use("alice") as again:
+            assert again == name
+
+    run(main())
+    assert engine.calls == [("load", name), ("load!", name)]
