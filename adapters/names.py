@@ -24,6 +24,12 @@ from enum import StrEnum
 from fedpersona.adapters.errors import InvalidName
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+# The rule in words, for messages people read (a regex printed through a terminal's markup
+# lost its character classes).
+NAME_RULE = (
+    "1 to 63 characters: lower-case letters a-z, digits 0-9, '_' and '-', "
+    "starting with a letter or a digit"
+)
 
 
 def validate_user_id(user: str) -> str:
@@ -44,10 +50,7 @@ def _check_name(value: object, *, what: str) -> str:
     if not isinstance(value, str):
         raise InvalidName(f"{what} must be a string, got {type(value).__name__}")
     if _NAME_RE.fullmatch(value) is None:
-        raise InvalidName(
-            f"invalid {what} {value!r}: must match ^[a-z0-9][a-z0-9_-]{{0,62}}$ "
-            "(lower-case ASCII letters, digits, '_' and '-', at most 63 characters)"
-        )
+        raise InvalidName(f"invalid {what} {value!r}: use {NAME_RULE}")
     return value
 
 

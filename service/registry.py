@@ -11,12 +11,25 @@ store user. No HTTP framework or route here: failures are the service's domain e
 (`fedpersona.service.errors`: `UserExists` is a `Conflict`, `UserNotFound` and `KeyNotFound`
 are `NotFound`s, a bad name is a `BadRequest`), whose one mapping to HTTP statuses lives in that
 module; the admin routes return them as they are and `fedpersona users` prints their message.
+
+Each user row carries an immutable `user_id` (random, never reused) next to its name. Deleting a
+user leaves a tombstone in `deleted_users` (name, user id, created and deleted times), and a
+tombstoned name cannot be created again unless the operator asks for it explicitly
+(`reuse_deleted_name`), after the store and silo of the name were cleared
+(`fedpersona.service.accounts` does both steps): a new person must never be served what was
+trained for the old one. Files of an older schema are upgraded in place when opened
+(`PRAGMA user_version`).
+
+The proxy-tuning alpha's accepted range and its check live here too (`check_proxy_alpha`,
+`ProxyAlpha` for wire models), so the CLI and the admin API refuse the same values with the
+same words.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import secrets
 import sqlite3
@@ -24,18 +37,27 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
 from fedpersona.adapters import InvalidName, validate_user_id
+from fedpersona.adapters.names import NAME_RULE
 from fedpersona.service.errors import BadRequest, Conflict, NotFound
+from pydantic import AfterValidator, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 KEY_PREFIX = "fp-"
 _KEY_ID_HEX = 12
-_SCHEMA = """
+SCHEMA_VERSION = 2
+# Version 1 (no user_version set) had `users` without `user_id` and no `deleted_users`;
+# `_migrate` upgrades it in place. Indexes on new columns are created after the migration.
+_TABLES = """
 CREATE TABLE IF NOT EXISTS users (
     name        TEXT PRIMARY KEY,
     created_at  REAL NOT NULL,
-    proxy_alpha REAL NOT NULL DEFAULT 1.0
+    proxy_alpha REAL NOT NULL DEFAULT 1.0,
+    user_id     TEXT
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id      TEXT PRIMARY KEY,
@@ -45,7 +67,19 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked_at  REAL
 );
 CREATE INDEX IF NOT EXISTS api_keys_user ON api_keys(user);
+CREATE TABLE IF NOT EXISTS deleted_users (
+    user_id     TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    deleted_at  REAL NOT NULL,
+    reused_at   REAL
+);
+CREATE INDEX IF NOT EXISTS deleted_users_name ON deleted_users(name);
 """
+_INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS users_user_id ON users(user_id);"
+
+PROXY_ALPHA_MIN = 0.0
+PROXY_ALPHA_MAX = 10.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +88,18 @@ class User:
     created_at: float
     proxy_alpha: float
     active_keys: int = 0
+    user_id: str = ""  # immutable, never reused: tells a re-created name's owner apart
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """A deleted user: their name stays refused until an operator reuses it on purpose."""
+
+    name: str
+    user_id: str
+    created_at: float
+    deleted_at: float
+    reused_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +129,13 @@ class KeyNotFound(NotFound):
     default_message = "No such API key."
 
 
+class NameDeleted(Conflict):
+    """The name belonged to a deleted user; reusing it needs the explicit override."""
+
+    code = "user_name_deleted"
+    default_message = "This user name belonged to a deleted user."
+
+
 def _digest(api_key: str) -> bytes:
     return hashlib.sha256(api_key.encode("utf-8")).digest()
 
@@ -103,11 +156,49 @@ def new_api_key() -> tuple[str, str]:
     return key_id, f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
 
 
+def new_user_id() -> str:
+    return "u" + secrets.token_hex(8)
+
+
+def proxy_alpha_problem(value: object) -> str | None:
+    """Why `value` is not an accepted proxy alpha (a sentence without a subject), or None."""
+    accepted = f"a number from {PROXY_ALPHA_MIN:g} to {PROXY_ALPHA_MAX:g}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be {accepted}"
+    if not math.isfinite(value) or not PROXY_ALPHA_MIN <= value <= PROXY_ALPHA_MAX:
+        return f"must be {accepted}, got {value:g}"
+    return None
+
+
+def check_proxy_alpha(value: float, *, field: str = "proxy_alpha") -> float:
+    """`value` as a float if it is an accepted proxy alpha, else `BadRequest` naming `field`."""
+    problem = proxy_alpha_problem(value)
+    if problem is not None:
+        raise BadRequest(f"{field} {problem}", param=field)
+    return float(value)
+
+
+def _wire_alpha(value: float) -> float:
+    problem = proxy_alpha_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("proxy_alpha", problem)
+    return value
+
+
+# The proxy alpha in wire models: the same check and words as the CLI; the schema shows the range.
+ProxyAlpha = Annotated[
+    float,
+    AfterValidator(_wire_alpha),
+    WithJsonSchema({"type": "number", "minimum": PROXY_ALPHA_MIN, "maximum": PROXY_ALPHA_MAX}),
+]
+
+
 def check_user_name(name: str) -> str:
     try:
         validate_user_id(name)
     except InvalidName as e:
-        raise BadRequest(f"invalid user name: {e}", param="name") from e
+        shown = repr(name) if isinstance(name, str) else type(name).__name__
+        raise BadRequest(f"invalid user name {shown}: use {NAME_RULE}", param="name") from e
     return name
 
 
@@ -126,7 +217,7 @@ class Registry:
         try:
             # WAL: the CLI can add users while the gateway reads, without "database is locked".
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+            _migrate(db)
         finally:
             db.close()
 
@@ -148,19 +239,53 @@ class Registry:
 
     # ---- users ----------------------------------------------------------------------------
 
-    def create_user(self, name: str, *, proxy_alpha: float | None = None) -> User:
+    def create_user(
+        self, name: str, *, proxy_alpha: float | None = None, reuse_deleted_name: bool = False
+    ) -> User:
+        """Create `name`; a deleted user's name only with `reuse_deleted_name` (`NameDeleted`).
+
+        Reusing a name marks its tombstones as reused; clearing what the old user left in the
+        store and silos is the caller's part (`fedpersona.service.accounts.create_user`).
+        """
         check_user_name(name)
-        alpha = self.default_alpha if proxy_alpha is None else proxy_alpha
+        alpha = check_proxy_alpha(self.default_alpha if proxy_alpha is None else proxy_alpha)
         now = time.time()
+        user_id = new_user_id()
         with self._connect(write=True) as db:
-            try:
+            if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is not None:
+                raise UserExists()
+            tombstone = db.execute(
+                "SELECT deleted_at FROM deleted_users WHERE name = ? AND reused_at IS NULL "
+                "ORDER BY deleted_at DESC",
+                (name,),
+            ).fetchone()
+            if tombstone is not None and not reuse_deleted_name:
+                raise NameDeleted(_deleted_message(name, tombstone[0]), param="name")
+            if tombstone is not None:
                 db.execute(
-                    "INSERT INTO users(name, created_at, proxy_alpha) VALUES (?, ?, ?)",
-                    (name, now, alpha),
+                    "UPDATE deleted_users SET reused_at = ? WHERE name = ? AND reused_at IS NULL",
+                    (now, name),
                 )
-            except sqlite3.IntegrityError as e:
-                raise UserExists() from e
-        return User(name=name, created_at=now, proxy_alpha=alpha)
+            db.execute(
+                "INSERT INTO users(name, created_at, proxy_alpha, user_id) VALUES (?, ?, ?, ?)",
+                (name, now, alpha, user_id),
+            )
+        return User(name=name, created_at=now, proxy_alpha=alpha, user_id=user_id)
+
+    def deleted(self, name: str | None = None) -> list[Tombstone]:
+        """Tombstones of deleted users (of `name` only, if given), oldest first."""
+        query = "SELECT name, user_id, created_at, deleted_at, reused_at FROM deleted_users"
+        params: tuple[str, ...] = ()
+        if name is not None:
+            query += " WHERE name = ?"
+            params = (name,)
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY deleted_at", params).fetchall()
+        return [Tombstone(*row) for row in rows]
+
+    def is_deleted_name(self, name: str) -> bool:
+        """Whether `name` belonged to a deleted user and was not reused since."""
+        return any(t.reused_at is None for t in self.deleted(name))
 
     def get_user(self, name: str) -> User:
         with self._connect() as db:
@@ -175,17 +300,34 @@ class Registry:
         return [User(*row) for row in rows]
 
     def set_proxy_alpha(self, name: str, alpha: float) -> User:
+        alpha = check_proxy_alpha(alpha)
         with self._connect(write=True) as db:
             cur = db.execute("UPDATE users SET proxy_alpha = ? WHERE name = ?", (alpha, name))
             if cur.rowcount == 0:
                 raise UserNotFound()
         return self.get_user(name)
 
-    def delete_user(self, name: str) -> None:
-        """Remove the user and all their keys (their adapters in the store are left alone)."""
+    def delete_user(self, name: str) -> Tombstone:
+        """Remove the user and all their keys, and tombstone the name (see the module doc).
+
+        Their adapters in the store are not touched here: `fedpersona.service.accounts`
+        quarantines them.
+        """
+        now = time.time()
         with self._connect(write=True) as db:
-            if db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 0:
+            row = db.execute(
+                "SELECT user_id, created_at FROM users WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
                 raise UserNotFound()
+            user_id, created_at = row
+            db.execute(
+                "INSERT INTO deleted_users(user_id, name, created_at, deleted_at) "
+                "VALUES (?, ?, ?, ?)",
+                (user_id, name, created_at, now),
+            )
+            db.execute("DELETE FROM users WHERE name = ?", (name,))
+        return Tombstone(name=name, user_id=user_id, created_at=created_at, deleted_at=now)
 
     # ---- keys -----------------------------------------------------------------------------
 
@@ -243,15 +385,16 @@ class Registry:
             return None
         with self._connect() as db:
             row = db.execute(
-                "SELECT k.key_sha256, u.name, u.created_at, u.proxy_alpha FROM api_keys k "
-                "JOIN users u ON u.name = k.user WHERE k.key_id = ? AND k.revoked_at IS NULL",
+                "SELECT k.key_sha256, u.name, u.created_at, u.proxy_alpha, u.user_id "
+                "FROM api_keys k JOIN users u ON u.name = k.user "
+                "WHERE k.key_id = ? AND k.revoked_at IS NULL",
                 (key_id,),
             ).fetchone()
         # Compare even when no row matched, so timing does not tell a known key id apart.
         stored = row[0] if row is not None else b"\0" * 32
         if not hmac.compare_digest(stored, _digest(api_key)) or row is None:
             return None
-        return User(name=row[1], created_at=row[2], proxy_alpha=row[3])
+        return User(name=row[1], created_at=row[2], proxy_alpha=row[3], user_id=row[4])
 
     def check(self) -> None:
         """Raise if the database cannot be read (readiness probe)."""
@@ -261,6 +404,37 @@ class Registry:
 
 _USER_SELECT = (
     "SELECT u.name, u.created_at, u.proxy_alpha, "
-    "COUNT(CASE WHEN k.key_id IS NOT NULL AND k.revoked_at IS NULL THEN 1 END) "
+    "COUNT(CASE WHEN k.key_id IS NOT NULL AND k.revoked_at IS NULL THEN 1 END), u.user_id "
     "FROM users u LEFT JOIN api_keys k ON k.user = u.name"
 )
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Create the tables, or upgrade an older file in place (one transaction, idempotent)."""
+    db.execute("BEGIN IMMEDIATE")  # two processes opening an old file: one upgrades, one waits
+    try:
+        for statement in _TABLES.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
+        if "user_id" not in columns:
+            db.execute("ALTER TABLE users ADD COLUMN user_id TEXT")
+        names = [r[0] for r in db.execute("SELECT name FROM users WHERE user_id IS NULL")]
+        for name in names:  # rows of version 1: each gets its own identity now
+            db.execute("UPDATE users SET user_id = ? WHERE name = ?", (new_user_id(), name))
+        db.execute(_INDEXES)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except Exception:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _deleted_message(name: str, deleted_at: float) -> str:
+    when = datetime.fromtimestamp(deleted_at, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"user name {name!r} belonged to a user deleted on {when}; a deleted name is not given "
+        "to someone new, so that nothing trained for the old user reaches them. Choose another "
+        "name, or start the name over from a clean slate with reuse_deleted_name "
+        "(CLI: --reuse-deleted-name)."
+    )

@@ -1,16 +1,20 @@
 """`fedpersona users ...`: manage gateway users and their API keys in the registry.
 
-    fedpersona users add NAME [--alpha A]   create a user; prints their first API key once
+    fedpersona users add NAME [--alpha A] [--reuse-deleted-name]
+                                            create a user; prints their first API key once
     fedpersona users issue NAME             another key for an existing user (printed once)
     fedpersona users list [--json]          users with their active keys (never the keys)
     fedpersona users keys [NAME] [--json]   key ids, owners, created/revoked times
     fedpersona users revoke KEY_ID          revoke one key
     fedpersona users revoke --user NAME     revoke all of a user's keys
-    fedpersona users delete NAME            delete a user and all their keys
+    fedpersona users delete NAME            delete a user and their keys, quarantine their
+                                            adapters; the name is not given out again
     fedpersona users alpha NAME VALUE       set the user's proxy-tuning alpha
 
 The raw key goes to stdout alone (scriptable: `KEY=$(fedpersona users add alice)`); everything
-else goes to stderr. Works directly on the SQLite registry, so it needs no running gateway.
+else goes to stderr. Works directly on the SQLite registry and the store, so it needs no
+running gateway. Values are checked by the same functions as the admin API
+(`fedpersona.service.registry`, `fedpersona.service.accounts`); messages name the flag.
 """
 
 from __future__ import annotations
@@ -22,11 +26,25 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fedpersona.service import accounts
 from fedpersona.service.errors import GatewayError
-from fedpersona.service.registry import Registry
+from fedpersona.service.registry import Registry, check_proxy_alpha, proxy_alpha_problem
 from fedpersona.service.settings import Settings
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+
+def _alpha(text: str) -> float:
+    """argparse type of alpha values: argparse names the flag in front of the problem."""
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{proxy_alpha_problem(None)}, got {text!r}") from e
+    problem = proxy_alpha_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add = sub.add_parser("add", help="create a user and print their first API key once")
     add.add_argument("name")
-    add.add_argument("--alpha", type=float, help="proxy-tuning alpha (default from settings)")
+    add.add_argument(
+        "--alpha", type=_alpha, help="proxy-tuning alpha, 0 to 10 (default from settings)"
+    )
+    add.add_argument(
+        "--reuse-deleted-name",
+        action="store_true",
+        help="give a deleted user's name to a new user, from a clean slate (refused while the "
+        "old user's silo exists; their store slots are quarantined again first)",
+    )
 
     issue = sub.add_parser("issue", help="issue another API key for a user (printed once)")
     issue.add_argument("name")
@@ -55,22 +81,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("key_id", nargs="?", help="the key id shown by `users keys`")
     target.add_argument("--user", help="revoke every active key of this user")
 
-    delete = sub.add_parser("delete", help="delete a user and their keys (adapters stay)")
+    delete = sub.add_parser(
+        "delete", help="delete a user and their keys; quarantine their adapters and experts"
+    )
     delete.add_argument("name")
 
     alpha = sub.add_parser("alpha", help="set a user's proxy-tuning alpha (FedPT strength)")
     alpha.add_argument("name")
-    alpha.add_argument("value", type=float)
+    alpha.add_argument("value", type=_alpha, help="0 to 10")
 
 
-def _registry(args: argparse.Namespace) -> Registry:
+def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, object] = {}
     if args.home is not None:
         overrides["home"] = args.home
     if args.registry is not None:
         overrides["registry_path"] = args.registry
-    settings = Settings(**overrides)  # type: ignore[arg-type]
-    return Registry(settings.registry_file, default_alpha=settings.proxy_alpha_default)
+    return Settings(**overrides)  # type: ignore[arg-type]
 
 
 def _time(value: float | None) -> str:
@@ -84,15 +111,25 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args, err)
     except GatewayError as e:
-        err.print(f"[red]error:[/red] {e.message}")
+        err.print(f"[red]error:[/red] {escape(e.message)}")  # `[a-z]` in a message is no markup
         return 1
 
 
 def _run(args: argparse.Namespace, err: Console) -> int:
-    registry = _registry(args)
+    settings = _settings(args)
+    registry = Registry(settings.registry_file, default_alpha=settings.proxy_alpha_default)
     command = args.users_command
     if command == "add":
-        registry.create_user(args.name, proxy_alpha=args.alpha)
+        accounts.create_user(
+            registry,
+            name=args.name,
+            proxy_alpha=None
+            if args.alpha is None
+            else check_proxy_alpha(args.alpha, field="--alpha"),
+            reuse_deleted_name=args.reuse_deleted_name,
+            store_root=settings.store_path,
+            silos=settings.layout.silos,
+        )
         issued = registry.issue_key(args.name)
         err.print(
             f"created user [bold]{args.name}[/bold]; API key id {issued.key_id}. "
@@ -129,13 +166,12 @@ def _run(args: argparse.Namespace, err: Console) -> int:
             info = registry.revoke_key(args.key_id)
             err.print(f"revoked key {info.key_id} of {info.user}")
     elif command == "delete":
-        registry.delete_user(args.name)
-        err.print(f"deleted user {args.name} and their keys (their adapters stay in the store)")
+        deletion = accounts.delete_user(
+            registry, name=args.name, store_root=settings.store_path, silos=settings.layout.silos
+        )
+        err.print(escape(deletion.message))
     elif command == "alpha":
-        if not 0 <= args.value <= 10:
-            err.print("[red]error:[/red] alpha must be between 0 and 10")
-            return 2
-        user = registry.set_proxy_alpha(args.name, args.value)
+        user = registry.set_proxy_alpha(args.name, check_proxy_alpha(args.value, field="VALUE"))
         err.print(f"proxy alpha of {user.name} is now {user.proxy_alpha:g}")
     return 0
 
@@ -143,7 +179,11 @@ def _run(args: argparse.Namespace, err: Console) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedpersona users")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (printed by argparse, naming the flag) or --help
+        return e.code if isinstance(e.code, int) else 2
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from fedpersona.service.registry import ProxyAlpha
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -155,13 +156,13 @@ class ModelList(BaseModel):
 class UserCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Text = Field(min_length=1, max_length=63)
-    proxy_alpha: float | None = Field(default=None, ge=0, le=10)
+    proxy_alpha: ProxyAlpha | None = None
     issue_key: bool = Field(default=True, description="also issue a first API key")
 
 
 class UserUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    proxy_alpha: float = Field(ge=0, le=10)
+    proxy_alpha: ProxyAlpha
 
 
 class UserOut(BaseModel):

@@ -1,15 +1,19 @@
 """`/admin/users` and `/admin/keys`: create and delete users, issue and revoke API keys.
 
 Every route needs the admin key (`fedpersona.service.http.auth.AdminAccess`). The raw API key
-appears only in
-the response that issues it; the registry keeps its hash.
+appears only in the response that issues it; the registry keeps its hash. Creating and deleting
+users goes through `fedpersona.service.accounts`, as `fedpersona users` does: deleting answers
+what was quarantined, and a deleted user's name is refused (409 `user_name_deleted`) unless
+`?reuse_deleted_name=true` is given.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
+from fedpersona.service import accounts
 from fedpersona.service.http.auth import AdminAccess
 from fedpersona.service.http.protocol import (
     IssuedKeyOut,
@@ -21,6 +25,7 @@ from fedpersona.service.http.protocol import (
 )
 from fedpersona.service.http.routes.deps import ServicesDep
 from fedpersona.service.registry import IssuedKey, KeyInfo, User, check_user_name
+from pydantic import BaseModel, Field
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminAccess])
 
@@ -44,11 +49,39 @@ def _issued(key: IssuedKey) -> IssuedKeyOut:
     return IssuedKeyOut(key_id=key.key_id, user=key.user, api_key=key.api_key)
 
 
+class UserDeleted(BaseModel):
+    name: str
+    user_id: str = Field(description="the deleted user's immutable id")
+    deleted_at: float
+    quarantined: list[str] = Field(description="slots moved out of serving")
+    quarantined_to: str | None = Field(description="where below the store root, if anywhere")
+    message: str = Field(description="what happened, in one sentence")
+
+
+ReuseDeletedName = Annotated[
+    bool,
+    Query(
+        description="give a deleted user's name to a new user, from a clean slate (their "
+        "store slots are quarantined again; refused while their silo exists)"
+    ),
+]
+
+
 @router.post("/users", status_code=status.HTTP_201_CREATED)
-async def create_user(body: UserCreate, services: ServicesDep) -> UserCreated:
+async def create_user(
+    body: UserCreate, services: ServicesDep, reuse_deleted_name: ReuseDeletedName = False
+) -> UserCreated:
     registry = services.registry
     check_user_name(body.name)
-    await asyncio.to_thread(registry.create_user, body.name, proxy_alpha=body.proxy_alpha)
+    await asyncio.to_thread(
+        accounts.create_user,
+        registry,
+        name=body.name,
+        proxy_alpha=body.proxy_alpha,
+        reuse_deleted_name=reuse_deleted_name,
+        store_root=services.store.root,
+        silos=services.settings.layout.silos,
+    )
     issued = await asyncio.to_thread(registry.issue_key, body.name) if body.issue_key else None
     user = await asyncio.to_thread(registry.get_user, body.name)
     return UserCreated(user=_user(user), key=_issued(issued) if issued else None)
@@ -70,11 +103,27 @@ async def update_user(name: str, body: UserUpdate, services: ServicesDep) -> Use
     return _user(user)
 
 
-@router.delete("/users/{name}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_user(name: str, services: ServicesDep) -> None:
-    await asyncio.to_thread(services.registry.delete_user, name)
+@router.delete("/users/{name}")
+async def delete_user(name: str, services: ServicesDep) -> UserDeleted:
+    deletion = await asyncio.to_thread(
+        accounts.delete_user,
+        services.registry,
+        name=name,
+        store_root=services.store.root,
+        silos=services.settings.layout.silos,
+    )
     if services.limiter is not None:
         services.limiter.forget(name)
+    return UserDeleted(
+        name=name,
+        user_id=deletion.tombstone.user_id,
+        deleted_at=deletion.tombstone.deleted_at,
+        quarantined=list(deletion.quarantined),
+        quarantined_to=None
+        if deletion.quarantine is None
+        else deletion.quarantine.relative_to(services.store.root).as_posix(),
+        message=deletion.message,
+    )
 
 
 @router.post("/users/{name}/keys", status_code=status.HTTP_201_CREATED)
