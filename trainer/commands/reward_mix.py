@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from fedpersona.adapters.home import resolve_home
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         validate_user_id(args.user)
     except InvalidName as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     silo = args.silo or resolve_home(args.home) / "silos" / args.user
     try:
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             write_preferences(silo, Preferences(reward_mix=args.reward_mix))
         preferences = read_preferences(silo)
     except RewardModelError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"user": args.user, "reward_mix": preferences.reward_mix}))
     return 0

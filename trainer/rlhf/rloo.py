@@ -92,6 +92,90 @@ class Rollout:
     texts: list[str]
 
 
+def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO advantages of one prompt's samples: `R_i - mean_{j != i} R_j` (they sum to 0)."""
+    n = rewards.shape[0]
+    if n < 2:
+        raise MethodError("leave-one-out needs at least two samples")
+    return rewards - (rewards.sum() - rewards) / (n - 1)
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt) -> torch.Tensor:
+    """The prompt rendered with the policy's chat template plus the generation prompt."""
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    ids: torch.Tensor = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return ids
+
+
+def sample(
+    model: Any,
+    tokenizer: Any,
+    prompt: Prompt,
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> Rollout:
+    """`n` sampled completions of `prompt` (plain sampling, seeded), cut after the first eos."""
+    ids = prompt_ids(tokenizer, prompt)
+    length = ids.shape[1]
+    eos = int(tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=ids.repeat(n, 1),
+            attention_mask=torch.ones((n, length), dtype=torch.long),
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=int(pad),
+            eos_token_id=eos,
+        )
+    completion = out[:, length:]
+    is_eos = (completion == eos).long()
+    keep = ((torch.cumsum(is_eos, dim=1) - is_eos) == 0).long()  # up to and including eos
+    mask = torch.cat([torch.zeros((n, length), dtype=torch.long), keep], dim=1)
+    texts = [
+        tokenizer.decode(row[row_keep.bool()], skip_special_tokens=True).strip()
+        for row, row_keep in zip(completion, keep, strict=True)
+    ]
+    return Rollout(input_ids=out, completion_mask=mask, prompt_len=length, texts=texts)
+
+
+def _logits(model: Any, rollout: Rollout, *, reference: bool) -> torch.Tensor:
+    attention = torch.ones_like(rollout.input_ids)
+    attention[:, rollout.prompt_len :] = rollout.completion_mask[:, rollout.prompt_len :]
+    if reference:
+        with torch.no_grad(), model.disable_adapter():
+            return model(input_ids=rollout.input_ids, attention_mask=attention).logits[:, :-1]
+    logits: torch.Tensor = model(input_ids=rollout.input_ids, attention_mask=attention).logits
+    return logits[:, :-1]
+
+
+def sequence_logprobs(model: Any, rollout: Rollout, *, reference: bool = False) -> torch.Tensor:
+    """Per completion, the sum of its tokens' log-probabilities (policy, or the reference: the
+    same PEFT model with its adapters disabled)."""
+    logp = torch.log_softmax(_logits(model, rollout, reference=reference).float(), dim=-1)
+    token_logp = logp.gather(-1, rollout.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (token_logp * rollout.completion_mask[:, 1:]).sum(dim=1)
+
+
+def exact_kl(model: Any, rollout: Rollout) -> torch.Tensor:
+    """Per completion, `sum_t KL(pi(.|y_<t) || pi_ref(.|y_<t))` over its tokens: the full
+    next-token distributions along the sampled path (never negative, unlike the sample
+    estimate the training penalty uses)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(_logits(model, rollout, reference=False).float(), dim=-1)
+        ref = torch.log_softmax(_logits(model, rollout, reference=True).float(), dim=-1)
+        per_token = (logp.exp() * (logp - ref)).sum(dim=-1)
+    return (per_token * rollout.completion_mask[:, 1:]).sum(dim=1)
+
+
 class RlooTrainer:
     def __init__(
         self,
@@ -128,60 +212,20 @@ class RlooTrainer:
         self._steps_done = 0
         self.history: list[dict[str, float]] = []
 
-    # ----------------------------------------------------------------------------- sampling
-
-    def _prompt_ids(self, prompt: Prompt) -> torch.Tensor:
-        tok = self.session.tokenizer
-        text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        return ids
-
     def rollout(self, prompt: Prompt, *, seed: int) -> Rollout:
         """`samples` completions of `prompt` from the current policy."""
-        tok = self.session.tokenizer
-        ids = self._prompt_ids(prompt)
-        n, length = self.config.samples, ids.shape[1]
-        eos = int(tok.eos_token_id)
-        model: Any = self.session.model
-        model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            out = model.generate(
-                input_ids=ids.repeat(n, 1),
-                attention_mask=torch.ones((n, length), dtype=torch.long),
-                do_sample=True,
-                temperature=self.config.temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=self.config.max_new_tokens,
-                pad_token_id=self.session.pad_id,
-                eos_token_id=eos,
-            )
-        completion = out[:, length:]
-        # Keep tokens up to and including the first eos.
-        is_eos = (completion == eos).long()
-        after = torch.cumsum(is_eos, dim=1) - is_eos  # eos seen before this position
-        keep = (after == 0).long()
-        mask = torch.cat([torch.zeros((n, length), dtype=torch.long), keep], dim=1)
-        texts = [
-            tok.decode(row[row_keep.bool()], skip_special_tokens=True).strip()
-            for row, row_keep in zip(completion, keep, strict=True)
-        ]
-        return Rollout(input_ids=out, completion_mask=mask, prompt_len=length, texts=texts)
+        return sample(
+            self.session.model,
+            self.session.tokenizer,
+            prompt,
+            n=self.config.samples,
+            max_new_tokens=self.config.max_new_tokens,
+            temperature=self.config.temperature,
+            seed=seed,
+        )
 
     def sequence_logprobs(self, rollout: Rollout, *, reference: bool = False) -> torch.Tensor:
-        """Per completion, the sum of its tokens' log-probabilities (policy or reference)."""
-        model: Any = self.session.model
-        attention = torch.ones_like(rollout.input_ids)
-        attention[:, rollout.prompt_len :] = rollout.completion_mask[:, rollout.prompt_len :]
-        if reference:
-            with torch.no_grad(), model.disable_adapter():
-                logits = model(input_ids=rollout.input_ids, attention_mask=attention).logits
-        else:
-            logits = model(input_ids=rollout.input_ids, attention_mask=attention).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        token_logp = logp.gather(-1, rollout.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        return (token_logp * rollout.completion_mask[:, 1:]).sum(dim=1)
+        return sequence_logprobs(self.session.model, rollout, reference=reference)
 
     # ----------------------------------------------------------------------------- training
 
@@ -200,9 +244,7 @@ class RlooTrainer:
             reference = self.sequence_logprobs(rollout, reference=True)
             kl = (policy.detach() - reference).double()
             shaped = torch.from_numpy(scores) - self.config.kl_coef * kl
-            n = shaped.shape[0]
-            baseline = (shaped.sum() - shaped) / (n - 1)
-            advantage = (shaped - baseline).float()
+            advantage = leave_one_out(shaped).float()
             losses.append(-(advantage * policy).mean() / self.config.max_new_tokens)
             rewards.extend(scores.tolist())
             kls.extend(kl.tolist())
