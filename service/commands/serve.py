@@ -50,20 +50,22 @@ def _default(name: str) -> object:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--home", type=Path, help=f"fedpersona home (env FEDPERSONA_HOME; {_default('home')})"
+        "--home",
+        type=Path,
+        help=f"fedpersona home (default: {_default('home')}; env FEDPERSONA_HOME)",
     )
     parser.add_argument(
         "--host",
-        help=f"address the gateway listens on (env FEDPERSONA_HOST; {_default('host')})",
+        help=f"address the gateway listens on (default: {_default('host')}; env FEDPERSONA_HOST)",
     )
     parser.add_argument(
-        "--port", type=int, help=f"gateway port (env FEDPERSONA_PORT; {_default('port')})"
+        "--port", type=int, help=f"gateway port (default: {_default('port')}; env FEDPERSONA_PORT)"
     )
     parser.add_argument(
         "--engine-port",
         type=int,
-        help="port of the supervised vLLM on loopback (env FEDPERSONA_ENGINE__PORT; "
-        f"{EngineSettings.model_fields['port'].default})",
+        help="port of the supervised vLLM on loopback (default: "
+        f"{EngineSettings.model_fields['port'].default}; env FEDPERSONA_ENGINE__PORT)",
     )
     parser.add_argument(
         "--engine-url",

@@ -102,7 +102,7 @@ def build_silos(
 ) -> list[Silo]:
     """Chats per speaker, the `users` speakers with the most turns, last turns held out."""
     if users < 1:
-        raise DataError(f"--users must be at least 1, got {users}")
+        raise DataError(f"--speakers must be at least 1, got {users}")
     if not 0 < eval_fraction < 1:
         raise DataError(f"--eval-fraction must be between 0 and 1, got {eval_fraction}")
     if min_turns < 2:
@@ -127,7 +127,7 @@ def build_silos(
     if len(eligible) < users:
         raise DataError(
             f"only {len(eligible)} speakers have at least {min_turns} turns; "
-            f"lower --users ({users}) or --min-turns"
+            f"lower --speakers ({users}) or --min-turns"
         )
     silos = []
     for user in eligible[:users]:
@@ -186,6 +186,10 @@ def convert(
     try:
         raw = corpus.read_bytes()
         text = raw.decode("utf-8")
+    except FileNotFoundError as e:
+        raise DataError(f"{corpus}: not found (give --corpus the path of a text file)") from e
+    except IsADirectoryError as e:
+        raise DataError(f"{corpus}: is a directory (give --corpus a text file)") from e
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{corpus}: cannot read the corpus as UTF-8 text: {e}") from e
     try:
@@ -204,6 +208,20 @@ def convert(
     return silos
 
 
+class _DeprecatedUsers(argparse.Action):
+    """`--users N`: the old name of `--speakers N`, still accepted with a warning."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        log.warning("--users is deprecated here: use --speakers %s", values)
+        setattr(namespace, self.dest, values)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", type=Path, required=True, help="tinyshakespeare-format text")
     parser.add_argument(
@@ -215,15 +233,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="silo directory (default: HOME/silos)"
     )
-    parser.add_argument("--users", type=int, default=10, help="speakers to keep (most turns first)")
+    parser.add_argument(
+        "--speakers",
+        type=int,
+        default=10,
+        help="how many speakers to keep, one user silo each (most turns first)",
+    )
+    # Deprecated: `--users` is a comma list of user ids everywhere else (`train --users a,b`).
+    parser.add_argument(
+        "--users", type=int, dest="speakers", action=_DeprecatedUsers, help=argparse.SUPPRESS
+    )
     parser.add_argument(
         "--eval-fraction",
         type=float,
         default=0.15,
-        help="last fraction of each speaker's turns held out for evaluation (default 0.15)",
+        help="last fraction of each speaker's turns held out for evaluation",
     )
     parser.add_argument(
-        "--min-turns", type=int, default=10, help="ignore speakers with fewer turns (default 10)"
+        "--min-turns", type=int, default=10, help="ignore speakers with fewer turns"
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -234,17 +261,16 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     out = args.out if args.out is not None else resolve_home(args.home) / "silos"
-    console = Console(stderr=True)
     try:
         silos = convert(
             args.corpus,
             out,
-            users=args.users,
+            users=args.speakers,
             eval_fraction=args.eval_fraction,
             min_turns=args.min_turns,
         )
     except DataError as e:
-        console.print(f"[red]cannot convert the corpus: {e}")
+        log.error("cannot convert the corpus: %s", e)
         return 2
     summary = {s.user: {"train": len(s.train), "eval": len(s.eval)} for s in silos}
     if args.json:
