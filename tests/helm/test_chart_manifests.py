@@ -50,6 +50,7 @@ CASES: list[tuple[str, list[Path], dict[str, Any] | None]] = [
     ("defaults", [], None),
     *[(f.stem, [f], None) for f in EXAMPLES],
     ("all-features", [], ALL_ON),
+    ("replicated", [], {"vllm": {"replicas": 3}, "gateway": {"replicas": 3}}),
 ]
 
 

@@ -462,3 +462,26 @@ def test_engine_key_is_a_generated_secret_and_the_ingress_serves_only_the_api(
     paths = [p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
     assert paths == ["/v1"]  # not /metrics, /docs, /admin or the probes
     assert env_map(rendered.container("gateway"))["FEDPERSONA_DOCS"] == "false"
+
+
+def test_several_vllm_replicas_run_as_a_statefulset_the_gateways_discover(
+    helm_bin: Path,
+) -> None:
+    rendered = render(helm_bin, values={"vllm": {"replicas": 3}, "gateway": {"replicas": 3}})
+    assert rendered.find("Deployment", "vllm") is None
+    stateful = rendered.get("StatefulSet", "vllm")
+    headless = rendered.get("Service", "vllm-replicas")
+    assert stateful["spec"]["replicas"] == 3
+    assert stateful["spec"]["serviceName"] == headless["metadata"]["name"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == stateful["spec"]["selector"]["matchLabels"]
+    env = env_map(rendered.container("gateway"))
+    port = headless["spec"]["ports"][0]["port"]
+    assert env["FEDPERSONA_REPLICAS_DNS"] == (
+        f"{headless['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{port}"
+    )
+    # One replica: a Deployment, no headless Service, no replica routing.
+    single = render(helm_bin)
+    assert single.find("StatefulSet", "vllm") is None
+    assert single.find("Service", "vllm-replicas") is None
+    assert "FEDPERSONA_REPLICAS_DNS" not in env_map(single.container("gateway"))

@@ -157,6 +157,23 @@ valueFrom:
 {{- printf "%s-vllm" (include "fedpersona.fullname" .) }}
 {{- end }}
 
+{{/* "true" when the chart runs more than one vLLM replica (StatefulSet + headless Service). */}}
+{{- define "fedpersona.vllmReplicated" -}}
+{{- and .Values.vllm.enabled (gt (int .Values.vllm.replicas) 1) | toString }}
+{{- end }}
+
+{{- define "fedpersona.vllmHeadlessName" -}}
+{{- printf "%s-vllm-headless" (include "fedpersona.fullname" .) }}
+{{- end }}
+
+{{/* The gateway's replica discovery (FEDPERSONA_REPLICAS_DNS), only with several replicas. */}}
+{{- define "fedpersona.replicaEnv" -}}
+{{- if eq (include "fedpersona.vllmReplicated" .) "true" }}
+- name: FEDPERSONA_REPLICAS_DNS
+  value: {{ printf "%s.%s.svc.cluster.local:%d" (include "fedpersona.vllmHeadlessName" .) .Release.Namespace (int .Values.vllm.port) | quote }}
+{{- end }}
+{{- end }}
+
 {{/* Where the gateway sends OpenAI requests. */}}
 {{- define "fedpersona.engineUrl" -}}
 {{- if .Values.vllm.enabled }}
