@@ -21,6 +21,10 @@ line fails the whole run fast, before any training, listing each bad file as `fi
 is wrong`; the other users are not trained either (a round of a subset would silently change
 who the global adapter is averaged over). Exit codes: 0 succeeded, 2 input error (nothing ran),
 1 the run failed.
+
+A run shows one progress bar (rounds done, from the run record) on a terminal and one summary
+table at the end; the libraries' own output (Flower's INFO lines, which it would print twice,
+Ray's, alembic's plugin lines, deprecation and tokenizer warnings) stays behind `-v`.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from fedpersona.adapters import MAX_LORA_RANK
@@ -75,6 +82,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the run record as JSON")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keep the libraries' chatter behind `-v`; set before Flower, Ray and transformers load
+    (the environment reaches the Ray workers that run the ClientApps)."""
+    # Flower's logger has its own console handler: propagating too would print each line twice.
+    logging.getLogger("flwr").propagate = False
+    if verbose:
+        return
+    os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")  # its deprecation and actor-stop notes
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    for name in ("alembic", "ray", "filelock", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def round_progress(records: RunRecords, run_id: str, *, rounds: int) -> Iterator[None]:
+    """A progress bar of the rounds done (read from the run record) while the block runs;
+    nothing when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    done = threading.Event()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    console = Console(stderr=True)  # stdout is for the results (the table, --json)
+    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task(f"run {run_id}: rounds", total=rounds)
+
+        def poll() -> None:
+            while not done.wait(1.0):
+                with contextlib.suppress(TrainerError, ValueError, OSError):
+                    status = records.read(run_id)
+                    loss = status.rounds[-1].train_loss if status.rounds else None
+                    suffix = "" if loss is None else f" (loss {loss:.3f})"
+                    progress.update(
+                        task,
+                        completed=len(status.rounds),
+                        description=f"run {run_id}: rounds{suffix}",
+                    )
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            yield
+        finally:
+            done.set()
+            poller.join(5)
 
 
 def resolve_home(home: Path | None) -> Path:
@@ -130,9 +191,11 @@ def run(args: argparse.Namespace) -> int:
                 )
             else:
                 # Imports Flower and Ray: only once the run is known to be able to start.
+                quiet_libraries(getattr(args, "verbose", False))
                 from fedpersona.trainer.flower.simulation import simulate
 
-                final = simulate(config, cpus=args.cpus)
+                with round_progress(records, status.id, rounds=spec.rounds):
+                    final = simulate(config, cpus=args.cpus)
     except (TrainerError, ValueError) as e:
         if args.run_id:
             _mark_failed(records, args.run_id, e)
