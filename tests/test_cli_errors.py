@@ -182,3 +182,17 @@ def test_check_silos_reports_empty_and_missing_files(tmp_path: Path) -> None:
         f"{tmp_path / 'a' / 'train.jsonl'}: no chat (user a has nothing to train on)",
         f"{tmp_path / 'a' / 'eval.jsonl'}: missing (a silo needs train.jsonl and eval.jsonl)",
     ]
+
+
+def test_a_missing_corpus_is_not_found(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.ERROR)
+    missing = tmp_path / "nope.txt"
+    argv = ["data", "shakespeare", "--corpus", str(missing), "--home", str(tmp_path)]
+    assert main(argv) == 2
+    assert f"{missing}: not found" in caplog.text and "Errno" not in caplog.text
+    argv = ["models", "bootstrap", "--recipe", "micro", "--corpus", str(missing)]
+    assert main([*argv, "--home", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--corpus {missing}: not found" in err.replace("\n", "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from fedpersona.trainer.errors import DataError, ModelImportError
     from fedpersona.trainer.models.basemodel import RECIPES, build_models
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(stderr=True)
@@ -80,8 +82,14 @@ def run(args: argparse.Namespace) -> int:
     if args.corpus is not None:
         try:
             corpus_text = args.corpus.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            console.print(f"[red]--corpus {escape(str(args.corpus))}: not found", soft_wrap=True)
+            return 2
         except (OSError, UnicodeDecodeError) as e:
-            console.print(f"[red]cannot read corpus {args.corpus}: {e}")
+            console.print(
+                f"[red]cannot read corpus {escape(str(args.corpus))}: {escape(str(e))}",
+                soft_wrap=True,
+            )
             return 2
     out_dir = resolve_home(args.home) / "models"
     try:
@@ -95,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
                 out_dir,
                 RECIPES[args.recipe],
                 corpus_text,
-                progress=not args.json,
+                # The pretraining bar draws on stdout: only on a terminal, never into a pipe.
+                progress=not args.json and sys.stdout.isatty(),
                 force=args.force,
             )
     except (DataError, ModelImportError) as e:
