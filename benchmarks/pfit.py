@@ -52,6 +52,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="RL steps per client and round")
+    p.add_argument("--lr", type=float, default=1e-2, help="RL learning rate (Adam)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         home / "silos",
         {u: persona for u, (persona, _) in MIXES.items()},
         n_train=16 if args.quick else 48,
-        n_eval=4 if args.quick else 12,
+        n_eval=4 if args.quick else 8,
         seed=args.seed,
     )
     for user, (_, lam) in MIXES.items():
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"rewards_dir": str(rewards_dir)}
     options = {"pfit": common, "fedrlhf": {**common, "reward_mix": mean_mix}}
     spec = RoundSpec(
-        algorithm="pfit", rounds=rounds, local_steps=steps, lr=5e-3, rank=8, seed=args.seed
+        algorithm="pfit", rounds=rounds, local_steps=steps, lr=args.lr, rank=8, seed=args.seed
     )
     users = list(MIXES)
     out = work / "runs"
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         rewards_dir=rewards_dir,
         silos=silos,
         stores=stores,
-        samples=4 if args.quick else 8,
+        samples=4,
         max_new_tokens=24,
         seed=args.seed,
     )
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "base_model": str(base_dir),
         "rounds": rounds,
         "rl_steps": steps,
+        "lr": args.lr,
         "users": {u: {"persona": p, "reward_mix": lam} for u, (p, lam) in MIXES.items()},
         "shared_reward_mix": mean_mix,
         "runs": runs,
