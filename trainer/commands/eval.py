@@ -258,7 +258,7 @@ def compare(
 ) -> Comparison:
     """Train (unless `train=False`) and evaluate every method; nothing here reads eval data
     before all training is done. `per_round` also measures every round's served adapters."""
-    options = {m: dict(o) for m, o in (options or {}).items()}
+    chosen: dict[str, dict[str, Any]] = {m: dict(o) for m, o in (options or {}).items()}
     comparison = Comparison(
         users=users,
         settings={
@@ -266,7 +266,7 @@ def compare(
             "methods": methods,
             "home": str(home),
         },
-        options=options,
+        options=chosen,
     )
     for method in methods:
         if method == BASE:

@@ -32,6 +32,8 @@ from fedpersona.trainer.errors import DataError
 
 log = logging.getLogger(__name__)
 
+Chat = dict[str, list[dict[str, str]]]
+
 PACKAGES: tuple[str, ...] = (
     "email",
     "unittest",
@@ -116,7 +118,8 @@ def build(
             owners[text].add(package)
     out = {}
     for package, entries in docs.items():
-        train, evaluation = [], []
+        train: list[Chat] = []
+        evaluation: list[Chat] = []
         for qualname in sorted(entries, key=lambda q: hashlib.sha256(q.encode()).hexdigest()):
             text = entries[qualname]
             if len(owners[text]) > 1:
