@@ -143,7 +143,6 @@ class FedSA(LoraMethod):
         return dict(global_params)
 
 
-
 @functools.lru_cache(maxsize=4)
 def _b_shapes(method: FedSA, base_model: ModelInfo) -> dict[str, tuple[int, ...]]:
     """The B shapes of `method`'s LoRA on `base_model` (their output sizes are the model's)."""
