@@ -9,6 +9,8 @@ trainer pod does. The training child is `/bin/true`: runs end at once, unfinishe
 
 from __future__ import annotations
 
+import argparse
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,3 +193,65 @@ def test_a_gateway_forwarding_to_the_trainer_pod_answers_as_the_pod_does(
         assert gateway.get("/admin/rounds", headers=AUTH).json() == (
             pod.get(url, headers=AUTH).json()
         )
+
+
+def test_gateway_and_trainer_pod_answer_the_same_bad_requests_in_one_envelope(
+    tmp_path: Path,
+) -> None:
+    """Every error of both HTTP APIs, FastAPI's own (validation, unknown route, wrong method)
+    included, is the OpenAI envelope, with the same status and body on both."""
+    home = make_home(tmp_path)
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, home=tmp_path / "gateway", admin_key=KEY
+    )
+    gateway_app = create_gateway(
+        settings,
+        engine=_NoEngine(),  # type: ignore[arg-type]
+        adapters=object(),
+        base_model="base",
+        rounds_controller=controller(home),
+    )
+    json_header = {**AUTH, "content-type": "application/json"}
+    requests: list[tuple[str, str, dict[str, Any], int]] = [
+        ("POST", "/admin/rounds", {"json": {}}, 401),
+        ("GET", "/admin/rounds", {"headers": {"Authorization": "Bearer wrong"}}, 401),
+        ("POST", "/admin/rounds", {"content": b"{bad", "headers": json_header}, 400),
+        ("POST", "/admin/rounds", {"json": [1], "headers": AUTH}, 400),
+        ("POST", "/admin/rounds", {"json": {"rounds": "x"}, "headers": AUTH}, 400),
+        ("POST", "/admin/rounds", {"json": {"rounds": 0}, "headers": AUTH}, 400),
+        ("POST", "/admin/rounds", {"json": {"nope": 1}, "headers": AUTH}, 400),
+        ("POST", "/admin/rounds", {"json": {"users": ["carol"]}, "headers": AUTH}, 400),
+        ("GET", "/admin/rounds/r-20260101t000000-abcdef", {"headers": AUTH}, 404),
+        ("GET", "/no-such-route", {}, 404),
+        ("DELETE", "/admin/rounds", {"headers": AUTH}, 405),
+    ]
+    with (
+        TestClient(create_app(controller(home), admin_key=KEY)) as pod,
+        TestClient(gateway_app) as gateway,
+    ):
+        for method, path, kwargs, status in requests:
+            direct = pod.request(method, path, **kwargs)
+            served = gateway.request(method, path, **kwargs)
+            assert error(direct, status) == error(served, status), (method, path, kwargs)
+        with RunLock(home / "runs"):
+            busy = [c.post("/admin/rounds", json={}, headers=AUTH) for c in (pod, gateway)]
+        assert error(busy[0], 409) == error(busy[1], 409)
+        assert busy[0].json()["error"]["code"] == "conflict"
+        # Admin routes without a key name the admin key and where it is set, not user keys.
+        missing = error(pod.post("/admin/rounds", json={}), 401)["message"]
+        assert "FEDPERSONA_ADMIN_KEY" in missing and "users add" not in missing
+
+
+def test_serve_warns_at_start_without_an_admin_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedpersona.service.commands import serve
+
+    monkeypatch.delenv("FEDPERSONA_ADMIN_KEY", raising=False)
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    with caplog.at_level(logging.WARNING):
+        # No model in this home: serve stops before vLLM (exit 2), after the warning.
+        assert serve.run(parser.parse_args(["--home", str(tmp_path / "home")])) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("FEDPERSONA_ADMIN_KEY is not set" in w for w in warnings), caplog.text

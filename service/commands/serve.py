@@ -177,6 +177,12 @@ def build_round_controller(settings: Settings, metrics: Metrics) -> RoundControl
     )
 
 
+NO_ADMIN_KEY_WARNING = (
+    "FEDPERSONA_ADMIN_KEY is not set: the admin API (/admin/users, /admin/rounds) answers 403. "
+    "Set it (a random string of 24+ characters) in the environment to use them."
+)
+
+
 def build_app(settings: Settings, *, rounds: bool = True, supervisor: Any = None) -> Any:
     """The gateway app; `supervisor` defaults to `build_supervisor(settings)`."""
     # Imported here so that bad settings fail fast, before torch and friends load.
@@ -209,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         logger.error("invalid settings:\n%s", e)
         return 2
+    if not settings.admin_enabled:
+        logger.warning("%s", NO_ADMIN_KEY_WARNING)
     problem = preflight(settings)
     if problem is not None:
         logger.error("%s", problem)

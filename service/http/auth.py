@@ -70,6 +70,12 @@ def rate_limited_user(
 LimitedUser = Annotated[User, Depends(rate_limited_user)]
 
 
+MISSING_ADMIN_KEY = (
+    "Missing admin key. Send it as 'Authorization: Bearer <admin key>'; the operator sets the "
+    "admin key with FEDPERSONA_ADMIN_KEY when starting the server."
+)
+
+
 def _no_users(_: str) -> bool:
     return False
 
@@ -84,7 +90,7 @@ class AdminGuard:
 
     def check(self, token: str | None) -> None:
         if token is None:
-            raise AuthenticationFailed(_MISSING)
+            raise AuthenticationFailed(MISSING_ADMIN_KEY)
         if self.key and hmac.compare_digest(token.encode(), self.key.encode()):
             return
         if self.is_user_key(token):
