@@ -2,7 +2,8 @@
 
 Each `Metrics` owns a registry (never the process-global one), so tests can build many apps and
 two apps in one process never share counters. Labels are bounded: route templates, status codes,
-and model kind (`personal` / `base`); never a user id, key or free-form model name.
+and what answered a chat (`ServedKind`: `personal`, `global`, `base`); never a user id, key or
+free-form model name.
 
 `fedpersona.service.engine.adapters.AdapterManager` updates `adapter_loads`, `adapter_unloads`,
 `adapter_evictions` and `adapter_load_seconds`.
@@ -10,10 +11,25 @@ and model kind (`personal` / `base`); never a user id, key or free-form model na
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServedKind(StrEnum):
+    """The `kind` label of chat metrics: what the engine answered with, not what was asked for.
+
+    `personal`: the user's own adapter; `global`: a federation-wide adapter (a user without one
+    of their own, on cold start); `base`: the base model (asked for by name, or no adapter to
+    serve)."""
+
+    PERSONAL = "personal"
+    GLOBAL = "global"
+    BASE = "base"
+
 
 # Latency buckets from a few ms (cached, tiny model) to minutes (CPU engine, long outputs).
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

@@ -7,6 +7,12 @@ allow-listed request fields (plus the proxy-tuning `vllm_xargs` that only this m
 built by `fedpersona.adapters.refs`), forward, and write the public model name back into the
 response and into every stream chunk.
 
+What answered is reported with the result (`ChatOutcome.adapter`, sent by the route as the
+`x-fedpersona-adapter` header): `<slot>@<version id>` of the adapter the engine applied (the
+user's own `users/<user>/served`, or on cold start a `global/adapters/<method>`), or `base` when
+the base model answered. Metrics count by the same split (`served_kind`): `personal`, `global`,
+`base`; a personal-alias request the base model answered is never counted as `personal`.
+
 Knows nothing about HTTP frameworks: it returns a dict or an async iterator of SSE bytes, and
 raises `GatewayError`s. Routes turn those into responses.
 """
@@ -22,8 +28,9 @@ from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fedpersona.adapters import AdapterError, AdapterStore, Slot, Version
-from fedpersona.adapters.refs import ExpertRef, proxy_xargs
+from fedpersona.adapters import AdapterError, AdapterStore, Slot, SlotKind, Version
+from fedpersona.adapters.errors import InvalidName
+from fedpersona.adapters.refs import ExpertRef, parse_engine_adapter_name, proxy_xargs
 from fedpersona.service.engine.client import chunk_has_content, renamed_chunk
 from fedpersona.service.errors import (
     AdapterLoadFailed,
@@ -34,7 +41,7 @@ from fedpersona.service.errors import (
     UpstreamError,
 )
 from fedpersona.service.http.protocol import ChatCompletionRequest
-from fedpersona.service.metrics import Metrics
+from fedpersona.service.metrics import Metrics, ServedKind
 from fedpersona.service.registry import User
 from fedpersona.service.routing import (
     ModelKind,
@@ -47,6 +54,28 @@ from fedpersona.service.routing import (
 logger = logging.getLogger(__name__)
 
 DONE_EVENT = b"data: [DONE]\n\n"
+ADAPTER_HEADER = "x-fedpersona-adapter"
+BASE_ADAPTER = "base"  # the header's value when the base model answered
+GLOBAL_SLOTS_TTL_S = 5.0
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the engine answers a request with: `adapter` is `<slot>@<version id>` or `base`."""
+
+    kind: ServedKind
+    adapter: str = BASE_ADAPTER
+
+
+BASE = Served(ServedKind.BASE)
+
+
+@dataclass(frozen=True)
+class ChatOutcome:
+    """A chat result (a completion dict, or an iterator of SSE events) and what answered it."""
+
+    result: dict[str, Any] | AsyncIterator[bytes]
+    served: Served
 
 
 class ChatEngine(Protocol):
@@ -93,11 +122,19 @@ class ChatService:
         self.adapters = adapters
         self.store = store
         self.metrics = metrics
+        # Global adapter version id -> its slot; global slots listed at most every TTL seconds.
+        self._global_versions: dict[str, Slot] = {}
+        self._globals_read_at = -GLOBAL_SLOTS_TTL_S
 
     async def complete(
         self, request: ChatCompletionRequest, *, user: User
     ) -> dict[str, Any] | AsyncIterator[bytes]:
-        """A chat completion dict, or (for `stream=true`) an iterator of SSE events.
+        """`serve(...).result`."""
+        return (await self.serve(request, user=user)).result
+
+    async def serve(self, request: ChatCompletionRequest, *, user: User) -> ChatOutcome:
+        """A chat completion dict, or (for `stream=true`) an iterator of SSE events, with what
+        answered it.
 
         Every error that happens before the first byte is raised, so the route can still answer
         with the right status; errors after that become an error event followed by `[DONE]`.
@@ -124,33 +161,36 @@ class ChatService:
         )
         started = time.perf_counter()
         body: dict[str, Any] | None = None
+        served = BASE
         try:
             # Engine errors leave the `async with` unmapped, so the adapter pin sees them (a 404
             # tells the adapter manager that vLLM lost the adapter), then they are translated.
             async with AsyncExitStack() as stack:
-                body = await self._engine_body(request, route=route, user=user, stack=stack)
+                body, served = await self._engine_body(request, route=route, user=user, stack=stack)
                 if request.stream:
                     first, lines = await self._open_stream(body, stack=stack)
                     # The relay owns the adapter pin and the engine stream from here on.
-                    return self._relay(
+                    relay = self._relay(
                         first,
                         lines,
                         route=route,
+                        kind=served.kind,
                         engine_model=body["model"],
                         include_usage=request.include_usage,
                         stack=stack.pop_all(),
                         started=started,
                     )
+                    return ChatOutcome(relay, served)
                 answer = await self.engine.chat(body)
         except EngineRequestError as e:
             raise self._engine_error(e, body=body) from e
-        self._count_usage(answer.get("usage"), route)
+        self._count_usage(answer.get("usage"), served.kind)
         answer.pop("system_fingerprint", None)  # names the engine's version
-        self.metrics.chat_seconds.labels(route.kind.value, "false").observe(
+        self.metrics.chat_seconds.labels(served.kind.value, "false").observe(
             time.perf_counter() - started
         )
         answer["model"] = route.public_name
-        return answer
+        return ChatOutcome(answer, served)
 
     async def _engine_body(
         self,
@@ -159,12 +199,14 @@ class ChatService:
         route: ModelRoute,
         user: User,
         stack: AsyncExitStack,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], Served]:
         engine_model = self.config.base_model
+        served = BASE
         if route.kind is ModelKind.PERSONAL:
             lora = await stack.enter_async_context(self.adapters.use(user.name))
             if lora is not None:
                 engine_model = check_engine_name(user.name, lora)
+                served = await asyncio.to_thread(self._served, user.name, lora)
         body = request.engine_body(model=engine_model)
         if route.kind is ModelKind.PERSONAL and self.config.proxy_tuning:
             expert = await asyncio.to_thread(self._current_expert, user.name)
@@ -172,7 +214,38 @@ class ChatService:
                 body["vllm_xargs"] = proxy_xargs(
                     ExpertRef(expert.slot, expert.id), alpha=user.proxy_alpha
                 )
-        return body
+        return body, served
+
+    def _served(self, user: str, engine_name: str) -> Served:
+        """Which store version `engine_name` (`u-<user>-<id>`) is: the user's own served
+        version, or (cold start) a global adapter's. A version that is neither any more was
+        the user's own (superseded since)."""
+        try:
+            _, version_id = parse_engine_adapter_name(engine_name)
+        except InvalidName:
+            return Served(ServedKind.PERSONAL, engine_name)
+        own = Slot.user_served(user)
+        try:
+            if self.store.current_id(own) != version_id:
+                slot = self._global_slot(version_id)
+                if slot is not None:
+                    return Served(ServedKind.GLOBAL, f"{slot.path}@{version_id}")
+        except AdapterError as e:
+            logger.warning("store: cannot tell which slot serves %s: %s", engine_name, e)
+        return Served(ServedKind.PERSONAL, f"{own.path}@{version_id}")
+
+    def _global_slot(self, version_id: str) -> Slot | None:
+        slot = self._global_versions.get(version_id)
+        now = time.monotonic()
+        if slot is None and now - self._globals_read_at >= GLOBAL_SLOTS_TTL_S:
+            self._globals_read_at = now
+            for candidate in self.store.slots():
+                if candidate.kind is SlotKind.GLOBAL_ADAPTER:
+                    current = self.store.current_id(candidate)
+                    if current is not None:
+                        self._global_versions[current] = candidate
+            slot = self._global_versions.get(version_id)
+        return slot
 
     def _current_expert(self, user: str) -> Version | None:
         """The user's own proxy expert, else the federation's, else None."""
@@ -202,12 +275,13 @@ class ChatService:
         lines: AsyncIterator[bytes],
         *,
         route: ModelRoute,
+        kind: ServedKind,
         engine_model: str,
         include_usage: bool,
         stack: AsyncExitStack,
         started: float,
     ) -> AsyncIterator[bytes]:
-        kind = route.kind.value
+        label = kind.value
         self.metrics.streams_in_flight.inc()
         first_token_seen = False
         done = False
@@ -221,7 +295,7 @@ class ChatService:
                 if fast is not None:
                     if not first_token_seen and chunk_has_content(line):
                         first_token_seen = True
-                        self.metrics.ttft_seconds.labels(kind).observe(
+                        self.metrics.ttft_seconds.labels(label).observe(
                             time.perf_counter() - started
                         )
                     yield fast
@@ -239,10 +313,10 @@ class ChatService:
                         yield DONE_EVENT
                         return
                     if event.get("usage"):
-                        self._count_usage(event["usage"], route)
+                        self._count_usage(event["usage"], kind)
                     if not first_token_seen and _has_content(event):
                         first_token_seen = True
-                        self.metrics.ttft_seconds.labels(kind).observe(
+                        self.metrics.ttft_seconds.labels(label).observe(
                             time.perf_counter() - started
                         )
                     out = _rewrite_chunk(
@@ -265,7 +339,7 @@ class ChatService:
             yield DONE_EVENT
         finally:
             self.metrics.streams_in_flight.dec()
-            self.metrics.chat_seconds.labels(kind, "true").observe(time.perf_counter() - started)
+            self.metrics.chat_seconds.labels(label, "true").observe(time.perf_counter() - started)
             await stack.aclose()
 
     def _engine_error(
@@ -281,10 +355,10 @@ class ChatService:
             logger.error("engine error %s: %s", error.status, error.message)
         return mapped
 
-    def _count_usage(self, usage: Any, route: ModelRoute) -> None:
+    def _count_usage(self, usage: Any, served: ServedKind) -> None:
         if not isinstance(usage, dict):
             return
-        kind = route.kind.value
+        kind = served.value
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if isinstance(prompt, int) and prompt >= 0:
             self.metrics.prompt_tokens.labels(kind).inc(prompt)

@@ -5,7 +5,8 @@ answer (or, for a stream, before its first event) cancels it, which closes the c
 vLLM and makes vLLM abort the generation. Once a stream runs, Starlette's `StreamingResponse`
 notices the disconnect and the relay closes the engine stream. Each user has at most
 `max_in_flight_per_user` requests running (429 above), a stream counting until its response
-ends, however it ends.
+ends, however it ends. Every answer names what served it in the `x-fedpersona-adapter` header
+(`<slot>@<version id>` or `base`; for a stream, on the response's headers).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fedpersona.service.errors import ClientDisconnected
 from fedpersona.service.http.auth import LimitedUser
+from fedpersona.service.http.chat import ADAPTER_HEADER
 from fedpersona.service.http.limits import InFlightLimiter
 from fedpersona.service.http.protocol import ChatCompletionRequest
 from fedpersona.service.http.routes.deps import ServicesDep
@@ -74,16 +76,17 @@ async def create_chat_completion(
     release = limiter.hold(user.name)
     handed_over = False
     try:
-        result = await while_connected(request, services.chat.complete(body, user=user))
+        outcome = await while_connected(request, services.chat.serve(body, user=user))
+        result, served = outcome.result, {ADAPTER_HEADER: outcome.served.adapter}
         if isinstance(result, dict):
-            return JSONResponse(result)
+            return JSONResponse(result, headers=served)
         handed_over = True
         return _HeldStream(
             result,
             release=release,
             media_type="text/event-stream",
             # Proxies must pass events through as they come.
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served},
         )
     finally:
         if not handed_over:
