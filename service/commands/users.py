@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, err)
     except GatewayError as e:
         err.print(f"[red]error:[/red] {escape(e.message)}")  # `[a-z]` in a message is no markup
-        return 1
+        # docs/cli.md: a refused input (4xx: exists, bad name, unknown user) changed nothing.
+        return 2 if e.status < 500 else 1
 
 
 def _run(args: argparse.Namespace, err: Console) -> int:
