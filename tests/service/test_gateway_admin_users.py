@@ -138,7 +138,7 @@ def test_cli_delete_quarantines_and_refuses_the_name(
     assert "quarantined users/carol/served" in said and "--reuse-deleted-name" in said
     assert store.users() == []
 
-    assert users_main([*home, "add", "carol"]) == 1
+    assert users_main([*home, "add", "carol"]) == 2
     said = _flat(capsys.readouterr().err)
     assert "belonged to a user deleted on" in said and "--reuse-deleted-name" in said
 
@@ -279,7 +279,7 @@ def test_the_name_rule_reads_the_same_in_the_cli_and_the_api(
     gw: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert "a-z" in NAME_RULE and "0-9" in NAME_RULE
-    assert users_main(["--home", str(tmp_path), "add", "Bad/Name"]) == 1
+    assert users_main(["--home", str(tmp_path), "add", "Bad/Name"]) == 2
     said = _flat(capsys.readouterr().err)
     assert f"invalid user name 'Bad/Name': use {NAME_RULE}" in said
     answer = gw.client.post("/admin/users", json={"name": "Bad/Name"}, headers=ADMIN)

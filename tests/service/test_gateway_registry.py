@@ -106,9 +106,9 @@ def test_users_cli_prints_key_once_and_stores_only_its_hash(
     assert key.encode() not in _all_bytes(registry_file)
     assert Registry(registry_file).authenticate(key) is not None
 
-    assert users_main([*home, "add", "alice"]) == 1
+    assert users_main([*home, "add", "alice"]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert users_main([*home, "add", "Bad/Name"]) == 1
+    assert users_main([*home, "add", "Bad/Name"]) == 2
     assert "invalid user name" in capsys.readouterr().err
 
     assert users_main([*home, "revoke", str(parse_key_id(key))]) == 0
