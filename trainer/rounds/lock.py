@@ -33,7 +33,11 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
             os.close(fd)
-            raise RoundBusy(f"another training run holds {self.path}") from e
+            raise RoundBusy(
+                f"a training run is already in progress (it holds {self.path}; started by "
+                "`fedpersona train` or POST /admin/rounds): wait for it to end "
+                "(GET /admin/rounds shows it), then start this one"
+            ) from e
         self._fd = fd
 
     def release(self) -> None:
