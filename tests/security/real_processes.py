@@ -1,7 +1,10 @@
 """The integration suite's real-process fixtures, loaded by file path under their own module name
 (a conftest is not importable by name: every test folder's is called `conftest`). Imported by
-module name from this folder's conftest (which exposes the fixtures) and tests (which want the
-types and the admin key)."""
+module name by the tests, which take the fixtures, the types and the admin key from here.
+
+One vLLM per session when `tests/security` runs on its own; a session that also collects
+`tests/integration` holds one server per definition (pytest keeps one cache per fixture
+definition), so the full suite pays one extra start-up (about a minute on the micro model)."""
 
 from __future__ import annotations
 

@@ -18,10 +18,17 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import real_processes
 from fedpersona.adapters import Slot
 from fedpersona.adapters.refs import ALPHA_ARG, EXPERT_ARG
 from fedpersona.adapters.refs import engine_adapter_name as adapter_name
 from real_processes import ADMIN_KEY, GatewayUnderTest
+
+# The fixtures are the integration suite's (one definition, `real_processes`); imported here
+# rather than from a conftest.py in this folder, because integration modules import their own
+# conftest by name and a second one collected beside it would shadow it.
+vllm_server = real_processes.vllm_server
+gateway = real_processes.gateway
 
 pytestmark = pytest.mark.vllm
 
