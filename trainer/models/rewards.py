@@ -84,10 +84,10 @@ MICRO_REWARDS = RewardRecipe(
     max_len=96,
     lr=3e-3,
 )
-# `fedpersona models rewards` (default): still well under a minute on two cores.
-SMALL_REWARDS = dataclasses.replace(
-    MICRO_REWARDS, name="small", hidden=128, intermediate=256, per_persona=60, steps=150
-)
+# `fedpersona models rewards` (default): the micro size on twice the pairs, longer. A wider model
+# (hidden 128) fit the training pairs as well but generalized worse to held-out wording
+# (safety 0.58 vs 0.89 held-out pairwise accuracy).
+SMALL_REWARDS = dataclasses.replace(MICRO_REWARDS, name="small", per_persona=60, steps=100)
 REWARD_RECIPES: dict[str, RewardRecipe] = {r.name: r for r in (MICRO_REWARDS, SMALL_REWARDS)}
 
 
