@@ -33,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-MIXES: dict[str, tuple[str, float]] = {  # user -> (persona, lambda)
+# user -> (persona, lambda). One persona for all: users differ only in their reward mix (and in
+# which prompts they drew), so a difference between them is the mix's doing, not their data's.
+MIXES: dict[str, tuple[str, float]] = {
     "safe": ("chef", 0.0),
-    "mixed": ("pirate", 0.5),
-    "helpful": ("lawyer", 1.0),
+    "mixed": ("chef", 0.5),
+    "helpful": ("chef", 1.0),
 }
 MODELS = ("base", "pfit", "shared")
 
