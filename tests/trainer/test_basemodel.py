@@ -246,7 +246,7 @@ def test_cli_home_from_env_and_corpus_option(
 
 def test_cli_reports_bad_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _run_cli("--home", str(tmp_path), "--corpus", str(tmp_path / "missing.txt")) == 2
-    assert "cannot read corpus" in capsys.readouterr().err
+    assert "missing.txt: not found" in capsys.readouterr().err
     short = tmp_path / "short.txt"
     short.write_text("hi")
     assert _run_cli("--home", str(tmp_path), "--recipe", "micro", "--corpus", str(short)) == 2
