@@ -203,6 +203,8 @@ def decode_throughput(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"vLLM not ready after 900 s; see {log_path}")
             time.sleep(2)
+        # Every launch has an engine key; the bench talks to vLLM directly, like the gateway.
+        headers = {"Authorization": f"Bearer {launch.api_key}"}
         tokenizer = load_tokenizer(home / "models" / "large")
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": "ROMEO:\nWhat light through yonder window breaks?"}],
@@ -220,7 +222,9 @@ def decode_throughput(
             }
             if use_expert:
                 body["vllm_xargs"] = {"fedpersona_expert": expert, "fedpersona_alpha": 1.0}
-            r = httpx.post(f"{launch.base_url}/v1/completions", json=body, timeout=600)
+            r = httpx.post(
+                f"{launch.base_url}/v1/completions", json=body, headers=headers, timeout=600
+            )
             r.raise_for_status()
             return int(r.json()["usage"]["completion_tokens"])
 
@@ -356,6 +360,9 @@ def main() -> int:
     )
     report["perplexity"] = ppl
     report.update(gaps(ppl))
+    # Saved before the engine part, so a failure there does not lose the tuning and perplexity.
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(report, indent=2))
 
     if not opts.skip_vllm:
         store_dir = Path(tempfile.mkdtemp(prefix="proxy-bench-store-"))
