@@ -18,15 +18,11 @@ nothing about LoRA, federated learning or serving.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +38,7 @@ from fedpersona.trainer.models.recipe import (  # noqa: F401  (re-exported: mode
     ModelSize,
     Recipe,
 )
+from fedpersona.trainer.models.staging import fsync_tree, locked, swap_in
 from fedpersona.trainer.models.tokenizer import render_chat
 
 log = logging.getLogger(__name__)
@@ -101,7 +98,7 @@ def build_models(
     key = recipe.hash()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(out_dir / ".lock"):
+    with locked(out_dir / ".lock"):
         if not force and all(_is_cached(out_dir / role, key) for role in ROLES):
             log.info("base models cache hit (recipe %s, hash %s) in %s", recipe.name, key, out_dir)
             return _pair(out_dir, recipe, cache_hit=True, started=started)
@@ -113,9 +110,9 @@ def build_models(
             )  # torch and transformers: only when building
 
             pretrain.write_models(staging, recipe, corpus, progress=progress)
-            _fsync_tree(staging)
+            fsync_tree(staging)
             for role in ROLES:
-                _swap_in(staging / role, out_dir / role)
+                swap_in(staging / role, out_dir / role)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return _pair(out_dir, recipe, cache_hit=False, started=started)
@@ -147,32 +144,3 @@ def _is_cached(model_dir: Path, key: str) -> bool:
         and marker.get("recipe_hash") == key
         and (model_dir / "model.safetensors").is_file()
     )
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under `root`, so a rename never publishes lost data."""
-    for path in [*sorted(root.rglob("*"), reverse=True), root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    """Replace `target` by `new` with renames (same file system), never a partial copy."""
-    old = target.with_name(f".old-{target.name}-{uuid.uuid4().hex}")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)

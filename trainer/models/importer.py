@@ -19,16 +19,14 @@ about LoRA, federated learning or serving.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ from fedpersona.adapters.manifest import (
     write_model_manifest,
 )
 from fedpersona.trainer.errors import ModelImportError
+from fedpersona.trainer.models.staging import fsync_tree, locked, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +172,9 @@ def import_model(
             }
         )
         write_model_manifest(staging, manifest)
-        _fsync_tree(staging)
-        with _locked(target.with_name(f".{target.name}.lock")):
-            _swap_in(staging, target)
+        fsync_tree(staging)
+        with locked(target.with_name(f".{target.name}.lock")):
+            swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("imported %s -> %s in %.1f s", source, target, time.monotonic() - started)
@@ -328,41 +327,3 @@ def _count_parameters(model_dir: Path) -> int:
                     count *= dim
                 total += count
     return total
-
-
-# --------------------------------------------------------------------------- atomic swap
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _fsync_tree(root: Path) -> None:
-    for file in root.rglob("*"):
-        if file.is_file():
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    old = target.with_name(f".old-{target.name}-{uuid.uuid4().hex}")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -30,13 +30,8 @@ from typing import Any
 
 from fedpersona.adapters.manifest import ModelManifest, read_model_manifest, write_model_manifest
 from fedpersona.trainer.errors import ModelImportError
-from fedpersona.trainer.models.importer import (
-    ImportedModel,
-    _fsync_tree,
-    _locked,
-    _swap_in,
-    read_manifest,
-)
+from fedpersona.trainer.models.importer import ImportedModel, read_manifest
+from fedpersona.trainer.models.staging import fsync_tree, locked, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +184,9 @@ def derive_small(
             }
         )
         write_model_manifest(staging, manifest)
-        _fsync_tree(staging)
-        with _locked(target.with_name(f".{target.name}.lock")):
-            _swap_in(staging, target)
+        fsync_tree(staging)
+        with locked(target.with_name(f".{target.name}.lock")):
+            swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info(
