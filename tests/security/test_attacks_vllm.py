@@ -239,7 +239,7 @@ def test_abandoned_request_is_cancelled_in_the_engine(gateway: GatewayUnderTest)
     # reports the requests running. An attempt where the requests finished before vLLM's gauge
     # showed them proves nothing either way and is repeated.
     n = 6
-    for _attempt in range(3):
+    for _attempt in range(10):  # vLLM's gauges lag its engine steps; most attempts see them
         generated, seen = _abandon(gateway, body, n)
         if seen:
             break
