@@ -30,7 +30,7 @@ from fedpersona.trainer.flower.identity import NodeBindings, generate_tls
 from fedpersona.trainer.flower.runconfig import config_of
 from fedpersona.trainer.models.basemodel import ModelPair
 from fedpersona.trainer.rounds.records import RoundSpec, RunRecords, RunState, RunStatus
-from test_flower_deployment import free_ports, started, wait_listening
+from support.processes import free_ports, started, wait_listening
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
 

@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,50 +29,12 @@ from fedpersona.trainer.flower.deployment import (
 from fedpersona.trainer.flower.runconfig import config_of
 from fedpersona.trainer.models.basemodel import ModelPair
 from fedpersona.trainer.rounds.records import RoundSpec, RunRecords, RunState
+from support.processes import free_ports, started, wait_listening
 from support.wheel import build_wheel, install_wheel, shadow_packages
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
 USERS = {"alice": "pirate", "bob": "chef"}
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def wait_listening(port: int, *, timeout: float, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"process exited with {proc.returncode}"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on {port} after {timeout} s")
-
-
-@contextlib.contextmanager
-def started(
-    command: list[str], *, env: dict[str, str], log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_round_completes_on_superlink_and_two_supernodes(

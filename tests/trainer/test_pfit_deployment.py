@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,48 +26,11 @@ from fedpersona.trainer.flower.runconfig import config_of
 from fedpersona.trainer.models.basemodel import ModelPair
 from fedpersona.trainer.rlhf.mix import Preferences, write_preferences
 from fedpersona.trainer.rounds.records import RoundSpec, RunRecords, RunState
+from support.processes import free_ports, started, wait_listening
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
 USERS = {"alice": ("pirate", 1.0), "bob": ("chef", 0.0)}
-
-
-def _free_ports(n: int) -> list[int]:
-    # Bound together, so no two of them can be the same port.
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [int(s.getsockname()[1]) for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _wait_listening(port: int, *, timeout: float, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"process exited with {proc.returncode}"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on {port} after {timeout} s")
-
-
-@contextlib.contextmanager
-def _started(
-    command: list[str], *, env: dict[str, str], log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_pfit_round_on_superlink_and_two_supernodes(
@@ -88,7 +47,7 @@ def test_pfit_round_on_superlink_and_two_supernodes(
     flwr_home = tmp_path / "flwr" / ".flwr"
     env = flwr_env(flwr_home)
     env["HOME"] = str(flwr_home.parent)
-    fleet, serverappio, control, io_a, io_b = _free_ports(5)
+    fleet, serverappio, control, io_a, io_b = free_ports(5)
     links = SuperLinkAddresses.on(
         "127.0.0.1", fleet=fleet, serverappio=serverappio, control=control
     )
@@ -99,11 +58,11 @@ def test_pfit_round_on_superlink_and_two_supernodes(
     config = config_of(spec, run_id=status.id, home=home, users=tuple(USERS))
     logs = tmp_path / "logs"
     logs.mkdir()
-    with _started(
+    with started(
         superlink_command(links, database=tmp_path / "state.db"), env=env, log=logs / "link.log"
     ) as link:
-        _wait_listening(control, timeout=60, proc=link)
-        _wait_listening(fleet, timeout=60, proc=link)
+        wait_listening(control, timeout=60, proc=link)
+        wait_listening(fleet, timeout=60, proc=link)
         with contextlib.ExitStack() as nodes:
             for user, port in zip(USERS, (io_a, io_b), strict=True):
                 command = supernode_command(
@@ -112,7 +71,7 @@ def test_pfit_round_on_superlink_and_two_supernodes(
                     user=user,
                     silo=silos[user],
                 )
-                nodes.enter_context(_started(command, env=env, log=logs / f"{user}.log"))
+                nodes.enter_context(started(command, env=env, log=logs / f"{user}.log"))
             final = submit(
                 config, control=links.control, flwr_home=flwr_home, timeout=480,
                 log_file=logs / "flwr-run.log",
