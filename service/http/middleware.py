@@ -43,9 +43,14 @@ def bearer(scope: Scope) -> str | None:
     return None
 
 
-async def send_error(send: Send, error: GatewayError) -> None:
+async def send_error(send: Send, error: GatewayError, *, close: bool = False) -> None:
+    """Send `error`'s envelope. `close` adds `Connection: close`, for refusals that leave the
+    request body unread (413, 408): the server then drops the connection at once instead of
+    waiting on the rest of a body nobody will read until its keep-alive timer fires."""
     body = json.dumps(error.envelope()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -122,7 +127,7 @@ class BodyLimits:
             return
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await send_error(send, PayloadTooLarge())
+                await send_error(send, PayloadTooLarge(), close=True)
                 return
         buffered: list[Message] = []
         seen = 0
@@ -132,14 +137,14 @@ class BodyLimits:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except TimeoutError:
-                await send_error(send, RequestTimeout())
+                await send_error(send, RequestTimeout(), close=True)
                 return
             buffered.append(message)
             if message["type"] != "http.request":
                 break  # a disconnect: let the app see it
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                await send_error(send, PayloadTooLarge())
+                await send_error(send, PayloadTooLarge(), close=True)
                 return
             if not message.get("more_body", False):
                 break
