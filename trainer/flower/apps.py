@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from fedpersona.adapters import AdapterStore
+from fedpersona.adapters.preferences import effective_preferences
 from fedpersona.trainer.flower.admission import Admission
 from fedpersona.trainer.flower.client_state import (
     ClientState,
@@ -99,7 +100,9 @@ def _cached_method(algorithm: str, rank: int) -> Method:
     return get_method(algorithm, spec=LoraSpec(rank=rank, alpha=2.0 * rank))
 
 
-def train_config(config: RunConfig, *, round_idx: int, user: str) -> TrainConfig:
+def train_config(
+    config: RunConfig, *, round_idx: int, user: str, reward_mix: float | None = None
+) -> TrainConfig:
     # A different, reproducible seed per user and round.
     spec = config.spec
     seed = int(np.random.SeedSequence([spec.seed, round_idx, *user.encode()]).generate_state(1)[0])
@@ -111,6 +114,7 @@ def train_config(config: RunConfig, *, round_idx: int, user: str) -> TrainConfig
         seed=seed % (2**31),
         prox_mu=spec.prox_mu,
         total_rounds=spec.rounds,
+        reward_mix=reward_mix,
     )
 
 
@@ -246,12 +250,19 @@ def run_client(
         binding=binding_of(method, base),
         resume=config.resume,
     )
+    # The user's reward mix as the operator set it last (read each round, so a change applies
+    # from the next round on).
+    reward_mix = (
+        effective_preferences(node.store, node.user).reward_mix
+        if method.behaviour.rewards
+        else None
+    )
     update = method.client_update(
         base_model=base,
         silo=node.silo,
         global_params=global_params,
         state=states.load(),
-        config=train_config(config, round_idx=round_idx, user=node.user),
+        config=train_config(config, round_idx=round_idx, user=node.user, reward_mix=reward_mix),
         round_idx=round_idx,
     )
     states.save(update.state)
@@ -266,7 +277,10 @@ def run_client(
         metrics[TRAIN_LOSS] = float(update.metrics["train_loss"])
     content = RecordDict(
         {
-            UPLOAD_KEY: to_record(update.upload),
+            # A method may ship its upload in a compact dtype (PFTT: `wire_dtype`).
+            UPLOAD_KEY: to_record(
+                update.upload, wire_dtype=getattr(method, "wire_dtype", "float32")
+            ),
             METRICS_KEY: metrics,
             CLIENT_KEY: ConfigRecord(
                 {"user": node.user, "personal-version": personal_version or ""}

@@ -54,9 +54,10 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 
 
-def to_record(params: Params) -> ArrayRecord:
-    """`params` in one packed array (`fedpersona.trainer.flower.packing`): no per-key overhead."""
-    return pack(params)
+def to_record(params: Params, *, wire_dtype: str = "float32") -> ArrayRecord:
+    """`params` in one packed array (`fedpersona.trainer.flower.packing`): no per-key overhead;
+    floating arrays shipped in `wire_dtype`."""
+    return pack(params, wire_dtype=wire_dtype)
 
 
 def from_record(record: ArrayRecord) -> Params:

@@ -11,7 +11,10 @@ Communication (the design's choice): given the rank budget `spec` that FedAvg wo
 rank 8), the global LoRA gets half of it on the same target modules (rank 4, same scaling
 alpha / rank), so each round's uplink is half of FedAvg's (for odd ranks a little less); the
 personal LoRA gets the rest, so the served composition has FedAvg's rank (8).
-A FedProx term (`prox_mu`), if set, applies to the global LoRA only.
+A FedProx term (`prox_mu`), if set, applies to the global LoRA only. The upload is shipped in
+`wire_dtype` (default bfloat16: 2 bytes a value; the server widens it back and aggregates in
+float32), so a round's uplink is about a quarter of FedAvg's float32 one, and half of a FedAvg
+that shipped bfloat16 too.
 
 With `personal_round` (the evaluation's setting, `docs/evaluation.md`) the last round of a run
 trains only the personal LoRA, for the same local steps, against the final global, which stays
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
 
 GLOBAL = "global"
 PERSONAL = "personal"
+# The dtypes an upload may be shipped in (`fedpersona.trainer.flower.packing.WIRE_DTYPES`).
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Pftt(LoraMethod):
     prox_mu: float = 0.0
     personal_round: bool = False
     max_rank: int = DEFAULT_MAX_RANK
+    wire_dtype: str = "bfloat16"
     name: str = "pftt"
     SHARED: ClassVar[str | None] = GLOBAL
     KEPT: ClassVar[str | None] = PERSONAL
@@ -91,6 +97,10 @@ class Pftt(LoraMethod):
             )
         if not self.prox_mu >= 0:
             raise MethodError(f"prox_mu must be >= 0, got {self.prox_mu!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise MethodError(
+                f"pftt: wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}"
+            )
 
     def _part(self, rank: int) -> LoraSpec:
         scaling = self.spec.alpha / self.spec.rank
