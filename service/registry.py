@@ -1,4 +1,8 @@
-"""Users and API-key hashes in an embedded SQLite file (the gateway's only own state).
+"""Users and API-key hashes: the gateway's only own state, in SQLite or a shared PostgreSQL.
+
+The database (`fedpersona.service.db`) is an embedded SQLite file by default and a PostgreSQL
+server when `database_url` is set (several gateways on several nodes); the schema and its
+migrations are owned by `fedpersona.service.db_migrations`, applied when a registry opens.
 
 A key looks like `fp-<key id>_<secret>`: the key id (12 hex chars) is public and names the key
 in listings and revocations; the secret has 256 bits of entropy. Only `sha256(full key)` is
@@ -17,8 +21,7 @@ user leaves a tombstone in `deleted_users` (name, user id, created and deleted t
 tombstoned name cannot be created again unless the operator asks for it explicitly
 (`reuse_deleted_name`), after the store and silo of the name were cleared
 (`fedpersona.service.accounts` does both steps): a new person must never be served what was
-trained for the old one. Files of an older schema are upgraded in place when opened
-(`PRAGMA user_version`).
+trained for the old one. Databases of an older schema are upgraded in place when opened.
 
 The proxy-tuning alpha's accepted range and its check live here too (`check_proxy_alpha`,
 `ProxyAlpha` for wire models), so the CLI and the admin API refuse the same values with the
@@ -30,12 +33,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import os
 import secrets
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,41 +43,16 @@ from typing import Annotated
 
 from fedpersona.adapters import InvalidName, validate_user_id
 from fedpersona.adapters.names import NAME_RULE
+from fedpersona.service.db import Database, SqliteDatabase, Transaction, open_database
+from fedpersona.service.db_migrations import SCHEMA_VERSION as SCHEMA_VERSION
+from fedpersona.service.db_migrations import migrate
+from fedpersona.service.db_migrations import new_user_id as new_user_id
 from fedpersona.service.errors import BadRequest, Conflict, NotFound
 from pydantic import AfterValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 KEY_PREFIX = "fp-"
 _KEY_ID_HEX = 12
-SCHEMA_VERSION = 2
-# Version 1 (no user_version set) had `users` without `user_id` and no `deleted_users`;
-# `_migrate` upgrades it in place. Indexes on new columns are created after the migration.
-_TABLES = """
-CREATE TABLE IF NOT EXISTS users (
-    name        TEXT PRIMARY KEY,
-    created_at  REAL NOT NULL,
-    proxy_alpha REAL NOT NULL DEFAULT 1.0,
-    user_id     TEXT
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id      TEXT PRIMARY KEY,
-    user        TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
-    key_sha256  BLOB NOT NULL,
-    created_at  REAL NOT NULL,
-    revoked_at  REAL
-);
-CREATE INDEX IF NOT EXISTS api_keys_user ON api_keys(user);
-CREATE TABLE IF NOT EXISTS deleted_users (
-    user_id     TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    created_at  REAL NOT NULL,
-    deleted_at  REAL NOT NULL,
-    reused_at   REAL
-);
-CREATE INDEX IF NOT EXISTS deleted_users_name ON deleted_users(name);
-"""
-_INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS users_user_id ON users(user_id);"
-
 PROXY_ALPHA_MIN = 0.0
 PROXY_ALPHA_MAX = 10.0
 
@@ -156,10 +131,6 @@ def new_api_key() -> tuple[str, str]:
     return key_id, f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
 
 
-def new_user_id() -> str:
-    return "u" + secrets.token_hex(8)
-
-
 def proxy_alpha_problem(value: object) -> str | None:
     """Why `value` is not an accepted proxy alpha (a sentence without a subject), or None."""
     accepted = f"a number from {PROXY_ALPHA_MIN:g} to {PROXY_ALPHA_MAX:g}"
@@ -203,39 +174,41 @@ def check_user_name(name: str) -> str:
 
 
 class Registry:
-    """Thread-safe by construction: one short-lived connection per operation."""
+    """Thread-safe: one transaction per operation (see `fedpersona.service.db`).
 
-    def __init__(self, path: Path, *, default_alpha: float = 1.0) -> None:
-        self.path = Path(path)
+    `location` is a SQLite file path, a `postgresql://` URL, or an open `Database` (which the
+    registry then owns and closes).
+    """
+
+    def __init__(
+        self,
+        location: Path | str | Database,
+        *,
+        default_alpha: float = 1.0,
+        pool_size: int = 10,
+    ) -> None:
         self.default_alpha = default_alpha
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            # Create owner-only before SQLite writes anything into it.
-            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
-        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+        self.database = (
+            location
+            if isinstance(location, Database)
+            else open_database(location, pool_size=pool_size)
+        )
+        # The SQLite file (None on PostgreSQL).
+        self.path: Path | None = (
+            self.database.path if isinstance(self.database, SqliteDatabase) else None
+        )
         try:
-            # WAL: the CLI can add users while the gateway reads, without "database is locked".
-            db.execute("PRAGMA journal_mode=WAL")
-            _migrate(db)
-        finally:
-            db.close()
+            migrate(self.database)
+        except BaseException:
+            self.database.close()
+            raise
 
-    @contextmanager
-    def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-        try:
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield db
-            except Exception:
-                db.execute("ROLLBACK")
-                raise
-            else:
-                db.execute("COMMIT")
-        finally:
-            db.close()
+    def _connect(self, *, write: bool = False) -> AbstractContextManager[Transaction]:
+        return self.database.transaction(write=write)
+
+    def close(self) -> None:
+        """Release the database's pooled connections (PostgreSQL); a no-op for SQLite."""
+        self.database.close()
 
     # ---- users ----------------------------------------------------------------------------
 
@@ -296,8 +269,9 @@ class Registry:
 
     def list_users(self) -> list[User]:
         with self._connect() as db:
-            rows = db.execute(_USER_SELECT + " GROUP BY u.name ORDER BY u.name").fetchall()
-        return [User(*row) for row in rows]
+            rows = db.execute(_USER_SELECT + " GROUP BY u.name").fetchall()
+        # Sorted here: database collations order names differently.
+        return sorted((User(*row) for row in rows), key=lambda u: u.name)
 
     def set_proxy_alpha(self, name: str, alpha: float) -> User:
         alpha = check_proxy_alpha(alpha)
@@ -337,16 +311,16 @@ class Registry:
             if db.execute("SELECT 1 FROM users WHERE name = ?", (user,)).fetchone() is None:
                 raise UserNotFound()
             db.execute(
-                "INSERT INTO api_keys(key_id, user, key_sha256, created_at) VALUES (?, ?, ?, ?)",
+                'INSERT INTO api_keys(key_id, "user", key_sha256, created_at) VALUES (?, ?, ?, ?)',
                 (key_id, user, _digest(api_key), time.time()),
             )
         return IssuedKey(key_id=key_id, user=user, api_key=api_key)
 
     def list_keys(self, user: str | None = None) -> list[KeyInfo]:
-        query = "SELECT key_id, user, created_at, revoked_at FROM api_keys"
+        query = 'SELECT key_id, "user", created_at, revoked_at FROM api_keys'
         params: tuple[str, ...] = ()
         if user is not None:
-            query += " WHERE user = ?"
+            query += ' WHERE "user" = ?'
             params = (user,)
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY created_at", params).fetchall()
@@ -359,7 +333,7 @@ class Registry:
                 (time.time(), key_id),
             )
             row = db.execute(
-                "SELECT key_id, user, created_at, revoked_at FROM api_keys WHERE key_id = ?",
+                'SELECT key_id, "user", created_at, revoked_at FROM api_keys WHERE key_id = ?',
                 (key_id,),
             ).fetchone()
         if row is None:
@@ -373,7 +347,7 @@ class Registry:
             if db.execute("SELECT 1 FROM users WHERE name = ?", (user,)).fetchone() is None:
                 raise UserNotFound()
             cur = db.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE user = ? AND revoked_at IS NULL",
+                'UPDATE api_keys SET revoked_at = ? WHERE "user" = ? AND revoked_at IS NULL',
                 (time.time(), user),
             )
         return cur.rowcount
@@ -386,12 +360,12 @@ class Registry:
         with self._connect() as db:
             row = db.execute(
                 "SELECT k.key_sha256, u.name, u.created_at, u.proxy_alpha, u.user_id "
-                "FROM api_keys k JOIN users u ON u.name = k.user "
+                'FROM api_keys k JOIN users u ON u.name = k."user" '
                 "WHERE k.key_id = ? AND k.revoked_at IS NULL",
                 (key_id,),
             ).fetchone()
         # Compare even when no row matched, so timing does not tell a known key id apart.
-        stored = row[0] if row is not None else b"\0" * 32
+        stored = bytes(row[0]) if row is not None else b"\0" * 32
         if not hmac.compare_digest(stored, _digest(api_key)) or row is None:
             return None
         return User(name=row[1], created_at=row[2], proxy_alpha=row[3], user_id=row[4])
@@ -405,29 +379,8 @@ class Registry:
 _USER_SELECT = (
     "SELECT u.name, u.created_at, u.proxy_alpha, "
     "COUNT(CASE WHEN k.key_id IS NOT NULL AND k.revoked_at IS NULL THEN 1 END), u.user_id "
-    "FROM users u LEFT JOIN api_keys k ON k.user = u.name"
+    'FROM users u LEFT JOIN api_keys k ON k."user" = u.name'
 )
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    """Create the tables, or upgrade an older file in place (one transaction, idempotent)."""
-    db.execute("BEGIN IMMEDIATE")  # two processes opening an old file: one upgrades, one waits
-    try:
-        for statement in _TABLES.split(";"):
-            if statement.strip():
-                db.execute(statement)
-        columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
-        if "user_id" not in columns:
-            db.execute("ALTER TABLE users ADD COLUMN user_id TEXT")
-        names = [r[0] for r in db.execute("SELECT name FROM users WHERE user_id IS NULL")]
-        for name in names:  # rows of version 1: each gets its own identity now
-            db.execute("UPDATE users SET user_id = ? WHERE name = ?", (new_user_id(), name))
-        db.execute(_INDEXES)
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    except Exception:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def _deleted_message(name: str, deleted_at: float) -> str:

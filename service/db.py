@@ -1,0 +1,214 @@
+"""The gateway's database: an embedded SQLite file (the default) or a shared PostgreSQL server.
+
+One small interface over both, so the registry (`fedpersona.service.registry`) and the shared
+rate limiter (`fedpersona.service.db_ratelimit`) write their SQL once: `?` placeholders (turned
+into psycopg's `%s` for PostgreSQL), identifiers that are reserved in PostgreSQL double-quoted
+(`"user"`), and no dialect-specific function outside `Database.sql_least/sql_greatest/sql_now`.
+The schema and its versions are owned by `fedpersona.service.db_migrations`.
+
+- SQLite: one short-lived connection per transaction (thread-safe by construction), WAL so the
+  CLI can write while gateways read, the file created owner-only. Safe for the processes of one
+  machine; SQLite locking over network file systems is not, so gateways on several nodes share a
+  PostgreSQL server instead.
+- PostgreSQL (`postgresql://...`, psycopg 3): a thread-safe connection pool per process. Write
+  transactions of the registry (`transaction(write=True)`) take one transaction-scoped advisory
+  lock, so concurrent admin writes from many gateways serialize exactly like SQLite's
+  `BEGIN IMMEDIATE` (they are rare; reads and `statement` never take it).
+
+The URL is a secret (it may hold a password): `describe()` is what logs and errors show.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
+
+Dialect = Literal["sqlite", "postgresql"]
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+# pg_advisory_xact_lock key of registry writes and of migrations ("fp" "reg" / "fp" "mig").
+REGISTRY_WRITE_LOCK = 0x6670_7265_67
+MIGRATION_LOCK = 0x6670_6D69_67
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The configured database cannot be reached or opened (says which, without secrets)."""
+
+
+class Result(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Transaction(Protocol):
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Result: ...
+
+
+def is_postgres_url(location: object) -> bool:
+    return isinstance(location, str) and urlsplit(location).scheme in POSTGRES_SCHEMES
+
+
+def redact_url(url: str) -> str:
+    """`url` without its password (for logs and error messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+class Database(ABC):
+    dialect: Dialect
+
+    @abstractmethod
+    def transaction(self, *, write: bool = False) -> AbstractContextManager[Transaction]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+
+    def statement(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run one atomic writing statement in its own transaction; its first row (or None)."""
+        with self.transaction(write=True) as tx:
+            return tx.execute(sql, params).fetchone()
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the data is, safe to log."""
+
+    def close(self) -> None:  # noqa: B027 - SQLite holds nothing open between transactions
+        """Release pooled connections (the object is unusable afterwards)."""
+
+    # Portable spellings of the few functions whose names differ.
+    def sql_least(self, *args: str) -> str:
+        return f"{'MIN' if self.dialect == 'sqlite' else 'LEAST'}({', '.join(args)})"
+
+    def sql_greatest(self, *args: str) -> str:
+        return f"{'MAX' if self.dialect == 'sqlite' else 'GREATEST'}({', '.join(args)})"
+
+    def sql_now(self) -> str:
+        """The database server's wall clock in seconds since the epoch (one clock for all)."""
+        if self.dialect == "sqlite":
+            return "((julianday('now') - 2440587.5) * 86400.0)"
+        return "(EXTRACT(EPOCH FROM clock_timestamp())::double precision)"
+
+
+class SqliteDatabase(Database):
+    dialect: Dialect = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            # Create owner-only before SQLite writes anything into it.
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        db = self._open()
+        try:
+            # WAL: the CLI can add users while the gateway reads, without "database is locked".
+            db.execute("PRAGMA journal_mode=WAL")
+        finally:
+            db.close()
+
+    def _open(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+
+    @contextmanager
+    def transaction(self, *, write: bool = False) -> Iterator[Transaction]:
+        db = self._open()
+        try:
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
+                db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def describe(self) -> str:
+        return f"SQLite file {self.path}"
+
+
+class _PgTransaction:
+    """psycopg with the `?` placeholders of the shared SQL."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
+        result: Result = self._conn.execute(_pg_sql(sql), tuple(params))
+        return result
+
+
+def _pg_sql(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PostgresDatabase(Database):
+    dialect: Dialect = "postgresql"
+
+    def __init__(self, url: str, *, pool_size: int = 10, connect_timeout_s: float = 10.0) -> None:
+        if not is_postgres_url(url):
+            raise ValueError(f"not a postgresql:// URL: {redact_url(url)!r}")
+        import psycopg_pool  # imported here: SQLite deployments never load the driver
+
+        self.url = url
+        self._pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max(1, pool_size),
+            timeout=connect_timeout_s,
+            open=False,
+            name="fedpersona",
+            kwargs={"connect_timeout": max(1, round(connect_timeout_s))},
+            check=psycopg_pool.ConnectionPool.check_connection,
+        )
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout_s)
+        except psycopg_pool.PoolTimeout as e:
+            self._pool.close()
+            raise DatabaseUnavailable(
+                f"cannot connect to {self.describe()} within {connect_timeout_s:g} s"
+            ) from e
+
+    @contextmanager
+    def transaction(self, *, write: bool = False) -> Iterator[Transaction]:
+        import psycopg_pool
+
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                if write:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (REGISTRY_WRITE_LOCK,))
+                yield _PgTransaction(conn)
+        except psycopg_pool.PoolTimeout as e:
+            raise DatabaseUnavailable(f"no connection to {self.describe()}") from e
+
+    def statement(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        # No registry lock: the statement is atomic on its own. Not waiting for the WAL flush
+        # is fine for what uses this (rate-limit counters: a crash may forget a few requests).
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit TO OFF")
+            return conn.execute(_pg_sql(sql), tuple(params)).fetchone()
+
+    def describe(self) -> str:
+        return f"PostgreSQL {redact_url(self.url)}"
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def open_database(location: Path | str, *, pool_size: int = 10) -> Database:
+    """A `postgresql://` URL opens PostgreSQL; anything else is a SQLite file path."""
+    if is_postgres_url(location):
+        return PostgresDatabase(str(location), pool_size=pool_size)
+    return SqliteDatabase(Path(location))
