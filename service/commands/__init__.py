@@ -16,4 +16,5 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "print or run the exact vLLM command the gateway would run",
     ),
     "users": ("fedpersona.service.commands.users", "manage users and their API keys"),
+    "load": ("fedpersona.service.commands.load", "send a chat workload to gateways and report it"),
 }
