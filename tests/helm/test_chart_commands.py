@@ -229,6 +229,11 @@ def test_chart_command_lines_parse_with_the_real_cli(helm_bin: Path) -> None:
     assert args.command == "trainer"
     assert (args.host, args.port) == ("0.0.0.0", trainer["ports"][0]["containerPort"])
     assert not args.superlink  # the SuperLink is the pod's other container
+    # The dev example trains the silos on the volume; the settings the real CLI builds accept it.
+    from fedpersona.trainer_api import build_settings
+
+    assert args.engine == "simulation"
+    assert build_settings(args).superlink_target() is None
 
     (init,) = rendered.pod_spec("vllm")["initContainers"]
     assert init["command"][0] == "fedpersona"
@@ -435,9 +440,44 @@ def test_trainer_env_is_read_by_the_real_trainer_settings(
         TrainerApiSettings(host="0.0.0.0")
 
 
+def test_trainer_runs_go_to_the_pods_superlink_with_the_node_bindings(
+    helm_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default trainer command line, parsed by the real CLI into the real settings: runs go
+    to the SuperLink's Control API in the pod over TLS, each carrying the node bindings."""
+    from fedpersona.trainer_api import build_settings
+
+    for key in list(os.environ):
+        if key.startswith("FEDPERSONA_"):
+            monkeypatch.delenv(key)
+    rendered = render(helm_bin)
+    args = _parse(rendered.container("trainer")["args"])
+    target = build_settings(args).superlink_target()
+    control = next(
+        p["containerPort"]
+        for p in rendered.container("trainer", name="superlink")["ports"]
+        if p["name"] == "control"
+    )
+    assert target is not None and target.control == f"localhost:{control}"
+    assert target.root_certificates == Path("/etc/fedpersona/tls/ca.crt")
+    assert target.node_bindings == Path("/etc/fedpersona/node-bindings/node-bindings.json")
+    child = target.child_args()
+    assert child[child.index("--node-bindings") + 1] == str(target.node_bindings)
+    # The training child accepts exactly these flags.
+    train = _parse(["train", "--run-id", "r", *child])
+    assert train.node_bindings == target.node_bindings
+    assert train.root_certificates == target.root_certificates
+
+    insecure = render(helm_bin, values={"trainer": {"superlink": {"dangerouslyInsecure": True}}})
+    target = build_settings(_parse(insecure.container("trainer")["args"])).superlink_target()
+    assert target is not None and target.root_certificates is None and target.node_bindings is None
+
+
 def test_superlink_container_has_every_flag_the_trainer_would_use(helm_bin: Path) -> None:
-    """`fedpersona trainer --superlink` (the embedded path) and the chart's container agree."""
+    """`fedpersona.trainer.flower.deployment.superlink_command` with TLS (the Deployment
+    Engine's default: TLS and SuperNode authentication) and the chart's container agree."""
     from fedpersona.trainer.flower.deployment import SuperLinkAddresses, superlink_command
+    from fedpersona.trainer.flower.identity import TlsFiles
 
     rendered = render(helm_bin)
     superlink = rendered.container("trainer", name="superlink")
@@ -446,7 +486,13 @@ def test_superlink_container_has_every_flag_the_trainer_would_use(helm_bin: Path
     addresses = SuperLinkAddresses.on(
         "0.0.0.0", fleet=ports["fleet"], serverappio=9091, control=ports["control"]
     )
-    embedded = superlink_command(addresses, database=Path("/data/superlink.db"))
+    tls = TlsFiles(
+        ca_cert=Path("/etc/fedpersona/tls/ca.crt"),
+        server_cert=Path("/etc/fedpersona/tls/tls.crt"),
+        server_key=Path("/etc/fedpersona/tls/tls.key"),
+    )
+    embedded = superlink_command(addresses, database=Path("/data/superlink.db"), tls=tls)
+    assert "--insecure" not in chart
     assert Path(embedded[0]).name == superlink["command"][0]
     i = 1
     while i < len(embedded):

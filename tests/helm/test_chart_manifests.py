@@ -35,7 +35,8 @@ ALL_ON: dict[str, Any] = {
         "gpus": 1,
         "superlink": {
             "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
-            "tls": {"enabled": True, "existingSecret": "sl-tls"},
+            "tls": {"hosts": ["fl.example.com", "203.0.113.7"]},
+            "auth": {"nodeBindings": [{"nodeId": "18446744073709551557", "users": ["alice"]}]},
         },
     },
     "roundSchedule": {"enabled": True, "timeZone": "Etc/UTC"},
@@ -51,6 +52,7 @@ CASES: list[tuple[str, list[Path], dict[str, Any] | None]] = [
     *[(f.stem, [f], None) for f in EXAMPLES],
     ("all-features", [], ALL_ON),
     ("replicated", [], {"vllm": {"replicas": 3}, "gateway": {"replicas": 3}}),
+    ("insecure-superlink", [], {"trainer": {"superlink": {"dangerouslyInsecure": True}}}),
 ]
 
 

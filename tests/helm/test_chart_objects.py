@@ -156,6 +156,12 @@ def test_existing_secrets_are_referenced_never_inlined(helm_bin: Path) -> None:
         },
         "roundSchedule": {"enabled": True},
         "vllm": {"apiKey": {"existingSecret": "ops-engine", "existingSecretKey": "e"}},
+        "trainer": {
+            "superlink": {
+                "tls": {"existingSecret": "ops-tls"},
+                "auth": {"existingBindingsSecret": "ops-bindings"},
+            }
+        },
     }
     rendered = render(helm_bin, values=values)
     assert rendered.all("Secret") == []
@@ -345,7 +351,23 @@ def test_existing_claim_replaces_the_created_one(helm_bin: Path) -> None:
 # ---- trainer and rounds --------------------------------------------------------------------
 
 
-def test_trainer_runs_one_superlink_with_optional_tls(helm_bin: Path) -> None:
+TLS_DIR = "/etc/fedpersona/tls"
+BINDINGS_FILE = "/etc/fedpersona/node-bindings/node-bindings.json"
+
+
+def _secret_files(secret: dict[str, Any]) -> dict[str, bytes]:
+    data = {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
+    return data | {k: v.encode() for k, v in secret.get("stringData", {}).items()}
+
+
+def _mounts(rendered: Any, name: str) -> dict[str, str]:
+    container = rendered.container("trainer", name=name)
+    return {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+
+
+def test_trainer_runs_one_superlink_with_tls_and_supernode_auth_by_default(
+    helm_bin: Path,
+) -> None:
     rendered = render(helm_bin)
     deployment = rendered.get("Deployment", "trainer")
     assert deployment["spec"]["replicas"] == 1
@@ -353,7 +375,11 @@ def test_trainer_runs_one_superlink_with_optional_tls(helm_bin: Path) -> None:
     superlink = rendered.container("trainer", name="superlink")
     assert superlink["command"] == ["flower-superlink"]
     flags = flag_values(superlink["args"])
-    assert "--insecure" in flags
+    assert "--insecure" not in flags
+    assert "--enable-supernode-auth" in flags
+    assert flags["--ssl-ca-certfile"] == f"{TLS_DIR}/ca.crt"
+    assert flags["--ssl-certfile"] == f"{TLS_DIR}/tls.crt"
+    assert flags["--ssl-keyfile"] == f"{TLS_DIR}/tls.key"
     assert flags["--fleet-api-address"] == "0.0.0.0:9092"
     # The ServerApp's API stays on loopback inside the pod.
     assert flags["--serverappio-api-address"].startswith("127.0.0.1:")
@@ -365,14 +391,112 @@ def test_trainer_runs_one_superlink_with_optional_tls(helm_bin: Path) -> None:
     assert [p["name"] for p in service["spec"]["ports"]] == ["fleet"]
     assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in superlink["ports"]}
 
-    tls = render(helm_bin, files=[PROD])
-    flags = flag_values(tls.container("trainer", name="superlink")["args"])
-    assert "--insecure" not in flags
-    assert flags["--ssl-certfile"] == "/etc/fedpersona/tls/tls.crt"
-    volume = next(v for v in tls.pod_spec("trainer")["volumes"] if v["name"] == "superlink-tls")
-    assert volume["secret"]["secretName"] == "fedpersona-superlink-tls"
-    service = tls.named("Service", f"{RELEASE}-fedpersona-superlink")
+    # The generated TLS Secret is mounted where the flags point, in both containers.
+    volumes = {v["name"]: v for v in rendered.pod_spec("trainer")["volumes"]}
+    tls_name = f"{RELEASE}-fedpersona-superlink-tls"
+    assert volumes["superlink-tls"]["secret"]["secretName"] == tls_name
+    assert _mounts(rendered, "superlink")["superlink-tls"] == TLS_DIR
+    assert _mounts(rendered, "trainer")["superlink-tls"] == TLS_DIR
+    tls = rendered.named("Secret", tls_name)
+    assert tls is not None and tls["type"] == "kubernetes.io/tls"
+    assert set(_secret_files(tls)) == {"ca.crt", "tls.crt", "tls.key"}
+    # The trainer submits runs over TLS with the node bindings; the bindings are mounted
+    # without subPath (an update reaches the next run) and start empty: nobody is bound.
+    trainer = flag_values(rendered.container("trainer")["args"][1:])
+    assert trainer["--engine"] == "deployment"
+    assert trainer["--root-certificates"] == f"{TLS_DIR}/ca.crt"
+    assert trainer["--node-bindings"] == BINDINGS_FILE
+    assert "--insecure-superlink" not in trainer
+    bindings_name = f"{RELEASE}-fedpersona-node-bindings"
+    assert volumes["node-bindings"]["secret"]["secretName"] == bindings_name
+    mount = next(
+        m for m in rendered.container("trainer")["volumeMounts"] if m["name"] == "node-bindings"
+    )
+    assert "subPath" not in mount and f"{mount['mountPath']}/node-bindings.json" == BINDINGS_FILE
+    secret = rendered.named("Secret", bindings_name)
+    assert secret is not None
+    assert json.loads(_secret_files(secret)["node-bindings.json"]) == {"version": 1, "nodes": []}
+    assert "node-bindings" not in _mounts(rendered, "superlink")  # only the ServerApp's side
+
+
+def test_generated_certificate_names_the_service_localhost_and_the_given_hosts(
+    helm_bin: Path,
+) -> None:
+    from cryptography import x509
+
+    rendered = render(
+        helm_bin,
+        values={"trainer": {"superlink": {"tls": {"hosts": ["fl.example.com", "203.0.113.7"]}}}},
+    )
+    files = _secret_files(rendered.named("Secret", f"{RELEASE}-fedpersona-superlink-tls") or {})
+    ca = x509.load_pem_x509_certificate(files["ca.crt"])
+    cert = x509.load_pem_x509_certificate(files["tls.crt"])
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    service = f"{RELEASE}-fedpersona-superlink"
+    assert set(names.get_values_for_type(x509.DNSName)) >= {
+        "localhost",
+        service,
+        f"{service}.{NAMESPACE}.svc",
+        "fl.example.com",
+    }
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {
+        "127.0.0.1",
+        "203.0.113.7",
+    }
+
+
+def test_node_bindings_from_values_are_what_the_server_app_reads(
+    helm_bin: Path, tmp_path: Path
+) -> None:
+    """The rendered bindings file is read by the real `NodeBindings.load`; 64-bit ids exact."""
+    from fedpersona.trainer.flower.identity import NodeBindings
+
+    big = "18446744073709551557"  # above 2**63, past float precision
+    nodes = [
+        {"nodeId": big, "users": ["alice", "bob"], "name": "family-tablet"},
+        {"nodeId": "7", "users": ["carol"], "publicKeySha256": "ab" * 32},
+    ]
+    rendered = render(
+        helm_bin, values={"trainer": {"superlink": {"auth": {"nodeBindings": nodes}}}}
+    )
+    secret = rendered.named("Secret", f"{RELEASE}-fedpersona-node-bindings")
+    assert secret is not None
+    path = tmp_path / "node-bindings.json"
+    path.write_bytes(_secret_files(secret)["node-bindings.json"])
+    bindings = NodeBindings.load(path)
+    assert bindings.as_mapping() == {int(big): {"alice", "bob"}, 7: {"carol"}}
+    assert [b.name for b in bindings] == ["", "family-tablet"]
+    assert next(iter(bindings)).public_key_sha256 == "ab" * 32
+
+
+def test_user_managed_tls_and_bindings_secrets_replace_the_generated_ones(
+    helm_bin: Path,
+) -> None:
+    rendered = render(helm_bin, files=[PROD])
+    assert rendered.named("Secret", f"{RELEASE}-fedpersona-superlink-tls") is None
+    assert rendered.named("Secret", f"{RELEASE}-fedpersona-node-bindings") is None
+    volumes = {v["name"]: v for v in rendered.pod_spec("trainer")["volumes"]}
+    assert volumes["superlink-tls"]["secret"]["secretName"] == "fedpersona-superlink-tls"
+    assert volumes["node-bindings"]["secret"]["secretName"] == "fedpersona-node-bindings"
+    flags = flag_values(rendered.container("trainer", name="superlink")["args"])
+    assert "--enable-supernode-auth" in flags and "--insecure" not in flags
+    service = rendered.named("Service", f"{RELEASE}-fedpersona-superlink")
     assert service is not None and service["spec"]["type"] == "LoadBalancer"
+
+
+def test_insecure_superlink_only_when_explicitly_chosen(helm_bin: Path) -> None:
+    rendered = render(helm_bin, values={"trainer": {"superlink": {"dangerouslyInsecure": True}}})
+    flags = flag_values(rendered.container("trainer", name="superlink")["args"])
+    assert "--insecure" in flags
+    assert not {"--enable-supernode-auth", "--ssl-certfile", "--ssl-keyfile"} & set(flags)
+    trainer = flag_values(rendered.container("trainer")["args"][1:])
+    assert "--insecure-superlink" in trainer
+    assert "--root-certificates" not in trainer and "--node-bindings" not in trainer
+    volumes = {v["name"] for v in rendered.pod_spec("trainer")["volumes"]}
+    assert not {"superlink-tls", "node-bindings"} & volumes
+    secrets = [s["metadata"]["name"] for s in rendered.all("Secret")]
+    assert not [n for n in secrets if "superlink" in n or "bindings" in n], secrets
 
 
 def test_round_schedule_only_when_enabled(helm_bin: Path) -> None:

@@ -1,10 +1,14 @@
 """The trainer pod's SuperLink container, run here as a plain process: the real
 `flower-superlink` with exactly the arguments the chart renders (ports and paths moved to free
 ones) starts, reports SERVING on its gRPC health service (the probes' target), stores its state
-where the chart says, and with TLS on serves the Fleet API over TLS with the mounted certs."""
+where the chart says, and by default serves the Fleet and Control APIs over TLS with SuperNode
+authentication, with the certificate the chart generated (or the user's Secret), trusted through
+its ca.crt under the name the trainer container dials (localhost). Plain gRPC only when
+`dangerouslyInsecure` is set."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import os
 import signal
@@ -40,7 +44,7 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def superlink_container(helm_bin: Path, home: Path, **superlink: Any) -> dict[str, Any]:
+def superlink_pod(helm_bin: Path, home: Path, **superlink: Any) -> Any:
     fleet, control, appio, health = free_ports(4)
     values = {
         "persistence": {"mountPath": str(home)},
@@ -54,7 +58,11 @@ def superlink_container(helm_bin: Path, home: Path, **superlink: Any) -> dict[st
             }
         },
     }
-    return render(helm_bin, values=values).container("trainer", name="superlink")
+    return render(helm_bin, values=values)
+
+
+def superlink_container(helm_bin: Path, home: Path, **superlink: Any) -> dict[str, Any]:
+    return superlink_pod(helm_bin, home, **superlink).container("trainer", name="superlink")
 
 
 @contextmanager
@@ -97,16 +105,50 @@ def _port(container: dict[str, Any], name: str) -> int:
     return next(int(p["containerPort"]) for p in container["ports"] if p["name"] == name)
 
 
+def _tls_handshake(port: int, ca: Path, host: str = "localhost") -> str:
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        return str(tls.version())
+
+
 def test_superlink_container_starts_with_the_chart_arguments(
     helm_bin: Path, tmp_path: Path
 ) -> None:
-    container = superlink_container(helm_bin, tmp_path)
+    """Defaults: the chart's generated certificate, TLS on both APIs, SuperNode auth on."""
+    rendered = superlink_pod(helm_bin, tmp_path)
+    container = rendered.container("trainer", name="superlink")
+    assert "--enable-supernode-auth" in container["args"]
+    assert "--insecure" not in container["args"]
+    secret = rendered.named("Secret", "fp-fedpersona-superlink-tls")
+    assert secret is not None
+    certs = tmp_path / "tls"
+    certs.mkdir()
+    for name, value in secret["data"].items():
+        (certs / name).write_bytes(base64.b64decode(value))
+    args = [a.replace(TLS_DIR, str(certs)) for a in container["args"]]
+    health = container["livenessProbe"]["grpc"]["port"]
+    with running([str(BIN / container["command"][0]), *args], tmp_path) as proc:
+        wait_serving(health, proc)
+        for api in ("fleet", "control"):
+            assert _tls_handshake(_port(container, api), certs / "ca.crt") in {
+                "TLSv1.2",
+                "TLSv1.3",
+            }, api
+    assert (tmp_path / "superlink.db").is_file()
+
+
+def test_insecure_superlink_container_serves_plain_grpc(helm_bin: Path, tmp_path: Path) -> None:
+    container = superlink_container(helm_bin, tmp_path, dangerouslyInsecure=True)
+    assert "--insecure" in container["args"]
     health = container["livenessProbe"]["grpc"]["port"]
     with running([str(BIN / container["command"][0]), *container["args"]], tmp_path) as proc:
         wait_serving(health, proc)
         with socket.create_connection(("127.0.0.1", _port(container, "fleet")), timeout=5):
             pass
-    assert (tmp_path / "superlink.db").is_file()
 
 
 def _self_signed(directory: Path) -> None:
@@ -158,9 +200,7 @@ def test_superlink_container_serves_tls_with_the_secret_files(
     certs = tmp_path / "tls"
     certs.mkdir()
     _self_signed(certs)
-    container = superlink_container(
-        helm_bin, tmp_path, tls={"enabled": True, "existingSecret": "superlink-tls"}
-    )
+    container = superlink_container(helm_bin, tmp_path, tls={"existingSecret": "superlink-tls"})
     mount = next(m for m in container["volumeMounts"] if m["name"] == "superlink-tls")
     assert mount["mountPath"] == TLS_DIR
     # The Secret's files, where the pod would mount them.

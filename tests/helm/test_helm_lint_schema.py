@@ -15,6 +15,11 @@ from helmchart import CHART, EXAMPLES, INSTALLER, HelmFailed, render, run_helm
 pytestmark = pytest.mark.helm
 
 VALUE_FILES = [None, *EXAMPLES]
+_BOUND = {"nodeBindings": [{"nodeId": "12", "users": ["alice"]}]}
+
+
+def _bindings(binding: dict[str, Any]) -> dict[str, Any]:
+    return {"trainer": {"superlink": {"auth": {"nodeBindings": [binding]}}}}
 
 
 def _ids(f: Path | None) -> str:
@@ -71,6 +76,15 @@ def test_lint_strict(helm_bin: Path, values_file: Path | None) -> None:
         ({"persistence": {"accessModes": ["ReadWriteSometimes"]}}, "/persistence/accessModes"),
         ({"proxyTuning": {"processor": "no-colon"}}, "/proxyTuning/processor"),
         ({"gateway": {"environment": "staging"}}, "/gateway/environment"),
+        # The old switch is gone: TLS is on unless dangerouslyInsecure says otherwise.
+        ({"trainer": {"superlink": {"tls": {"enabled": False}}}}, "enabled"),
+        ({"trainer": {"superlink": {"dangerouslyInsecure": "yes"}}}, "dangerouslyInsecure"),
+        ({"trainer": {"engine": "ray"}}, "/trainer/engine"),
+        # A 64-bit node id as a YAML number would lose digits: only a string is accepted.
+        (_bindings({"nodeId": 9183602745510235417, "users": ["alice"]}), "nodeId"),
+        (_bindings({"nodeId": "12", "users": ["Alice!"]}), "users"),
+        (_bindings({"nodeId": "12", "users": []}), "users"),
+        (_bindings({"nodeId": "0", "users": ["alice"]}), "nodeId"),
     ],
 )
 def test_schema_rejects_bad_values(helm_bin: Path, values: dict[str, Any], complaint: str) -> None:
@@ -88,7 +102,23 @@ def test_schema_rejects_bad_values(helm_bin: Path, values: dict[str, Any], compl
         ({"gateway": {"shutdownGraceSeconds": 40}}, "gateway.terminationGracePeriodSeconds"),
         ({"vllm": {"enabled": False}}, "vllm.externalUrl is required"),
         ({"auth": {"adminKey": "too-short"}}, "at least 24 characters"),
-        ({"trainer": {"superlink": {"tls": {"enabled": True}}}}, "tls.existingSecret"),
+        (
+            {"trainer": {"superlink": {"dangerouslyInsecure": True, "tls": {"hosts": ["a.b"]}}}},
+            "cannot be combined",
+        ),
+        (
+            {"trainer": {"superlink": {"dangerouslyInsecure": True, "auth": _BOUND}}},
+            "cannot be combined",
+        ),
+        ({"trainer": {"superlink": {"extraArgs": ["--insecure"]}}}, "may not set --insecure"),
+        (
+            {"trainer": {"superlink": {"extraArgs": ["--ssl-certfile=/x"]}}},
+            "may not set --ssl-certfile",
+        ),
+        (
+            {"trainer": {"superlink": {"auth": {**_BOUND, "existingBindingsSecret": "b"}}}},
+            "not both",
+        ),
         ({"model": {"init": {"enabled": True}}}, "copyFrom or model.init.command"),
         ({"gateway": {"podDisruptionBudget": {"minAvailable": 1}}}, "not both"),
         ({"registryCredentials": {"create": True}}, "registryCredentials.server is required"),

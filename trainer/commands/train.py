@@ -80,6 +80,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run on the Deployment Engine: submit to this SuperLink Control API with `flwr run` "
         "(its SuperNodes name their users and silos); default: the Simulation Engine",
     )
+    parser.add_argument(
+        "--root-certificates",
+        type=Path,
+        default=None,
+        help="with --superlink: the CA file of a TLS SuperLink (default: plain gRPC)",
+    )
+    parser.add_argument(
+        "--node-bindings",
+        type=Path,
+        default=None,
+        help="with --superlink: the node -> users bindings (`fedpersona nodes register`)",
+    )
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the run record as JSON")
 
@@ -179,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
                 runs_dir=runs_dir,
                 max_rank=args.max_rank,
                 resume=not args.no_resume,
+                node_bindings=args.node_bindings.resolve() if args.node_bindings else None,
             )
             if args.superlink:
                 from fedpersona.trainer.flower.deployment import submit
@@ -188,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
                     control=args.superlink,
                     flwr_home=home / "flwr",
                     log_file=runs_dir / f"{status.id}.flwr.log",
+                    root_certificates=args.root_certificates,
                 )
             else:
                 # Imports Flower and Ray: only once the run is known to be able to start.

@@ -9,6 +9,10 @@ a leak or a stuck native library in training then cannot take the caller down, a
 child is a clean way to abort. One run at a time: a second `start` raises `RoundBusy` (HTTP
 409), also when another process (a `fedpersona train` in a shell) holds the runs lock.
 
+With a `SuperLinkTarget` the runs go to that SuperLink (Deployment Engine) instead of the
+Simulation Engine: the run's users are resolved against the node bindings rather than the silos
+under the home, and the child gets the target's flags, bindings included.
+
 A watcher thread per run follows its record (the child writes it round by round), feeds the
 Prometheus metrics, and marks the run failed if the child exits without finishing it.
 """
@@ -36,6 +40,7 @@ from fedpersona.trainer.rounds.records import (
     RunStatus,
     utcnow,
 )
+from fedpersona.trainer.rounds.superlink import SuperLinkTarget
 
 __all__ = ["InProcessRounds"]
 
@@ -46,7 +51,8 @@ class InProcessRounds:
     """Runs training runs one at a time in child processes; reads their records.
 
     `extra_args` are appended to the child's command line (e.g. `--base-model`, `--cpus`);
-    `env` is merged over this process's environment for the child.
+    `env` is merged over this process's environment for the child; `superlink` sends the runs
+    to that SuperLink (Deployment Engine) with its node bindings.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class InProcessRounds:
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         poll_s: float = 0.5,
+        superlink: SuperLinkTarget | None = None,
     ) -> None:
         self.home = Path(home)
         self.runs_dir = Path(runs_dir) if runs_dir else self.home / "runs"
@@ -68,6 +75,7 @@ class InProcessRounds:
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self.poll_s = poll_s
+        self.superlink = superlink
         self._mutex = threading.Lock()
         self._active: tuple[str, subprocess.Popen[bytes]] | None = None
         self._watchers: dict[str, threading.Thread] = {}
@@ -81,7 +89,10 @@ class InProcessRounds:
                 raise RoundBusy(f"run {self._active[0]} is still in progress")
             if RunLock(self.runs_dir).held_elsewhere():
                 raise RoundBusy("another process is running a training run on this home")
-            users = resolve_users(self.home, spec.users)
+            if self.superlink is not None:
+                users = self.superlink.resolve_users(spec.users)
+            else:
+                users = resolve_users(self.home, spec.users)
             status = self.records.create(spec, users=users)
             log_path = self.runs_dir / f"{status.id}.log"
             command = [
@@ -94,6 +105,7 @@ class InProcessRounds:
                 str(self.runs_dir),
                 "--run-id",
                 status.id,
+                *(self.superlink.child_args() if self.superlink is not None else ()),
                 *self.extra_args,
             ]
             with open(log_path, "ab") as log_file:

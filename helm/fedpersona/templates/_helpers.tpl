@@ -191,6 +191,20 @@ valueFrom:
 {{- printf "%s-superlink" (include "fedpersona.fullname" .) }}
 {{- end }}
 
+{{/* The SuperLink's TLS Secret (ca.crt, tls.crt, tls.key): the user's, or the generated one. */}}
+{{- define "fedpersona.superlinkTlsSecretName" -}}
+{{- .Values.trainer.superlink.tls.existingSecret | default (printf "%s-superlink-tls" (include "fedpersona.fullname" .)) }}
+{{- end }}
+
+{{/* The node bindings Secret (key node-bindings.json): the user's, or the one rendered from values. */}}
+{{- define "fedpersona.nodeBindingsSecretName" -}}
+{{- .Values.trainer.superlink.auth.existingBindingsSecret | default (printf "%s-node-bindings" (include "fedpersona.fullname" .)) }}
+{{- end }}
+
+{{/* Where the trainer pod mounts the SuperLink's TLS files and the node bindings. */}}
+{{- define "fedpersona.superlinkTlsDir" -}}/etc/fedpersona/tls{{- end }}
+{{- define "fedpersona.nodeBindingsFile" -}}/etc/fedpersona/node-bindings/node-bindings.json{{- end }}
+
 {{/*
 The vLLM server's flags after the module name. Same flags, same order as
 fedpersona.service.engine.config.engine_argv (tests/helm compares the two): the chart's GPU flags travel
@@ -304,8 +318,18 @@ match the vLLM flags above. The gateway reads them; on the vLLM container they m
 {{- if and .Values.model.init.enabled (not .Values.model.init.copyFrom) (not .Values.model.init.command) }}
 {{- fail "model.init.enabled needs model.init.copyFrom or model.init.command" }}
 {{- end }}
-{{- if and .Values.trainer.superlink.tls.enabled (not .Values.trainer.superlink.tls.existingSecret) }}
-{{- fail "trainer.superlink.tls.enabled needs trainer.superlink.tls.existingSecret (ca.crt, tls.crt, tls.key)" }}
+{{- $sl := .Values.trainer.superlink }}
+{{- $owned := list "--insecure" "--enable-supernode-auth" "--ssl-ca-certfile" "--ssl-certfile" "--ssl-keyfile" "--auth-list-public-keys" }}
+{{- range $sl.extraArgs }}
+{{- if has (regexReplaceAll "=.*$" . "") $owned }}
+{{- fail (printf "trainer.superlink.extraArgs may not set %s: TLS and SuperNode authentication come from trainer.superlink.tls/auth (or dangerouslyInsecure)" .) }}
+{{- end }}
+{{- end }}
+{{- if and $sl.dangerouslyInsecure (or $sl.tls.existingSecret $sl.tls.hosts $sl.auth.nodeBindings $sl.auth.existingBindingsSecret) }}
+{{- fail "trainer.superlink.dangerouslyInsecure turns TLS and SuperNode authentication off: it cannot be combined with trainer.superlink.tls or trainer.superlink.auth settings" }}
+{{- end }}
+{{- if and $sl.auth.nodeBindings $sl.auth.existingBindingsSecret }}
+{{- fail "trainer.superlink.auth: set nodeBindings or existingBindingsSecret, not both" }}
 {{- end }}
 {{- if and .Values.roundSchedule.enabled (not .Values.trainer.enabled) }}
 {{- fail "roundSchedule.enabled needs trainer.enabled" }}
@@ -384,6 +408,20 @@ The vLLM server's environment. Same variables and values as fedpersona.service.e
 - "0.0.0.0"
 - --port
 - {{ $t.apiPort | int | quote }}
+- --engine
+- {{ $t.engine | quote }}
+- --superlink-host
+- localhost
+- --control-port
+- {{ $t.superlink.controlPort | int | quote }}
+{{- if $t.superlink.dangerouslyInsecure }}
+- --insecure-superlink
+{{- else }}
+- --root-certificates
+- {{ printf "%s/ca.crt" (include "fedpersona.superlinkTlsDir" .) | quote }}
+- --node-bindings
+- {{ include "fedpersona.nodeBindingsFile" . | quote }}
+{{- end }}
 {{- range $t.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -404,15 +442,17 @@ The vLLM server's environment. Same variables and values as fedpersona.service.e
 - --database
 - {{ printf "%s/superlink.db" (trimSuffix "/" .Values.persistence.mountPath) | quote }}
 {{- end }}
-{{- if $sl.tls.enabled }}
-- --ssl-ca-certfile
-- /etc/fedpersona/tls/ca.crt
-- --ssl-certfile
-- /etc/fedpersona/tls/tls.crt
-- --ssl-keyfile
-- /etc/fedpersona/tls/tls.key
-{{- else }}
+{{- if $sl.dangerouslyInsecure }}
 - --insecure
+{{- else }}
+{{- $dir := include "fedpersona.superlinkTlsDir" . }}
+- --enable-supernode-auth
+- --ssl-ca-certfile
+- {{ printf "%s/ca.crt" $dir | quote }}
+- --ssl-certfile
+- {{ printf "%s/tls.crt" $dir | quote }}
+- --ssl-keyfile
+- {{ printf "%s/tls.key" $dir | quote }}
 {{- end }}
 {{- range $sl.extraArgs }}
 - {{ . | quote }}
