@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 from urllib.parse import urlsplit
 
 Dialect = Literal["sqlite", "postgresql"]
@@ -126,7 +127,7 @@ class SqliteDatabase(Database):
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
-                yield db
+                yield cast(Transaction, db)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -163,6 +164,7 @@ class PostgresDatabase(Database):
         import psycopg_pool  # imported here: SQLite deployments never load the driver
 
         self.url = url
+        self._wait_for_server(connect_timeout_s)
         self._pool = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
@@ -180,6 +182,27 @@ class PostgresDatabase(Database):
             raise DatabaseUnavailable(
                 f"cannot connect to {self.describe()} within {connect_timeout_s:g} s"
             ) from e
+
+    def _wait_for_server(self, timeout_s: float) -> None:
+        """Connect once, retrying for `timeout_s` (a database starting next to the gateway);
+        `DatabaseUnavailable` with the server's reason (password removed) after that."""
+        import psycopg
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                psycopg.connect(self.url, connect_timeout=max(1, round(timeout_s))).close()
+                return
+            except psycopg.OperationalError as e:
+                if time.monotonic() >= deadline:
+                    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    password = urlsplit(self.url).password
+                    if password:
+                        reason = reason.replace(password, "***")
+                    raise DatabaseUnavailable(
+                        f"cannot connect to {self.describe()}: {reason}"
+                    ) from None
+            time.sleep(0.5)
 
     @contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[Transaction]:
@@ -207,8 +230,12 @@ class PostgresDatabase(Database):
         self._pool.close()
 
 
-def open_database(location: Path | str, *, pool_size: int = 10) -> Database:
+def open_database(
+    location: Path | str, *, pool_size: int = 10, connect_timeout_s: float = 10.0
+) -> Database:
     """A `postgresql://` URL opens PostgreSQL; anything else is a SQLite file path."""
     if is_postgres_url(location):
-        return PostgresDatabase(str(location), pool_size=pool_size)
+        return PostgresDatabase(
+            str(location), pool_size=pool_size, connect_timeout_s=connect_timeout_s
+        )
     return SqliteDatabase(Path(location))

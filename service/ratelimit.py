@@ -2,8 +2,9 @@
 
 Pure logic with an injectable clock: no I/O, no HTTP. A bucket holds up to `burst` tokens and
 refills at `rate_per_s`; each request takes one token or is refused with the time until one will
-be there (the `Retry-After`). State is per gateway process; with several replicas each enforces
-its own share (documented limitation; a shared store would be the scale-out path).
+be there (the `Retry-After`). State is per gateway process: N gateway processes on SQLite let a
+user through at up to N x the rate (and N x the burst). Gateways sharing a PostgreSQL database
+keep the buckets there instead (`fedpersona.service.db_ratelimit`), one limit for all.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from typing import Literal
 
 from fedpersona.adapters.home import DEFAULT_HOME, HOME_ENV, Home
 from fedpersona.adapters.limits import MAX_LORA_RANK, check_engine_rank
+from fedpersona.service.db import is_postgres_url
 from fedpersona.service.engine.config import EngineSettings
 from fedpersona.service.engine.replicas import parse_host_port
 from pydantic import Field, SecretStr, model_validator
@@ -86,6 +87,21 @@ class Settings(BaseSettings):
         default=120.0, ge=0, description="sustained requests per minute per user; 0 disables"
     )
     rate_limit_burst: int = Field(default=20, ge=1, description="bucket size per user")
+    rate_limit_scope: Literal["auto", "process", "database"] = Field(
+        default="auto",
+        description="where the per-user buckets live: 'database' (one limit shared by every "
+        "gateway on the database), 'process' (each gateway process enforces the full limit); "
+        "'auto': database on PostgreSQL, process on SQLite",
+    )
+
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:password@host:5432/db: users, keys and rate limits in a "
+        "PostgreSQL server shared by all gateways; unset: the SQLite file registry_path",
+    )
+    database_pool_size: int = Field(
+        default=10, ge=1, description="PostgreSQL connections per gateway process at most"
+    )
 
     max_request_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above)"
@@ -207,6 +223,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _database_url_is_postgres(self) -> Settings:
+        url = self.database_url.get_secret_value() if self.database_url is not None else ""
+        if url and not is_postgres_url(url):
+            raise ValueError(
+                "database_url: expected a postgresql:// URL (SQLite is configured with "
+                "registry_path instead)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _ranks_agree(self) -> Settings:
         check_engine_rank(
             store_max_rank=self.adapter_max_rank, engine_max_lora_rank=self.engine.max_lora_rank
@@ -240,6 +266,13 @@ class Settings(BaseSettings):
     @property
     def registry_file(self) -> Path:
         return self.registry_path or self.layout.registry
+
+    @property
+    def registry_location(self) -> Path | str:
+        """What `Registry` opens: the PostgreSQL URL when set, else the SQLite file."""
+        if self.database_url is not None and self.database_url.get_secret_value():
+            return self.database_url.get_secret_value()
+        return self.registry_file
 
     @property
     def runs_path(self) -> Path:

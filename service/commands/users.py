@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, err: Console) -> int:
     settings = _settings(args)
-    registry = Registry(settings.registry_file, default_alpha=settings.proxy_alpha_default)
+    registry = Registry(settings.registry_location, default_alpha=settings.proxy_alpha_default)
     command = args.users_command
     if command == "add":
         accounts.create_user(

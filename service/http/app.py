@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fedpersona.adapters import AdapterStore
 from fedpersona.adapters.manifest import model_name
+from fedpersona.service.db_ratelimit import rate_limiter_for
 from fedpersona.service.errors import BadRequest, GatewayError, error_envelope
 from fedpersona.service.http.auth import gateway_admin_guard
 from fedpersona.service.http.chat import ChatConfig, ChatService
@@ -30,7 +31,6 @@ from fedpersona.service.http.limits import InFlightLimiter
 from fedpersona.service.http.middleware import AuthenticateFirst, BodyLimits
 from fedpersona.service.http.routes import admin, chat, health, models, rounds
 from fedpersona.service.metrics import Metrics
-from fedpersona.service.ratelimit import RateLimiter
 from fedpersona.service.registry import Registry
 from fedpersona.service.settings import Settings
 from fedpersona.service.state import Engine, Services
@@ -78,7 +78,9 @@ def create_app(
             settings.store_path, max_rank=settings.adapter_max_rank, read_only=True
         )
     registry = registry or Registry(
-        settings.registry_file, default_alpha=settings.proxy_alpha_default
+        settings.registry_location,
+        default_alpha=settings.proxy_alpha_default,
+        pool_size=settings.database_pool_size,
     )
     reconcile = adapters is None and not settings.engine.supervised
     unused: Engine | None = None
@@ -125,7 +127,7 @@ def create_app(
         engine=engine,
         adapters=adapters,
         metrics=metrics,
-        limiter=RateLimiter.per_minute(settings.rate_limit_rpm, burst=settings.rate_limit_burst),
+        limiter=rate_limiter_for(settings, registry.database),
         chat=chat_service,
         base_model=base_model,
         created=int(time.time()),

@@ -18,6 +18,7 @@ from fedpersona.adapters import AdapterStore, Slot
 from fedpersona.service.http.app import create_app
 from fedpersona.service.registry import Registry
 from gateway_harness import Gateway, GatewayFactory, make_settings, tiny_lora
+from support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
