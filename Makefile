@@ -11,6 +11,8 @@ EXTRAS ?= cpu,dev
 .PHONY: install demo test test-fast lint bench-serve bench-personalization bench-proxy helm clean
 
 install: $(STAMP)
+	# The registry tests start their own PostgreSQL server: its binaries must be here.
+	bash scripts/install_postgres.sh
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
