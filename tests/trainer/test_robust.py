@@ -164,3 +164,23 @@ def test_admission_binds_nodes_to_users_and_caps_examples() -> None:
     outside = Admission(round_users=frozenset({"bob"}))
     with pytest.raises(ReplyRefused, match="not in this round"):
         outside.admit(node_id=1, user="alice", num_examples=1)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        AggregationRule(clip_norm=1.0, dp_noise=2.0),
+        AggregationRule(clip_norm=1.0),
+        AggregationRule(name="median"),
+        AggregationRule(name="multi-krum", byzantine=1),
+    ],
+    ids=["dp", "clip", "median", "multi-krum"],
+)
+def test_a_round_without_uploads_keeps_the_global_under_every_rule(rule: AggregationRule) -> None:
+    """PFTT's personalization round uploads nothing: no noise, no error, the global stays."""
+    method = get_method("pftt", spec=LoraSpec(rank=2, alpha=4.0), personal_round=True)
+    previous = {"w": np.arange(6, dtype=np.float32)}
+    got = rule.aggregate(
+        method, previous=previous, results=[({}, 3), ({}, 5)], rng=np.random.default_rng(0)
+    )
+    np.testing.assert_array_equal(got["w"], previous["w"])

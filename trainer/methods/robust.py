@@ -144,7 +144,9 @@ class AggregationRule:
         results: list[tuple[Params, int]],
         rng: np.random.Generator | None = None,
     ) -> Params:
-        if self.plain:
+        # No upload at all (PFTT's personalization round shares nothing): nothing to clip or
+        # noise; the method keeps its global.
+        if self.plain or (results and all(not upload for upload, _ in results)):
             return method.aggregate(previous=previous, results=results)
         if not results:
             raise AggregationError("no client results to aggregate")
