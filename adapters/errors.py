@@ -51,3 +51,11 @@ class InvalidManifest(AdapterError, ValueError):
 class RankLimitMismatch(AdapterError, ValueError):
     """The store would accept adapters the engine refuses: its rank limit is above the
     engine's `--max-lora-rank` (also a `ValueError`: a configuration error)."""
+
+
+class InvalidPreferences(AdapterError, ValueError):
+    """A user's preferences (e.g. a reward mix outside [0, 1]) or a malformed preferences file.
+
+    Also a `ValueError`: callers that validate input generically catch it. The message names
+    the field (and the file, when one was read).
+    """

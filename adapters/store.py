@@ -7,6 +7,7 @@ Layout below the store root (one directory tree; on Kubernetes a ReadWriteMany v
                                         and version.json (slot, id, seq, created_at, base_model,
                                         rank, target_modules, file hashes, publisher metadata)
     slots/<slot path>/current.json      {"version": "<id>"}: the version to serve
+    slots/users/<user>/preferences.json the user's training preferences (`preferences.py`)
     .staging/<slot key>/<random>/       versions being written (slot key: path with "/" -> ".")
     .trash/                             versions being deleted by retention
     .quarantine/<user>.<stamp>.<label>/ a deleted user's slots (served, personal, expert),
@@ -80,7 +81,7 @@ from fedpersona.adapters.errors import (
     StoreCorrupt,
 )
 from fedpersona.adapters.limits import MAX_LORA_RANK
-from fedpersona.adapters.names import Slot, validate_adapter_name
+from fedpersona.adapters.names import Slot, validate_adapter_name, validate_user_id
 from fedpersona.adapters.version import (
     VERSION_FILE,
     Version,
@@ -226,6 +227,10 @@ class AdapterStore:
             except InvalidName:
                 logger.warning("ignoring unexpected directory %s in the store", manifest.parent)
         return sorted(found, key=lambda s: s.path)
+
+    def user_dir(self, user: str) -> Path:
+        """`slots/users/<user>`: all the store keeps for `user` (`quarantine_user` moves it)."""
+        return self._slots / "users" / validate_user_id(user)
 
     def users(self) -> list[str]:
         """Users that have at least one published slot, sorted."""

@@ -62,7 +62,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from fedpersona.trainer.commands.eval import traffic, train_method
+    from fedpersona.adapters.preferences import Preferences, write_preferences
+    from fedpersona.trainer.commands.eval import method_home, traffic, train_method
     from fedpersona.trainer.data.personas import write_silos
     from fedpersona.trainer.models.basemodel import MICRO, build_models
     from fedpersona.trainer.models.rewards import (
@@ -70,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         SMALL_REWARDS,
         build_reward_models,
     )
-    from fedpersona.trainer.rlhf.mix import Preferences, write_preferences
     from fedpersona.trainer.rounds.records import RoundSpec
 
     started = time.monotonic()
@@ -92,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
         n_eval=4 if args.quick else 8,
         seed=args.seed,
     )
-    for user, (_, lam) in MIXES.items():
-        write_preferences(silos[user], Preferences(reward_mix=lam))
     mean_mix = statistics.fmean(lam for _, lam in MIXES.values())
     common = {"rewards_dir": str(rewards_dir)}
     options = {"pfit": common, "fedrlhf": {**common, "reward_mix": mean_mix}}
@@ -104,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     out = work / "runs"
     runs, uplink = {}, {}
     for method in ("pfit", "fedrlhf"):
+        for user, (_, lam) in MIXES.items():  # where the gateway keeps them; clients read them
+            write_preferences(method_home(out, method) / "store", user, Preferences(lam))
         runs[method] = train_method(
             home=home,
             out=out,
@@ -160,7 +160,7 @@ def evaluate(
     from fedpersona.adapters import AdapterStore, Slot
     from fedpersona.trainer.flower.apps import model_info
     from fedpersona.trainer.learn.lora_train import load_base_model, load_tokenizer
-    from fedpersona.trainer.rlhf.mix import mixed_reward, read_preferences
+    from fedpersona.trainer.rlhf.mix import mixed_reward
     from fedpersona.trainer.rlhf.rloo import exact_kl, load_prompts, prompt_text, sample
     from fedpersona.trainer.rlhf.scorer import RewardPair
     from peft import PeftModel
@@ -170,7 +170,7 @@ def evaluate(
     rewards = RewardPair.load(rewards_dir)
     out: dict[str, dict[str, dict[str, float]]] = {m: {} for m in MODELS}
     for user, silo in silos.items():
-        lam = read_preferences(silo).reward_mix
+        lam = MIXES[user][1]
         prompts = load_prompts(silo, "eval")
         for model_name in MODELS:
             base = load_base_model(info)

@@ -257,3 +257,13 @@ class EngineStartFailed(RuntimeError):
     the gateway;
     never shown to API clients (they see `EngineUnavailable`). The message ends with the last
     lines of vLLM's log."""
+
+
+class StoreUnwritable(GatewayError):
+    """A write the gateway makes to the adapter store (a user's preferences) failed: the volume
+    is read-only, full or gone. Nothing was changed."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "store_unwritable"
+    default_message = "The adapter store cannot be written; nothing was changed."

@@ -84,4 +84,4 @@ class WireFormatError(TrainerError, ValueError):
 
 class RewardModelError(TrainerError, ValueError):
     """A reward model directory that cannot be used (missing, not a one-output sequence
-    classifier), or a user's reward preferences file that is malformed or out of range."""
+    classifier)."""

@@ -10,11 +10,14 @@
     fedpersona users delete NAME            delete a user and their keys, quarantine their
                                             adapters; the name is not given out again
     fedpersona users alpha NAME VALUE       set the user's proxy-tuning alpha
+    fedpersona users reward-mix NAME [VALUE]
+                                            show or set the user's PFIT reward mix (0 to 1)
 
 The raw key goes to stdout alone (scriptable: `KEY=$(fedpersona users add alice)`); everything
 else goes to stderr. Works directly on the SQLite registry and the store, so it needs no
 running gateway. Values are checked by the same functions as the admin API
-(`fedpersona.service.registry`, `fedpersona.service.accounts`); messages name the flag.
+(`fedpersona.service.registry`, `fedpersona.service.accounts`,
+`fedpersona.service.preferences`); messages name the flag.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fedpersona.service import accounts
+from fedpersona.adapters.preferences import reward_mix_problem
+from fedpersona.service import accounts, preferences
 from fedpersona.service.errors import GatewayError
 from fedpersona.service.registry import Registry, check_proxy_alpha, proxy_alpha_problem
 from fedpersona.service.settings import Settings
@@ -42,6 +46,18 @@ def _alpha(text: str) -> float:
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{proxy_alpha_problem(None)}, got {text!r}") from e
     problem = proxy_alpha_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def _reward_mix(text: str) -> float:
+    """argparse type of reward mixes: the same words as the admin API."""
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{reward_mix_problem(None)}, got {text!r}") from e
+    problem = reward_mix_problem(value)
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
     return value
@@ -90,6 +106,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     alpha.add_argument("name")
     alpha.add_argument("value", type=_alpha, help="0 to 10")
 
+    mix = sub.add_parser(
+        "reward-mix",
+        help="show or set a user's PFIT reward mix: lambda * helpfulness + (1 - lambda) * safety",
+    )
+    mix.add_argument("name")
+    mix.add_argument("value", nargs="?", type=_reward_mix, help="0 to 1 (omit to show)")
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, object] = {}
@@ -119,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, err: Console) -> int:
     settings = _settings(args)
     registry = Registry(settings.registry_location, default_alpha=settings.proxy_alpha_default)
+    store_root = settings.store_path
     command = args.users_command
     if command == "add":
         accounts.create_user(
@@ -143,12 +167,20 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         print(issued.api_key)
     elif command == "list":
         users = registry.list_users()
+        mixes = {u.name: preferences.reward_mix_of(store_root, u.name) for u in users}
         if args.json:
-            print(json.dumps([asdict(u) for u in users], indent=2))
+            listed = [{**asdict(u), "reward_mix": mixes[u.name]} for u in users]
+            print(json.dumps(listed, indent=2))
         else:
-            table = Table("user", "created", "active keys", "proxy alpha")
+            table = Table("user", "created", "active keys", "proxy alpha", "reward mix")
             for u in users:
-                table.add_row(u.name, _time(u.created_at), str(u.active_keys), f"{u.proxy_alpha:g}")
+                table.add_row(
+                    u.name,
+                    _time(u.created_at),
+                    str(u.active_keys),
+                    f"{u.proxy_alpha:g}",
+                    f"{mixes[u.name]:g}",
+                )
             Console().print(table)
     elif command == "keys":
         keys = registry.list_keys(args.name)
@@ -174,6 +206,20 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     elif command == "alpha":
         user = registry.set_proxy_alpha(args.name, check_proxy_alpha(args.value, field="VALUE"))
         err.print(f"proxy alpha of {user.name} is now {user.proxy_alpha:g}")
+    elif command == "reward-mix":
+        if args.value is not None:
+            preferences.set_reward_mix(
+                registry,
+                name=args.name,
+                reward_mix=args.value,
+                store_root=store_root,
+                field="VALUE",
+            )
+            err.print(f"reward mix of {args.name} is now {args.value:g} (from the next round)")
+        else:
+            registry.get_user(args.name)
+        mix = preferences.reward_mix_of(store_root, args.name)
+        print(json.dumps({"user": args.name, "reward_mix": mix}))
     return 0
 
 

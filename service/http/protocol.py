@@ -11,15 +11,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from fedpersona.adapters.preferences import REWARD_MIX_MAX, REWARD_MIX_MIN, reward_mix_problem
 from fedpersona.service.registry import ProxyAlpha
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 # The engine's seed is a 64-bit integer; larger ones came back as vLLM's raw validation dump.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -153,6 +157,29 @@ class ModelList(BaseModel):
 # ---- admin API -------------------------------------------------------------------------------
 
 
+def _wire_reward_mix(value: float) -> float:
+    problem = reward_mix_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("reward_mix", problem)
+    return value
+
+
+# A user's PFIT reward mix: the same check and words as the CLI and the trainer.
+RewardMix = Annotated[
+    float,
+    Strict(),  # `true` or "0.5" is a client's mistake, not 1 or 0.5
+    AfterValidator(_wire_reward_mix),
+    WithJsonSchema(
+        {
+            "type": "number",
+            "minimum": REWARD_MIX_MIN,
+            "maximum": REWARD_MIX_MAX,
+            "description": "reward = reward_mix * helpfulness + (1 - reward_mix) * safety",
+        }
+    ),
+]
+
+
 class UserCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Text = Field(min_length=1, max_length=63)
@@ -161,14 +188,28 @@ class UserCreate(BaseModel):
 
 
 class UserUpdate(BaseModel):
+    """The settings to change; at least one, the others stay as they are."""
+
     model_config = ConfigDict(extra="forbid")
-    proxy_alpha: ProxyAlpha
+    proxy_alpha: ProxyAlpha | None = None
+    reward_mix: RewardMix | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> UserUpdate:
+        if self.proxy_alpha is None and self.reward_mix is None:
+            raise PydanticCustomError(
+                "nothing_to_change", "give at least one of proxy_alpha, reward_mix"
+            )
+        return self
 
 
 class UserOut(BaseModel):
     name: str
     created_at: float
     proxy_alpha: float
+    reward_mix: float = Field(
+        description="the user's PFIT reward mix (the default where they never set one)"
+    )
     active_keys: int
 
 

@@ -3,11 +3,13 @@ real reward models, and `fedpersona train --algorithm pfit` on Flower's Simulati
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fedpersona.adapters.preferences import DEFAULT_REWARD_MIX
 from fedpersona.trainer.errors import AggregationError, MethodError
 from fedpersona.trainer.methods import LoraSpec, Product, Shares, TrainConfig, get_method
 from fedpersona.trainer.methods.pfit import FedRlhf, Pfit
@@ -110,15 +112,22 @@ def rewards_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def silos(tmp_path: Path) -> dict[str, Path]:
     from fedpersona.trainer.data.personas import write_silos
-    from fedpersona.trainer.rlhf.mix import Preferences, write_preferences
 
-    silos = write_silos(tmp_path / "silos", {"alice": "pirate", "bob": "chef"}, n_train=8, n_eval=2)
-    write_preferences(silos["alice"], Preferences(reward_mix=1.0))
-    write_preferences(silos["bob"], Preferences(reward_mix=0.0))
-    return silos
+    return write_silos(tmp_path / "silos", {"alice": "pirate", "bob": "chef"}, n_train=8, n_eval=2)
 
 
+MIXES = {"alice": 1.0, "bob": 0.0}
 CONFIG = TrainConfig(steps=2, lr=5e-3, batch_size=2, max_len=64, seed=3, total_rounds=2)
+
+
+def test_the_users_mix_applies_unless_the_method_fixes_one() -> None:
+    pfit, shared = get_method("pfit"), get_method("fedrlhf", reward_mix=0.5)
+    assert pfit.user_reward_mix(dataclasses.replace(CONFIG, reward_mix=0.2)) == 0.2
+    assert pfit.user_reward_mix(CONFIG) == DEFAULT_REWARD_MIX  # never set
+    assert shared.user_reward_mix(dataclasses.replace(CONFIG, reward_mix=0.2)) == 0.5
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(MethodError, match="reward_mix"):
+            dataclasses.replace(CONFIG, reward_mix=bad)
 
 
 @pytest.mark.slow
@@ -167,7 +176,12 @@ def test_a_pfit_round_shares_only_the_selected_modules_and_keeps_the_personal_lo
     g = pfit.init_global(base_model=base, seed=0)
     updates = {
         user: pfit.client_update(
-            base_model=base, silo=silo, global_params=g, state={}, config=CONFIG, round_idx=1
+            base_model=base,
+            silo=silo,
+            global_params=g,
+            state={},
+            config=dataclasses.replace(CONFIG, reward_mix=MIXES[user]),
+            round_idx=1,
         )
         for user, silo in silos.items()
     }
@@ -215,7 +229,9 @@ def test_train_algorithm_pfit_on_the_simulation_engine(
     micro_models, rewards_dir: Path, silos: dict[str, Path], tmp_path: Path
 ) -> None:
     """`fedpersona train --algorithm pfit` with the default reward models beside the base model;
-    the run record carries each client's lambda and the store serves each user the composition."""
+    each user's lambda set by the operator (`fedpersona users reward-mix`) is what their client
+    trained with, every round record carries it, and the store serves each user the
+    composition."""
     import json
 
     from fedpersona.adapters import AdapterStore, Slot, load_lora
@@ -226,6 +242,9 @@ def test_train_algorithm_pfit_on_the_simulation_engine(
     home = tmp_path
     shutil.copytree(micro_models.large.path, home / "models" / "large")
     shutil.copytree(rewards_dir, home / "models" / "rewards")
+    for user, lam in MIXES.items():
+        assert cli_main(["users", "--home", str(home), "add", user]) == 0
+        assert cli_main(["users", "--home", str(home), "reward-mix", user, str(lam)]) == 0
     argv = [
         "train", "--home", str(home), "--algorithm", "pfit", "--rounds", "2",
         "--local-steps", "2", "--lr", "0.005", "--users", "alice,bob",
@@ -236,7 +255,7 @@ def test_train_algorithm_pfit_on_the_simulation_engine(
     assert len(status.rounds) == 2
     for record in status.rounds:
         mixes = {c.user: c.metrics["reward-mix"] for c in record.clients}
-        assert mixes == {"alice": 1.0, "bob": 0.0}
+        assert mixes == MIXES
         assert record.bytes_up > 0
     store = AdapterStore(home / "store")
     for user in ("alice", "bob"):

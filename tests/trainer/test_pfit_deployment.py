@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from fedpersona.adapters import AdapterStore, Slot, load_lora
+from fedpersona.adapters.preferences import Preferences, write_preferences
 from fedpersona.trainer.data.personas import write_silos
 from fedpersona.trainer.flower.deployment import (
     SuperLinkAddresses,
@@ -24,7 +25,6 @@ from fedpersona.trainer.flower.deployment import (
 )
 from fedpersona.trainer.flower.runconfig import config_of
 from fedpersona.trainer.models.basemodel import ModelPair
-from fedpersona.trainer.rlhf.mix import Preferences, write_preferences
 from fedpersona.trainer.rounds.records import RoundSpec, RunRecords, RunState
 from support.processes import free_ports, started, wait_listening
 
@@ -42,8 +42,8 @@ def test_pfit_round_on_superlink_and_two_supernodes(
     shutil.copytree(micro_models.large.path, home / "models" / "large")
     build_reward_models(home / "models" / "rewards", MICRO_REWARDS)
     silos = write_silos(home / "silos", {u: p for u, (p, _) in USERS.items()}, n_train=4, n_eval=2)
-    for user, (_, lam) in USERS.items():
-        write_preferences(silos[user], Preferences(reward_mix=lam))
+    for user, (_, lam) in USERS.items():  # as the gateway writes them (admin API, CLI)
+        write_preferences(home / "store", user, Preferences(reward_mix=lam))
     flwr_home = tmp_path / "flwr" / ".flwr"
     env = flwr_env(flwr_home)
     env["HOME"] = str(flwr_home.parent)

@@ -1,27 +1,17 @@
-"""Reward models and reward mixes: the preference pairs, the built defaults (real training on the
-CPU, held-out accuracy), the scorer on any sequence-classification directory, lambda_u in the
-silo and its command."""
+"""Reward models and the mixed reward: the preference pairs, the built defaults (real training on
+the CPU, held-out accuracy), the scorer on any sequence-classification directory. A user's
+lambda_u itself is tested with its contract (tests/adapters/test_preferences.py) and its admin
+API and CLI (tests/service/test_gateway_reward_mix.py)."""
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fedpersona.trainer.errors import RewardModelError
 from fedpersona.trainer.rlhf import pairs
-from fedpersona.trainer.rlhf.mix import (
-    DEFAULT_REWARD_MIX,
-    Preferences,
-    mixed_reward,
-    preferences_path,
-    read_preferences,
-    write_preferences,
-)
-
-from fedpersona.cli import main as cli_main
+from fedpersona.trainer.rlhf.mix import mixed_reward
 
 # ------------------------------------------------------------------------ preference pairs
 
@@ -58,48 +48,10 @@ def test_the_two_objectives_conflict() -> None:
 # ----------------------------------------------------------------------------- reward mix
 
 
-def test_reward_mix_round_trips_through_the_silo(tmp_path: Path) -> None:
-    assert read_preferences(tmp_path) == Preferences(DEFAULT_REWARD_MIX)
-    write_preferences(tmp_path, Preferences(reward_mix=0.25))
-    assert json.loads(preferences_path(tmp_path).read_text()) == {"reward_mix": 0.25}
-    assert read_preferences(tmp_path).reward_mix == 0.25
-
-
-@pytest.mark.parametrize("bad", [-0.01, 1.01, math.nan, math.inf, True, "0.5", None])
-def test_a_reward_mix_out_of_range_is_refused(tmp_path: Path, bad: object) -> None:
-    with pytest.raises(RewardModelError):
-        Preferences(reward_mix=bad)  # type: ignore[arg-type]
-    preferences_path(tmp_path).write_text(json.dumps({"reward_mix": bad}))
-    with pytest.raises(RewardModelError, match=r"preferences\.json"):
-        read_preferences(tmp_path)
-
-
-def test_a_malformed_preferences_file_is_refused_not_replaced(tmp_path: Path) -> None:
-    for text in ("{", "[0.5]", '{"reward_mix": 0.5, "other": 1}'):
-        preferences_path(tmp_path).write_text(text)
-        with pytest.raises(RewardModelError, match=r"preferences\.json"):
-            read_preferences(tmp_path)
-        assert preferences_path(tmp_path).read_text() == text
-
-
 def test_mixed_reward_is_the_convex_combination() -> None:
     h, s = np.array([1.0, -2.0, 0.5]), np.array([0.0, 3.0, 0.5])
     for lam in (0.0, 0.3, 1.0):
         np.testing.assert_allclose(mixed_reward(h, s, lam), lam * h + (1 - lam) * s)
-
-
-def test_reward_mix_command_sets_shows_and_refuses(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    (tmp_path / "silos" / "alice").mkdir(parents=True)
-    home = ["--home", str(tmp_path)]
-    assert cli_main(["reward-mix", "alice", "0.8", *home]) == 0
-    assert json.loads(capsys.readouterr().out) == {"user": "alice", "reward_mix": 0.8}
-    assert cli_main(["reward-mix", "alice", "1.5", *home]) == 2
-    assert cli_main(["reward-mix", "alice", *home]) == 0
-    assert json.loads(capsys.readouterr().out)["reward_mix"] == 0.8
-    assert cli_main(["reward-mix", "../etc", "0.5", *home]) == 2
-    assert cli_main(["reward-mix", "nobody", "0.5", *home]) == 2  # no silo: nothing written
 
 
 # -------------------------------------------------------------------- built reward models

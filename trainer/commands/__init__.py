@@ -21,10 +21,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fedpersona.trainer.commands.rewards",
         "build (or reuse) the default helpfulness and safety reward models (PFIT)",
     ),
-    "reward-mix": (
-        "fedpersona.trainer.commands.reward_mix",
-        "show or set a user's PFIT reward mix lambda (helpfulness vs safety)",
-    ),
     "data shakespeare": (
         "fedpersona.trainer.data.shakespeare",
         "turn tinyshakespeare into per-speaker chat silos",

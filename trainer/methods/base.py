@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import numpy as np
 from fedpersona.adapters import Slot
 from fedpersona.adapters.limits import MAX_LORA_RANK
+from fedpersona.adapters.preferences import reward_mix_problem
 from fedpersona.trainer.errors import MethodError
 
 if TYPE_CHECKING:
@@ -90,6 +91,9 @@ class TrainConfig:
     seed: int
     prox_mu: float = 0.0  # FedProx: adds prox_mu / 2 * ||w - w_global||^2 on the shared LoRA
     total_rounds: int = 0  # rounds of the run (0: unknown; a method then never personalizes)
+    # The user's reward mix lambda_u, read by the driver where the method's behaviour has
+    # rewards (`fedpersona.adapters.preferences`); None: the default mix.
+    reward_mix: float | None = None
 
     def __post_init__(self) -> None:
         if self.total_rounds < 0:
@@ -102,6 +106,10 @@ class TrainConfig:
             raise MethodError(f"TrainConfig.lr must be positive, got {self.lr!r}")
         if not self.prox_mu >= 0:
             raise MethodError(f"TrainConfig.prox_mu must be >= 0, got {self.prox_mu!r}")
+        if self.reward_mix is not None:
+            problem = reward_mix_problem(self.reward_mix)
+            if problem is not None:
+                raise MethodError(f"TrainConfig.reward_mix {problem}")
 
 
 @dataclass

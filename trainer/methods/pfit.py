@@ -5,7 +5,9 @@ Each client fine-tunes the policy's LoRAs by reinforcement learning (RLOO with a
 the base model, `fedpersona.trainer.rlhf.rloo`) on prompts from its own silo, rewarded by
 `lambda_u * r_helpfulness + (1 - lambda_u) * r_safety`: two reward models that run on the client
 only (`<home>/models/rewards/{helpfulness,safety}` beside the base model, or `rewards_dir`),
-mixed by the user's own lambda_u from `<silo>/preferences.json` (`fedpersona.trainer.rlhf.mix`).
+mixed by the user's own lambda_u (`TrainConfig.reward_mix`): the driver reads it each round from
+the user's preferences in the store (`fedpersona.adapters.preferences`), where the operator sets
+it through the gateway's admin API or `fedpersona users reward-mix`; unset, the default mix.
 
 What is shared and what stays personal (`Pfit`):
 - a *global* LoRA (half the rank budget, attention projections), aggregated across users. Sparse
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+from fedpersona.adapters.preferences import DEFAULT_REWARD_MIX, reward_mix_problem
 from fedpersona.trainer.errors import MethodError
 from fedpersona.trainer.methods.base import (
     DEFAULT_MAX_RANK,
@@ -50,10 +53,10 @@ from fedpersona.trainer.methods.base import (
     Params,
     Product,
     Shares,
+    TrainConfig,
     adapter_from_params,
     without_uploads,
 )
-from fedpersona.trainer.rlhf.mix import check_reward_mix
 from fedpersona.trainer.rlhf.sparsity import module_of, sparse_mean, top_modules
 
 if TYPE_CHECKING:
@@ -96,8 +99,8 @@ class Pfit(LoraMethod):
             raise MethodError(
                 f"{self.name}: share_fraction must be in (0, 1], got {self.share_fraction!r}"
             )
-        if self.reward_mix is not None:
-            check_reward_mix(self.reward_mix, where=f"{self.name}: reward_mix")
+        if self.reward_mix is not None and (problem := reward_mix_problem(self.reward_mix)):
+            raise MethodError(f"{self.name}: reward_mix {problem}")
         if (
             self.global_spec.rank + (self.personal_spec.rank if self.personal else 0)
             > self.max_rank
@@ -148,10 +151,11 @@ class Pfit(LoraMethod):
 
         return LoraSession(base_model, self.loras(), seed=seed).read(GLOBAL)
 
-    def user_reward_mix(self, silo: Path) -> float:
-        from fedpersona.trainer.rlhf.mix import read_preferences
-
-        return self.reward_mix if self.reward_mix is not None else read_preferences(silo).reward_mix
+    def user_reward_mix(self, config: TrainConfig) -> float:
+        """The mix a client trains with: ours if set (a baseline's), else the user's own."""
+        if self.reward_mix is not None:
+            return self.reward_mix
+        return DEFAULT_REWARD_MIX if config.reward_mix is None else config.reward_mix
 
     def prepare(
         self, session: LoraSession, *, global_params: Params, state: Params, final: bool
@@ -167,7 +171,7 @@ class Pfit(LoraMethod):
         from fedpersona.trainer.rlhf.rloo import RlConfig, RlooTrainer, load_prompts
         from fedpersona.trainer.rlhf.scorer import RewardPair
 
-        lam = self.user_reward_mix(local.silo)
+        lam = self.user_reward_mix(local.config)
         rewards = RewardPair.load(self.rewards_path(local.base_model))
         seen: dict[str, list[float]] = {"helpfulness": [], "safety": []}
 

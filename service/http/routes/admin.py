@@ -1,19 +1,23 @@
-"""`/admin/users` and `/admin/keys`: create and delete users, issue and revoke API keys.
+"""`/admin/users` and `/admin/keys`: create and delete users, issue and revoke API keys, set a
+user's proxy alpha and PFIT reward mix.
 
 Every route needs the admin key (`fedpersona.service.http.auth.AdminAccess`). The raw API key
 appears only in the response that issues it; the registry keeps its hash. Creating and deleting
 users goes through `fedpersona.service.accounts`, as `fedpersona users` does: deleting answers
 what was quarantined, and a deleted user's name is refused (409 `user_name_deleted`) unless
-`?reuse_deleted_name=true` is given.
+`?reuse_deleted_name=true` is given. A user's reward mix is kept in the adapter store beside
+their slots, where the trainer reads it (`fedpersona.service.preferences`); every user shown
+carries the mix they train with.
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
-from fedpersona.service import accounts
+from fedpersona.service import accounts, preferences
 from fedpersona.service.http.auth import AdminAccess
 from fedpersona.service.http.protocol import (
     IssuedKeyOut,
@@ -30,11 +34,13 @@ from pydantic import BaseModel, Field
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminAccess])
 
 
-def _user(user: User) -> UserOut:
+def _user(user: User, store_root: Path) -> UserOut:
+    """The wire form of `user`; reads their reward mix from the store (call it in a thread)."""
     return UserOut(
         name=user.name,
         created_at=user.created_at,
         proxy_alpha=user.proxy_alpha,
+        reward_mix=preferences.reward_mix_of(store_root, user.name),
         active_keys=user.active_keys,
     )
 
@@ -84,23 +90,38 @@ async def create_user(
     )
     issued = await asyncio.to_thread(registry.issue_key, body.name) if body.issue_key else None
     user = await asyncio.to_thread(registry.get_user, body.name)
-    return UserCreated(user=_user(user), key=_issued(issued) if issued else None)
+    out = await asyncio.to_thread(_user, user, services.store.root)
+    return UserCreated(user=out, key=_issued(issued) if issued else None)
 
 
 @router.get("/users")
 async def list_users(services: ServicesDep) -> list[UserOut]:
-    return [_user(u) for u in await asyncio.to_thread(services.registry.list_users)]
+    users = await asyncio.to_thread(services.registry.list_users)
+    return await asyncio.to_thread(lambda: [_user(u, services.store.root) for u in users])
 
 
 @router.get("/users/{name}")
 async def get_user(name: str, services: ServicesDep) -> UserOut:
-    return _user(await asyncio.to_thread(services.registry.get_user, name))
+    user = await asyncio.to_thread(services.registry.get_user, name)
+    return await asyncio.to_thread(_user, user, services.store.root)
 
 
 @router.patch("/users/{name}")
 async def update_user(name: str, body: UserUpdate, services: ServicesDep) -> UserOut:
-    user = await asyncio.to_thread(services.registry.set_proxy_alpha, name, body.proxy_alpha)
-    return _user(user)
+    """Set the fields given (validated before anything is written); the others stay."""
+    registry, root = services.registry, services.store.root
+    user = await asyncio.to_thread(registry.get_user, name)  # 404 before any write
+    if body.reward_mix is not None:
+        await asyncio.to_thread(
+            preferences.set_reward_mix,
+            registry,
+            name=name,
+            reward_mix=body.reward_mix,
+            store_root=root,
+        )
+    if body.proxy_alpha is not None:
+        user = await asyncio.to_thread(registry.set_proxy_alpha, name, body.proxy_alpha)
+    return await asyncio.to_thread(_user, user, root)
 
 
 @router.delete("/users/{name}")
