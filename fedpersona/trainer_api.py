@@ -17,8 +17,8 @@ router, admin guard and error handlers (`fedpersona.service.http`), so that the 
 the gateway pods answer `/admin/rounds` identically (OpenAI error envelope, same admin-key
 rules: `Authorization: Bearer <FEDPERSONA_ADMIN_KEY>`, no key configured = admin API off), over
 the trainer's in-process round controller (rounds run in child processes). With `--superlink`
-it also supervises a `flower-superlink` (Deployment Engine); in Helm the SuperLink runs as its
-own container instead.
+it also supervises a plain-gRPC `flower-superlink` (local development only); in Helm the
+SuperLink runs as its own container, with TLS and SuperNode authentication.
 
 Settings are the gateway's `Settings` class (home, runs dir, host, admin key, environment: one
 owner for the admin-key rule, which refuses a weak key in production) plus the trainer pod's
@@ -222,6 +222,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if target is not None and target.root_certificates is None:
         log.warning("runs go to a plain-gRPC SuperLink: any node may join and claim any user")
+    if settings.superlink and target is not None and target.root_certificates is not None:
+        # The supervised SuperLink is the local plain-gRPC one (development); a TLS SuperLink
+        # with SuperNode authentication runs as its own process (the chart's container).
+        log.error("--superlink starts a plain-gRPC SuperLink; it cannot serve --root-certificates")
+        return 2
     controller = InProcessRounds(
         home, runs_dir=settings.runs_dir, extra_args=extra, superlink=target
     )
