@@ -44,9 +44,15 @@ test: install $(HELM)
 test-fast: install
 	$(BIN)/pytest -m "not vllm and not flower and not helm and not slow" $(PYTEST_ARGS)
 
+# mypy does not follow setuptools' package-dir mapping (adapters/ -> fedpersona.adapters, ...),
+# so it checks a tree of links laid out as installed: build/typecheck/fedpersona/{adapters,...}.
+TYPECHECK := build/typecheck
 lint: install
-	$(BIN)/ruff check adapters service trainer tests benchmarks
-	$(BIN)/mypy
+	$(BIN)/ruff check fedpersona adapters service trainer tests benchmarks
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/fedpersona
+	ln -s $(CURDIR)/fedpersona/*.py $(TYPECHECK)/fedpersona/
+	for pkg in adapters trainer service; do ln -s $(CURDIR)/$$pkg $(TYPECHECK)/fedpersona/$$pkg; done
+	cd $(TYPECHECK) && $(abspath $(BIN))/mypy --config-file $(CURDIR)/pyproject.toml -p fedpersona
 
 bench-serve: install
 	$(BIN)/python benchmarks/serve_overhead.py

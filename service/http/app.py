@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +37,9 @@ from fedpersona.service.state import Engine, Services
 from fedpersona.trainer.rounds.interface import RoundController
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from fedpersona.service.engine.client import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +104,10 @@ def create_app(
     if adapters is None:
         from fedpersona.service.engine.wiring import build_adapter_manager
 
-        adapters = build_adapter_manager(settings, store=store, engine=engine, metrics=metrics)
+        # An engine handed in without an adapter manager must also load and unload LoRAs
+        # (an EngineClient, or a test double with the same methods).
+        lora_engine = cast("EngineClient", engine)
+        adapters = build_adapter_manager(settings, store=store, engine=lora_engine, metrics=metrics)
     chat_service = ChatService(
         config=ChatConfig(
             personal_alias=settings.personal_alias,

@@ -193,7 +193,8 @@ class Behaviour:
 class Method(Protocol):
     """One federated method (FedAvg, FedProx, local-only, PFTT, PerFIT, FedPT)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def behaviour(self) -> Behaviour: ...

@@ -51,11 +51,15 @@ class FedAvg(LoraMethod):
     max_rank: int = DEFAULT_MAX_RANK
     name: str = "fedavg"
     SHARED: ClassVar[str | None] = SHARED
-    behaviour: ClassVar[Behaviour] = Behaviour(
-        shares=Shares.LORA,
-        publishes=frozenset({Product.GLOBAL, Product.SERVED}),
-        base_role=BaseRole.LARGE,
-    )
+
+    @property
+    def behaviour(self) -> Behaviour:
+        # A property, not a class constant: FedPT (a subclass) derives its behaviour from options.
+        return Behaviour(
+            shares=Shares.LORA,
+            publishes=frozenset({Product.GLOBAL, Product.SERVED}),
+            base_role=BaseRole.LARGE,
+        )
 
     def __post_init__(self) -> None:
         if self.spec.rank > self.max_rank:
@@ -94,11 +98,14 @@ class FedAvgFT(FedAvg):
 
     name: str = "fedavg-ft"
     personal_round: bool = True
-    behaviour: ClassVar[Behaviour] = Behaviour(
-        shares=Shares.LORA,
-        publishes=frozenset({Product.GLOBAL, Product.SERVED, Product.PERSONAL}),
-        base_role=BaseRole.LARGE,
-    )
+
+    @property
+    def behaviour(self) -> Behaviour:
+        return Behaviour(
+            shares=Shares.LORA,
+            publishes=frozenset({Product.GLOBAL, Product.SERVED, Product.PERSONAL}),
+            base_role=BaseRole.LARGE,
+        )
 
     def finish(self, local: LocalRound) -> LocalResult:
         if not local.final:

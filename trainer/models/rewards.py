@@ -249,12 +249,12 @@ def _train(
         num_key_value_heads=recipe.heads,
         head_dim=recipe.hidden // recipe.heads,
         max_position_embeddings=recipe.max_len,
-        num_labels=1,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+    config.num_labels = 1
     train = list(data.train)
     with _single_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
