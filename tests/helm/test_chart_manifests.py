@@ -105,6 +105,7 @@ def test_all_features_case_renders_every_kind(helm_bin: Path) -> None:
         "Secret",
         "PersistentVolumeClaim",
         "Deployment",
+        "StatefulSet",  # the bundled PostgreSQL (several gateways)
         "Service",
         "Ingress",
         "HorizontalPodAutoscaler",

@@ -156,6 +156,7 @@ def test_existing_secrets_are_referenced_never_inlined(helm_bin: Path) -> None:
         },
         "roundSchedule": {"enabled": True},
         "vllm": {"apiKey": {"existingSecret": "ops-engine", "existingSecretKey": "e"}},
+        "database": {"external": {"existingSecret": "ops-database"}},
         "trainer": {
             "superlink": {
                 "tls": {"existingSecret": "ops-tls"},
