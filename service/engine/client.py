@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 _JSON = {"Content-Type": "application/json"}
 DONE_LINE = b"data: [DONE]"
+POOLS = 8  # connection pools for streamed chat requests
+KEEPALIVE = 256  # idle connections kept open to the engine, over all pools
+# Below the 5 s after which vLLM's server (uvicorn) closes an idle connection: reusing one the
+# server is closing at that instant fails the request with a ReadError.
+KEEPALIVE_EXPIRY_S = 4.0
 
 # A callable that raises EngineUnavailable while the engine must not be used (e.g. restarting).
 Gate = Callable[[], None]
@@ -90,15 +95,28 @@ class EngineClient:
         `gate` is checked before every chat and every adapter load or unload."""
         self.base_url = base_url.rstrip("/")
         self._gate = gate
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
-            timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
-            # Concurrency is bounded by the gateway and by vLLM's scheduler, not by a pool here:
-            # a pool limit would queue requests in front of an engine that batches them.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            transport=transport,
-        )
+        # Chat requests spread over several connection pools: httpcore scans every connection
+        # of a pool (a readability poll per idle one) each time a request starts or ends, so
+        # one pool costs O(streams) per request; measured, that scan was a third of the
+        # gateway's CPU at 64 streams (benchmarks/relay_capacity.py).
+        self._pools = [
+            httpx.AsyncClient(
+                base_url=self.base_url,
+                headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+                timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
+                # Concurrency is bounded by the gateway and by vLLM's scheduler, not by a pool
+                # here: a pool limit would queue requests in front of an engine that batches.
+                limits=httpx.Limits(
+                    max_connections=None,
+                    max_keepalive_connections=KEEPALIVE // POOLS,
+                    keepalive_expiry=KEEPALIVE_EXPIRY_S,
+                ),
+                transport=transport,
+            )
+            for _ in range(1 if transport is not None else POOLS)
+        ]
+        self._pool_load = [0] * len(self._pools)
+        self._client = self._pools[0]  # adapter loads, probes
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -155,12 +173,25 @@ class EngineClient:
         status. Closing the iterator early closes the connection, which makes vLLM abort.
         """
         self._enter()
+        # The pool with the fewest open streams; a stream stops counting once its connection
+        # is back in the pool (read to the end), even if the caller keeps the iterator open.
+        pool = min(range(len(self._pools)), key=self._pool_load.__getitem__)
+        self._pool_load[pool] += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._pool_load[pool] -= 1
+
         try:
-            request = self._client.build_request(
+            client = self._pools[pool]
+            request = client.build_request(
                 "POST", "/v1/chat/completions", content=json.dumps(body), headers=_JSON
             )
             try:
-                response = await self._client.send(request, stream=True)
+                response = await client.send(request, stream=True)
             except httpx.TransportError as e:
                 raise self._unavailable(e) from e
             try:
@@ -183,6 +214,7 @@ class EngineClient:
                             # request otherwise).
                             async for _ in chunks:
                                 pass
+                            release()
                         if line:
                             yield line
                 if pending.strip():
@@ -192,6 +224,7 @@ class EngineClient:
             finally:
                 await response.aclose()
         finally:
+            release()
             self._exit()
 
     # -- adapters --------------------------------------------------------------------------
@@ -235,7 +268,8 @@ class EngineClient:
         return response.status_code == 200
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for client in self._pools:
+            await client.aclose()
 
     # -- internals -------------------------------------------------------------------------
 

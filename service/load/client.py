@@ -291,7 +291,11 @@ async def run_load(
         size = workload.max_in_flight if workload.rate_rps else workload.concurrency
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(workload.request_timeout_s, connect=10.0),
-            limits=httpx.Limits(max_connections=size + 8, max_keepalive_connections=size + 8),
+            # Idle connections are dropped before the server's 5 s keep-alive timeout closes
+            # them, so a request never races a closing connection.
+            limits=httpx.Limits(
+                max_connections=size + 8, max_keepalive_connections=size + 8, keepalive_expiry=4.0
+            ),
         )
 
     async def one() -> None:
