@@ -182,3 +182,21 @@ def test_two_gateways_share_users_deletions_and_rate_limits(
         for client in (a, b):
             client.__exit__(None, None, None)
             client.app.state.services.registry.close()  # type: ignore[attr-defined]
+
+
+def test_users_cli_manages_the_shared_database(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from fedpersona.service.commands.users import main as users_main
+    from fedpersona.service.registry import Registry
+
+    monkeypatch.setenv("FEDPERSONA_DATABASE_URL", postgres_url)
+    assert users_main(["--home", str(tmp_path), "add", "erin"]) == 0
+    key = capsys.readouterr().out.strip()
+    registry = Registry(postgres_url)
+    user = registry.authenticate(key)
+    assert user is not None and user.name == "erin"
+    assert not (tmp_path / "registry.sqlite").exists()  # nothing went to a local file
+    assert users_main(["--home", str(tmp_path), "delete", "erin"]) == 0
+    assert registry.authenticate(key) is None and registry.is_deleted_name("erin")
+    registry.close()
