@@ -68,6 +68,9 @@ class Workload:
     seed: int = 0
     request_timeout_s: float = 120.0
     max_in_flight: int = 4096  # open loop: arrivals beyond this wait (and are counted late)
+    # Closed loop only: each caller has one stream of its own (concurrency = callers), instead
+    # of `concurrency` streams that each pick a caller by popularity for every request.
+    stream_per_caller: bool = False
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0:
@@ -289,6 +292,8 @@ async def run_load(
     own = client is None
     if client is None:
         size = workload.max_in_flight if workload.rate_rps else workload.concurrency
+        if workload.stream_per_caller and not workload.rate_rps:
+            size = len(callers)
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(workload.request_timeout_s, connect=10.0),
             # Idle connections are dropped before the server's 5 s keep-alive timeout closes
@@ -298,9 +303,9 @@ async def run_load(
             ),
         )
 
-    async def one() -> None:
+    async def one(fixed: Caller | None = None) -> None:
         n = next(counter)
-        caller = callers[pick(rng, cumulative)]
+        caller = fixed or callers[pick(rng, cumulative)]
         target = result.targets[n % len(result.targets)]
         record = await send(client, target, caller, chat_body(workload, caller, n))
         result.records.append(record)
@@ -312,11 +317,14 @@ async def run_load(
     try:
         if workload.rate_rps is None:
 
-            async def loop() -> None:
+            async def loop(fixed: Caller | None) -> None:
                 while time.perf_counter() < deadline:
-                    await one()
+                    await one(fixed)
 
-            await asyncio.gather(*(loop() for _ in range(workload.concurrency)))
+            if workload.stream_per_caller:
+                await asyncio.gather(*(loop(c) for c in callers))
+            else:
+                await asyncio.gather(*(loop(None) for _ in range(workload.concurrency)))
         else:
             slots = asyncio.Semaphore(workload.max_in_flight)
             tasks = []
