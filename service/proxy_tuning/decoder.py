@@ -2,26 +2,37 @@
 
 `Decoder.advance(model, streams, tokens)` brings every stream up to date with its request's
 tokens and leaves the next-token logits in `stream.last_logits`, feeding only tokens the
-stream has not seen. Streams that need exactly one new token (the steady state of decoding)
-run as one batch: their caches are left-padded to a common length and masked, with explicit
-positions, so each row computes what it would alone. Streams with several new tokens (a new
-request's prompt, or catching up after a reset) run one by one. The padded cache of a batched
-step is kept and reused as is when the same requests step together again, so in steady
-decoding only the model's own cache append copies memory.
+stream has not seen. With `experts`, stream `i` runs the small model plus LoRA `experts[i]`
+(`lora_rows.routed`; `None` = the plain model), so base and expert streams share one batch; with
+`head=False` the output head is skipped and `stream.last_hidden` (the final normed hidden state)
+is left instead, for a caller that applies the head itself (to a difference of two streams).
 
-Knows transformers' cache API, nothing about vLLM or experts.
+Streams that need exactly one new token (the steady state of decoding) run as one batch: their
+caches are left-padded to a common length and masked, with explicit positions, so each row
+computes what it would alone. Fresh streams with the same number of new tokens (a new request's
+prompt, for its base and its expert stream) run as one unpadded batch; the rest (catching up
+after a reset) run one by one. The padded cache of a batched step is kept and reused as is when
+the same streams step together again, so in steady decoding only the model's own cache append
+copies memory.
+
+Knows transformers' cache API, nothing about vLLM or where experts come from.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from fedpersona.service.proxy_tuning.lora_rows import ExpertWeights, routed
 from fedpersona.service.proxy_tuning.state import KVStream, PastKeyValues
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+Experts = Sequence[ExpertWeights | None]
 
 
 @dataclass(eq=False)
@@ -57,28 +68,50 @@ class Decoder:
         model: torch.nn.Module,
         streams: Sequence[KVStream],
         tokens: Sequence[Sequence[int]],
+        *,
+        experts: Experts | None = None,
+        head: bool = True,
     ) -> None:
-        """Make `streams[i]` cover `tokens[i]`; afterwards `last_logits` is the next-token row."""
-        if len(streams) != len(tokens):
-            raise ValueError(f"{len(streams)} streams but {len(tokens)} token lists")
-        single: list[tuple[KVStream, int]] = []
-        for stream, toks in zip(streams, tokens, strict=True):
+        """Make `streams[i]` cover `tokens[i]` (with LoRA `experts[i]` if given); afterwards
+        `last_logits` (or with `head=False`, `last_hidden`) is the next-token row."""
+        if len(streams) != len(tokens) or (experts is not None and len(experts) != len(streams)):
+            raise ValueError(f"{len(streams)} streams but {len(tokens)} token lists / experts")
+        lora = list(experts) if experts is not None else [None] * len(streams)
+        single: list[int] = []
+        fresh: dict[int, list[int]] = {}
+        for i, (stream, toks) in enumerate(zip(streams, tokens, strict=True)):
             if not toks:
                 raise ValueError("a request with no tokens cannot be scored")
             if len(toks) < stream.length:
                 stream.reset()  # the sequence shrank (never in plain decoding): start over
-            new = toks[stream.length :]
-            if not new:
+            new = len(toks) - stream.length
+            if new == 0:
                 continue
-            if len(new) == 1 and stream.past is not None:
-                single.append((stream, new[0]))
+            if new == 1 and stream.past is not None:
+                single.append(i)
+            elif stream.past is None:
+                fresh.setdefault(new, []).append(i)
             else:
-                _extend(model, stream, new)
+                _run(model, [stream], [list(toks[stream.length :])], [lora[i]], head=head)
+        for members in fresh.values():
+            _run(
+                model,
+                [streams[i] for i in members],
+                [list(tokens[i]) for i in members],
+                [lora[i] for i in members],
+                head=head,
+            )
         if len(single) == 1:
-            stream, token = single[0]
-            _extend(model, stream, [token])
+            i = single[0]
+            _run(model, [streams[i]], [[tokens[i][-1]]], [lora[i]], head=head)
         elif single:
-            self._step_batch(model, [s for s, _ in single], [t for _, t in single])
+            self._step_batch(
+                model,
+                [streams[i] for i in single],
+                [tokens[i][-1] for i in single],
+                [lora[i] for i in single],
+                head=head,
+            )
 
     def _padded(
         self, model: torch.nn.Module, streams: Sequence[KVStream]
@@ -101,22 +134,32 @@ class Decoder:
         return width, tuple(padded)
 
     def _step_batch(
-        self, model: torch.nn.Module, streams: Sequence[KVStream], new: Sequence[int]
+        self,
+        model: torch.nn.Module,
+        streams: Sequence[KVStream],
+        new: Sequence[int],
+        experts: Experts,
+        *,
+        head: bool,
     ) -> None:
         device = _device(model)
         lengths = [s.length for s in streams]
         width, padded = self._padded(model, streams)
-        mask = torch.zeros(len(streams), width + 1, dtype=torch.long, device=device)
-        for row, length in enumerate(lengths):
-            mask[row, width - length :] = 1
-        out = model(
+        if all(n == width for n in lengths):
+            mask = None  # nothing padded: every row attends to its whole cache
+        else:
+            mask = torch.zeros(len(streams), width + 1, dtype=torch.long, device=device)
+            for row, length in enumerate(lengths):
+                mask[row, width - length :] = 1
+        out, layers = _forward(
+            model,
+            experts,
+            head=head,
             input_ids=torch.tensor([[t] for t in new], dtype=torch.long, device=device),
             attention_mask=mask,
             position_ids=torch.tensor([[n] for n in lengths], dtype=torch.long, device=device),
             past_key_values=_cache(padded),
-            use_cache=True,
         )
-        layers = _layers(out.past_key_values)
         for row, (stream, length) in enumerate(zip(streams, lengths, strict=True)):
             start = width - length
             # Views into the batched cache: no copy; the next step of the same batch reuses it.
@@ -124,7 +167,7 @@ class Decoder:
                 (k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in layers
             )
             stream.length += 1
-            stream.last_logits = out.logits[row, -1].float()
+            _set_last(stream, out[row], head=head)
         self._last[model] = _LastBatch(
             streams=tuple(streams),
             pasts=tuple(_past(s) for s in streams),
@@ -137,14 +180,49 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _extend(model: torch.nn.Module, stream: KVStream, new: Sequence[int]) -> None:
-    ids = torch.tensor([list(new)], dtype=torch.long, device=_device(model))
-    out = model(
-        input_ids=ids, past_key_values=_cache(stream.past), use_cache=True, logits_to_keep=1
+def _forward(
+    model: torch.nn.Module, experts: Experts, *, head: bool, **kw: Any
+) -> tuple[torch.Tensor, PastKeyValues]:
+    """One forward pass: (the last position's logits or final hidden state per row, the cache)."""
+    context = routed(model, experts) if any(e is not None for e in experts) else nullcontext()
+    with context:
+        if head:
+            out = model(**kw, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1], _layers(out.past_key_values)
+        body = model.get_decoder()  # type: ignore[operator]
+        out = body(**kw, use_cache=True)
+        return out.last_hidden_state[:, -1], _layers(out.past_key_values)
+
+
+def _set_last(stream: KVStream, row: torch.Tensor, *, head: bool) -> None:
+    if head:
+        stream.last_logits, stream.last_hidden = row.float(), None
+    else:
+        stream.last_logits, stream.last_hidden = None, row
+
+
+def _run(
+    model: torch.nn.Module,
+    streams: Sequence[KVStream],
+    new: Sequence[Sequence[int]],
+    experts: Experts,
+    *,
+    head: bool,
+) -> None:
+    """Extend streams that all hold the same cache length by the same number of tokens, as one
+    unpadded batch (a single stream, or fresh streams with equally long prompts)."""
+    past = _past(streams[0]) if len(streams) == 1 and streams[0].past is not None else None
+    out, layers = _forward(
+        model,
+        experts,
+        head=head,
+        input_ids=torch.tensor([list(t) for t in new], dtype=torch.long, device=_device(model)),
+        past_key_values=_cache(past),
     )
-    stream.past = _layers(out.past_key_values)
-    stream.length += len(new)
-    stream.last_logits = out.logits[0, -1].float()
+    for row, stream in enumerate(streams):
+        stream.past = tuple((k[row : row + 1], v[row : row + 1]) for k, v in layers)
+        stream.length += len(new[row])
+        _set_last(stream, out[row], head=head)
 
 
 def _cache(past: PastKeyValues | None) -> DynamicCache:

@@ -1,7 +1,10 @@
 """Proxy experts: how a request names one, and how one is checked, loaded and cached.
 
-An expert is the small base model with a LoRA from the adapter store merged into its weights.
-A request names it as `"<slot path>@<version id>"` in `vllm_xargs["fedpersona_expert"]`; the
+An expert is the small base model with a LoRA from the adapter store. The processor keeps one
+copy of the small model and loads an expert as its LoRA factors (`lora_rows.ExpertWeights`,
+checked against the small model's modules), so base and experts run in one batch;
+`merge_lora` (a merged copy of the model) is the reference the tests and benchmarks compare
+with. A request names it as `"<slot path>@<version id>"` in `vllm_xargs["fedpersona_expert"]`; the
 name is parsed strictly by `fedpersona.adapters.refs.ExpertRef` (which owns the format, the
 argument keys and the rule that only expert slots, `users/<u>/expert` and `global/expert`, are
 accepted) and resolved only through `AdapterStore.get` (never as a raw path).
@@ -36,6 +39,7 @@ from fedpersona.service.proxy_tuning.errors import (
     IncompatibleModels,
     InvalidExpertRequest,
 )
+from fedpersona.service.proxy_tuning.lora_rows import ExpertWeights, expert_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -144,12 +148,13 @@ def merge_lora(base: torch.nn.Module, adapter: LoraAdapter, *, where: str) -> to
 
 
 class ExpertLibrary:
-    """Resolves expert names through the store, validates them and caches merged experts.
+    """Resolves expert names through the store, validates them and caches loaded experts.
 
-    `check` (cheap: config and weights are read and validated, nothing is merged) is what the
-    frontend runs before accepting a request; `get` returns the merged model, keeping at most
-    `capacity` of them (least recently used out). Versions are immutable, so a cached entry
-    never goes stale. Thread-safe.
+    `check` (cheap: config and weights are read and validated, nothing is loaded onto the
+    model) is what the frontend runs before accepting a request; `get` returns the expert's
+    factors checked against the small model (`ExpertWeights`), keeping at most `capacity` of
+    them (least recently used out). Versions are immutable, so a cached entry never goes
+    stale. Thread-safe.
     """
 
     def __init__(
@@ -168,7 +173,7 @@ class ExpertLibrary:
         self._base_name = base_name
         self._capacity = capacity
         self._max_rank = max_rank
-        self._models: OrderedDict[ExpertRef, torch.nn.Module] = OrderedDict()
+        self._models: OrderedDict[ExpertRef, ExpertWeights] = OrderedDict()
         self._checked: OrderedDict[ExpertRef, None] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0
@@ -197,8 +202,8 @@ class ExpertLibrary:
             while len(self._checked) > 1024:
                 self._checked.popitem(last=False)
 
-    def get(self, ref: ExpertRef) -> torch.nn.Module:
-        """The merged expert model for `ref` (loaded on first use)."""
+    def get(self, ref: ExpertRef) -> ExpertWeights:
+        """The expert `ref`'s LoRA factors for the small model (loaded on first use)."""
         if self._base is None:
             raise RuntimeError("this ExpertLibrary was built without a base model (check only)")
         with self._lock:
@@ -206,7 +211,7 @@ class ExpertLibrary:
             if model is not None:
                 self._models.move_to_end(ref)
                 return model
-        model = merge_lora(self._base, self._adapter(ref), where=str(ref))
+        model = expert_weights(self._base, self._adapter(ref), where=str(ref))
         with self._lock:
             self._models[ref] = model
             self._models.move_to_end(ref)

@@ -23,6 +23,14 @@ Failure behaviour (what the gateway sees):
 The small models' logits cover the shared tokenizer's `vocab` tokens; vLLM's logits may be wider
 (padding), and columns past `vocab` are left alone.
 
+Cost per decoding step: one forward pass of the small model over 2 rows per request (its base
+stream and its expert stream; experts are per-row LoRAs on the one loaded small model, see
+`lora_rows.py`), with the output head skipped, then one head product on the difference of the
+two final hidden states. Exact (token for token against `large + alpha * (expert - small)` up to
+float rounding). `FEDPERSONA_PROXY_TOP_K=k` (off by default) is an approximation: offsets only
+for the large model's k most likely tokens of each step, all other tokens masked out; greedy
+output is unchanged exactly when the steered argmax lies in those k.
+
 Debug counters: with `FEDPERSONA_PROXY_STATS_FILE` set, `stats()` is written there as JSON
 after every batch change (atomically: temp file and rename), so tests can see that state is
 freed when requests finish.
@@ -37,14 +45,14 @@ import tempfile
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fedpersona.adapters import AdapterStore
 from fedpersona.adapters.manifest import model_name
 from fedpersona.adapters.refs import EXPERT_ARG
 from fedpersona.service.proxy_tuning.decoder import Decoder
-from fedpersona.service.proxy_tuning.errors import ProxyTuningError
+from fedpersona.service.proxy_tuning.errors import IncompatibleModels, ProxyTuningError
 from fedpersona.service.proxy_tuning.experts import (
     ExpertLibrary,
     ExpertRef,
@@ -53,7 +61,7 @@ from fedpersona.service.proxy_tuning.experts import (
     load_small_model,
 )
 from fedpersona.service.proxy_tuning.settings import ProxySettings
-from fedpersona.service.proxy_tuning.state import RequestState, RequestTable
+from fedpersona.service.proxy_tuning.state import KVStream, RequestState, RequestTable
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import (
     BatchUpdate,
@@ -109,6 +117,14 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
                 f"{small_vocab} and the large model's {large_vocab}"
             )
         self._base = base
+        head: Any = base.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear) or getattr(head, "bias", None) is not None:
+            raise IncompatibleModels(
+                f"the small model's output head is {type(head).__name__} with a bias or not "
+                "linear; proxy tuning needs a bias-free linear head"
+            )
+        self._head: torch.Tensor = head.weight.detach()
+        self._top_k: int = settings.proxy_top_k
         self._max_alpha = settings.proxy_max_alpha
         self._library = ExpertLibrary(
             store=AdapterStore(
@@ -126,10 +142,11 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         self._failures = 0
         self._stats_file = settings.proxy_stats_file
         logger.info(
-            "proxy tuning on: small model %s, store %s, vocab %d",
+            "proxy tuning on: small model %s, store %s, vocab %d%s",
             settings.proxy_small_model,
             settings.store_dir,
             self._vocab,
+            f", APPROXIMATE (top-{self._top_k} of the large model only)" if self._top_k else "",
         )
         self._write_stats()
 
@@ -220,36 +237,52 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
             self._fail(state, str(e))
 
     def _add_offsets(self, logits: torch.Tensor, active: list[tuple[int, RequestState]]) -> None:
-        """Advance the base model over all active requests (one batch), each expert over its
-        requests (one batch per expert), then add the offsets to the rows in one operation."""
+        """Advance the base and the expert stream of every active request in one batch (each
+        expert as a per-row LoRA on the shared small model, head skipped), then add
+        `alpha * head(h_expert - h_base)` to their rows in one operation.
+
+        `head(a) - head(b) == head(a - b)` for the bias-free linear head of these models (up to
+        float rounding), so the 49k-column head runs once per request, not twice.
+        """
+        # Expert streams grouped by expert: each expert's rows are one contiguous slice.
+        active = sorted(active, key=lambda item: (id(item[1].expert), item[0]))
         states = [state for _, state in active]
         tokens = [state.tokens() for state in states]
-        self._decoder.advance(self._base, [s.base for s in states], tokens)
-        by_expert: dict[int, list[int]] = {}
-        for i, state in enumerate(states):
-            by_expert.setdefault(id(state.expert), []).append(i)
-        for members in by_expert.values():
-            try:
-                self._decoder.advance(
-                    states[members[0]].expert,
-                    [states[i].tuned for i in members],
-                    [tokens[i] for i in members],
-                )
-            except RuntimeError as e:  # a broken expert ends its own requests only
-                for i in members:
-                    self._fail(states[i], f"expert {states[i].expert_key} failed: {e}")
-        done = [(row, s) for row, s in active if s.error is None]
-        if not done:
+        try:
+            self._decoder.advance(
+                self._base,
+                [s.base for s in states] + [s.tuned for s in states],
+                tokens + tokens,
+                experts=[None] * len(states) + [s.expert for s in states],
+                head=False,
+            )
+        except RuntimeError as e:  # e.g. out of memory: these requests end, the engine stays
+            for state in states:
+                self._fail(state, f"the proxy forward pass failed: {e}")
             return
+        diff = torch.stack([_hidden(s.tuned) - _hidden(s.base) for s in states])
+        alphas = torch.tensor([s.alpha for s in states], dtype=diff.dtype).unsqueeze(1)
+        index = torch.tensor([row for row, _ in active], device=logits.device)
         n = self._vocab
-        offsets = torch.stack(
-            [
-                s.alpha * (_logits(s.tuned.last_logits)[:n] - _logits(s.base.last_logits)[:n])
-                for _, s in done
-            ]
-        )
-        index = torch.tensor([row for row, _ in done], device=logits.device)
+        if self._top_k:
+            self._add_top_k(logits, index, diff, alphas)
+            return
+        offsets = torch.nn.functional.linear(diff, self._head[:n]) * alphas
         logits[index, :n] += offsets.to(device=logits.device, dtype=logits.dtype)
+
+    def _add_top_k(
+        self, logits: torch.Tensor, index: torch.Tensor, diff: torch.Tensor, alphas: torch.Tensor
+    ) -> None:
+        """The approximation (`FEDPERSONA_PROXY_TOP_K`): offsets only for the large model's
+        top-k tokens of each row; every other token of the vocabulary is masked out."""
+        n = self._vocab
+        rows = logits[index, :n]
+        top = rows.topk(min(self._top_k, n), dim=-1).indices  # [rows, k]
+        picked = self._head[top.to(self._head.device)]  # [rows, k, hidden]
+        offsets = torch.bmm(picked, diff.unsqueeze(-1)).squeeze(-1) * alphas
+        steered = torch.full_like(rows, float("-inf"))
+        steered.scatter_(1, top, rows.gather(1, top) + offsets.to(rows.device, rows.dtype))
+        logits[index, :n] = steered
 
     # ---------------------------------------------------------------------- observability
 
@@ -274,7 +307,7 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
             logger.warning("cannot write proxy stats to %s: %s", path, e)
 
 
-def _logits(t: torch.Tensor | None) -> torch.Tensor:
-    if t is None:
-        raise RuntimeError("a stream was not advanced before its logits were read")
-    return t
+def _hidden(stream: KVStream) -> torch.Tensor:
+    if stream.last_hidden is None:
+        raise RuntimeError("a stream was not advanced before its hidden state was read")
+    return stream.last_hidden

@@ -34,6 +34,12 @@ class ProxySettings(BaseSettings):
     proxy_max_alpha: float = Field(
         default=10.0, gt=0, description="largest accepted |fedpersona_alpha|"
     )
+    proxy_top_k: int = Field(
+        default=0,
+        ge=0,
+        description="0 (default): exact offsets over the whole vocabulary. k > 0: APPROXIMATE, "
+        "offsets only for the large model's top-k tokens per step, every other token masked",
+    )
     proxy_stats_file: Path | None = Field(
         default=None,
         description="if set, the processor rewrites this JSON file with its counters (live "

@@ -7,9 +7,9 @@ mirrors that on a dict `row -> RequestState`, in vLLM's documented order (remove
 moved), and counts what it creates and frees so a leak is visible (`stats()`).
 
 A `RequestState` holds, for the small base model and for the expert, a `KVStream`: the
-`past_key_values` over the tokens consumed so far and the logits after the last one, so each
-decoding step feeds only the new tokens. The prompt and the live output list (a reference vLLM
-appends to) give the tokens.
+`past_key_values` over the tokens consumed so far and the logits (or final hidden state) after
+the last one, so each decoding step feeds only the new tokens. The prompt and the live output
+list (a reference vLLM appends to) give the tokens.
 
 Pure bookkeeping: no model runs here, and nothing here knows vLLM's types.
 """
@@ -36,12 +36,13 @@ class KVStream:
     past: PastKeyValues | None = None
     length: int = 0  # tokens consumed into `past`
     last_logits: torch.Tensor | None = None  # [vocab] after the `length`-th token
+    last_hidden: torch.Tensor | None = None  # [hidden], instead of the logits (head skipped)
 
     def reset(self) -> None:
-        self.past, self.length, self.last_logits = None, 0, None
+        self.past, self.length, self.last_logits, self.last_hidden = None, 0, None, None
 
     def nbytes(self) -> int:
-        total = 0 if self.last_logits is None else _bytes(self.last_logits)
+        total = sum(_bytes(t) for t in (self.last_logits, self.last_hidden) if t is not None)
         for keys, values in self.past or ():
             total += _bytes(keys) + _bytes(values)
         return total

@@ -25,7 +25,9 @@ from fedpersona.service.proxy_tuning.experts import (
     ExpertRequest,
     check_shared_tokenizer,
     load_small_model,
+    merge_lora,
 )
+from fedpersona.service.proxy_tuning.lora_rows import expert_weights, routed
 from fedpersona.service.proxy_tuning.state import KVStream
 from fedpersona.trainer.models.basemodel import ModelPair
 from transformers import AutoModelForCausalLM
@@ -156,10 +158,14 @@ def test_expert_is_merged_exactly(
     expert = library.get(ref)
     assert library.get(ref) is expert and library.loads == 1
     name = "model.layers.0.self_attn.q_proj"
+    a, scaled_b = expert.factors[name]
+    torch.testing.assert_close(scaled_b @ a, adapter.delta(f"base_model.model.{name}"))
+    assert set(expert.factors) == {k.removeprefix("base_model.model.") for k in adapter.modules()}
+    # The reference merge adds the same update to a copy; the base model is untouched.
+    merged = merge_lora(small, adapter, where="test")
     expected = weight(small, name) + adapter.delta(f"base_model.model.{name}")
-    torch.testing.assert_close(weight(expert, name), expected)
-    # The base model is untouched.
-    assert not torch.equal(weight(small, name), weight(expert, name))
+    torch.testing.assert_close(weight(merged, name), expected)
+    assert not torch.equal(weight(small, name), weight(merged, name))
 
 
 def test_cache_is_bounded_lru(
@@ -250,3 +256,57 @@ def test_incremental_batched_decoding_equals_full_forward(small: torch.nn.Module
             full = small(input_ids=torch.tensor([toks])).logits[0, -1]
             assert stream.last_logits is not None
             torch.testing.assert_close(stream.last_logits, full, atol=1e-4, rtol=1e-4)
+
+
+def test_per_row_experts_in_one_batch_equal_merged_models(
+    micro_models: ModelPair, small: torch.nn.Module
+) -> None:
+    """Rows routed to different experts (and to none) in one forward pass compute what each
+    merged expert computes alone; afterwards the model is the plain base again."""
+    adapters = [random_lora(small, base_model=micro_models.small.name, seed=s) for s in (1, 2)]
+    experts = [expert_weights(small, a, where="test") for a in adapters]
+    merged = [merge_lora(small, a, where="test").eval() for a in adapters]
+    x = torch.randint(5, 300, (5, 7), generator=torch.Generator().manual_seed(0))
+    # Rows 0 and 3 share expert 0 (not contiguous: an index), row 1 expert 1, rows 2, 4 none.
+    rows = [experts[0], experts[1], None, experts[0], None]
+    want_models = [merged[0], merged[1], small, merged[0], small]
+    with torch.no_grad():
+        with routed(small, rows):
+            got = small(input_ids=x).logits
+        for row, model in enumerate(want_models):
+            want = model(input_ids=x[row : row + 1]).logits[0]
+            torch.testing.assert_close(got[row], want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            small(input_ids=x).logits, torch.cat([small(input_ids=r[None]).logits for r in x])
+        )
+
+
+def test_decoder_with_experts_and_without_head(
+    micro_models: ModelPair, small: torch.nn.Module
+) -> None:
+    """Base and expert streams in one batch, head skipped: the hidden states' difference times
+    the head is the merged expert's logits minus the base's, step after step."""
+    adapter = random_lora(small, base_model=micro_models.small.name, seed=5)
+    expert, merged = (
+        expert_weights(small, adapter, where="t"),
+        merge_lora(small, adapter, where="t"),
+    )
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (6, 9, 6)]
+    base = [KVStream() for _ in seqs]
+    tuned = [KVStream() for _ in seqs]
+    decoder = Decoder()
+    head = small.get_output_embeddings().weight
+    for step in range(4):
+        tokens = [s[: len(s) - 3 + step] for s in seqs]
+        decoder.advance(
+            small, base + tuned, tokens + tokens, experts=[None] * 3 + [expert] * 3, head=False
+        )
+        for b, t, toks in zip(base, tuned, tokens, strict=True):
+            assert b.length == t.length == len(toks) and b.last_logits is None
+            assert b.last_hidden is not None and t.last_hidden is not None
+            got = (t.last_hidden - b.last_hidden) @ head.T
+            x = torch.tensor([toks])
+            with torch.no_grad():
+                want = merged(input_ids=x).logits[0, -1] - small(input_ids=x).logits[0, -1]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -163,3 +163,37 @@ def test_tokenizer_mismatch_stops_the_processor(
     )
     with pytest.raises(IncompatibleModels, match="tokenizer mismatch"):
         ProxyTuningLogitsProcessor(config, torch.device("cpu"), False)  # type: ignore[arg-type]
+
+
+def test_top_k_approximation_is_opt_in_and_exact_on_its_tokens(
+    env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`FEDPERSONA_PROXY_TOP_K=k` steers only the large model's k best tokens (exact offsets
+    there) and masks the rest; the default (0) is the exact processor checked above."""
+    monkeypatch.setenv("FEDPERSONA_PROXY_TOP_K", "5")
+    vocab = env.vocab
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(
+            tokenizer=str(env.small.name_or_path), get_vocab_size=lambda: vocab + PAD
+        )
+    )
+    proc = ProxyTuningLogitsProcessor(config, torch.device("cpu"), False)  # type: ignore[arg-type]
+    prompt, output = [1, 4, 30, 31, 2, 5], []
+    proc.update_state(
+        BatchUpdate(
+            batch_size=2,
+            removed=[],
+            added=[(0, _params(None), [1, 4, 9], []), (1, _params(env.good, 0.7), prompt, output)],
+            moved=[],
+        )
+    )
+    raw = torch.randn(2, vocab + PAD)
+    got = proc.apply(raw.clone())
+    assert torch.equal(got[0], raw[0])
+    top = raw[1, :vocab].topk(5).indices
+    offset = _last(env.expert, prompt) - _last(env.small, prompt)
+    torch.testing.assert_close(got[1, top], raw[1, top] + 0.7 * offset[top], atol=1e-4, rtol=1e-4)
+    rest = torch.ones(vocab, dtype=torch.bool)
+    rest[top] = False
+    assert torch.isinf(got[1, :vocab][rest]).all()
+    assert torch.equal(got[1, vocab:], raw[1, vocab:])
