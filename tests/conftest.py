@@ -12,12 +12,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import settings
 
 if TYPE_CHECKING:
     from fedpersona.trainer.models.basemodel import ModelPair
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CACHE = REPO / ".cache" / "models"
+
+# Property tests check behaviour, not speed: no per-example deadline (the default 200 ms fails
+# them spuriously on a loaded machine). Their example counts stay as each test sets them.
+settings.register_profile("fedpersona", deadline=None)
+settings.load_profile("fedpersona")
 
 
 @pytest.fixture(scope="session")
