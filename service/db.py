@@ -10,7 +10,8 @@ The schema and its versions are owned by `fedpersona.service.db_migrations`.
   CLI can write while gateways read, the file created owner-only. Safe for the processes of one
   machine; SQLite locking over network file systems is not, so gateways on several nodes share a
   PostgreSQL server instead.
-- PostgreSQL (`postgresql://...`, psycopg 3): a thread-safe connection pool per process. Write
+- PostgreSQL (`postgresql://...`, psycopg 3): a thread-safe connection pool per process. Reads
+  are single statements in autocommit (the registry never reads twice in one operation). Write
   transactions of the registry (`transaction(write=True)`) take one transaction-scoped advisory
   lock, so concurrent admin writes from many gateways serialize exactly like SQLite's
   `BEGIN IMMEDIATE` (they are rare; reads and `statement` never take it).
@@ -172,7 +173,7 @@ class PostgresDatabase(Database):
             timeout=connect_timeout_s,
             open=False,
             name="fedpersona",
-            kwargs={"connect_timeout": max(1, round(connect_timeout_s))},
+            kwargs={"connect_timeout": max(1, round(connect_timeout_s)), "autocommit": True},
             check=psycopg_pool.ConnectionPool.check_connection,
         )
         try:
@@ -209,19 +210,29 @@ class PostgresDatabase(Database):
         import psycopg_pool
 
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                if write:
+            with self._pool.connection() as conn:
+                if not write:
+                    # Reads are single statements (each its own snapshot): no BEGIN/COMMIT
+                    # round trips on the request path (authentication).
+                    yield _PgTransaction(conn)
+                    return
+                with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (REGISTRY_WRITE_LOCK,))
-                yield _PgTransaction(conn)
+                    yield _PgTransaction(conn)
         except psycopg_pool.PoolTimeout as e:
             raise DatabaseUnavailable(f"no connection to {self.describe()}") from e
 
     def statement(self, sql: str, params: Sequence[Any] = ()) -> Any:
         # No registry lock: the statement is atomic on its own. Not waiting for the WAL flush
         # is fine for what uses this (rate-limit counters: a crash may forget a few requests).
-        with self._pool.connection() as conn, conn.transaction():
-            conn.execute("SET LOCAL synchronous_commit TO OFF")
-            return conn.execute(_pg_sql(sql), tuple(params)).fetchone()
+        # Pipelined: the four commands cost one round trip.
+        with self._pool.connection() as conn:
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                conn.execute("SET LOCAL synchronous_commit TO OFF")
+                cursor = conn.execute(_pg_sql(sql), tuple(params))
+                conn.execute("COMMIT")
+            return cursor.fetchone()
 
     def describe(self) -> str:
         return f"PostgreSQL {redact_url(self.url)}"

@@ -280,3 +280,17 @@ def test_postgres_stores_in_the_server_not_on_disk(postgres_url: str, tmp_path: 
         ).fetchone() or ("",)
     assert count == 1 and types == "double precision"
     registry.close()
+
+
+def test_a_database_restart_costs_no_failed_request(postgres_server: PostgresServer) -> None:
+    # Pooled connections die with the server; each is checked before use and replaced.
+    registry = Registry(postgres_server.new_database(), pool_size=3)
+    registry.create_user("alice")
+    key = registry.issue_key("alice").api_key
+    for _ in range(3):
+        assert registry.authenticate(key) is not None
+    postgres_server.restart()
+    for _ in range(6):
+        assert registry.authenticate(key) is not None
+    registry.check()
+    registry.close()
