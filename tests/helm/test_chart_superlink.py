@@ -141,6 +141,49 @@ def test_superlink_container_starts_with_the_chart_arguments(
     assert (tmp_path / "superlink.db").is_file()
 
 
+def test_operator_registers_a_node_through_the_charts_control_api(
+    helm_bin: Path, tmp_path: Path
+) -> None:
+    """docs/deploy.md 8.1: `fedpersona nodes register` against the chart's SuperLink at
+    localhost with the generated ca.crt; the node id it records, listed in values, renders into
+    the bindings Secret the trainer reads."""
+    from fedpersona.trainer.flower.deployment import register_node
+    from fedpersona.trainer.flower.identity import NodeBindings, generate_node_key
+
+    rendered = superlink_pod(helm_bin, tmp_path)
+    container = rendered.container("trainer", name="superlink")
+    secret = rendered.named("Secret", "fp-fedpersona-superlink-tls")
+    assert secret is not None
+    certs = tmp_path / "tls"
+    certs.mkdir()
+    for name, value in secret["data"].items():
+        (certs / name).write_bytes(base64.b64decode(value))
+    args = [a.replace(TLS_DIR, str(certs)) for a in container["args"]]
+    key = generate_node_key(tmp_path / "keys", "alice-phone")
+    bindings = tmp_path / "node-bindings.json"
+    with running([str(BIN / container["command"][0]), *args], tmp_path) as proc:
+        wait_serving(container["livenessProbe"]["grpc"]["port"], proc)
+        binding = register_node(
+            key.public,
+            control=f"localhost:{_port(container, 'control')}",
+            flwr_home=tmp_path / "ops" / ".flwr",
+            root_certificates=certs / "ca.crt",
+            users=("alice",),
+            bindings_file=bindings,
+        )
+    assert NodeBindings.load(bindings).users_of(binding.node_id) == {"alice"}
+    listed = {"nodeId": str(binding.node_id), "users": ["alice"]}
+    again = render(
+        helm_bin, values={"trainer": {"superlink": {"auth": {"nodeBindings": [listed]}}}}
+    )
+    rendered_bindings = again.named("Secret", "fp-fedpersona-node-bindings")
+    assert rendered_bindings is not None
+    (tmp_path / "rendered.json").write_text(rendered_bindings["stringData"]["node-bindings.json"])
+    assert NodeBindings.load(tmp_path / "rendered.json").as_mapping() == {
+        binding.node_id: {"alice"}
+    }
+
+
 def test_insecure_superlink_container_serves_plain_grpc(helm_bin: Path, tmp_path: Path) -> None:
     container = superlink_container(helm_bin, tmp_path, dangerouslyInsecure=True)
     assert "--insecure" in container["args"]
