@@ -38,8 +38,12 @@ REGISTRY_WRITE_LOCK = 0x6670_7265_67
 MIGRATION_LOCK = 0x6670_6D69_67
 
 
-class DatabaseUnavailable(RuntimeError):
-    """The configured database cannot be reached or opened (says which, without secrets)."""
+class DatabaseError(RuntimeError):
+    """The configured database cannot be used; the message says why, without secrets."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The configured database cannot be reached or opened."""
 
 
 class Result(Protocol):
@@ -196,7 +200,7 @@ class PostgresDatabase(Database):
                 return
             except psycopg.OperationalError as e:
                 if time.monotonic() >= deadline:
-                    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    reason = " ".join(str(e).split()) or type(e).__name__
                     password = urlsplit(self.url).password
                     if password:
                         reason = reason.replace(password, "***")

@@ -22,7 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedpersona.service.db import MIGRATION_LOCK, Database, Dialect, SqliteDatabase, Transaction
+from fedpersona.service.db import (
+    MIGRATION_LOCK,
+    Database,
+    DatabaseError,
+    Dialect,
+    SqliteDatabase,
+    Transaction,
+)
 
 _TYPES: dict[Dialect, dict[str, str]] = {
     "sqlite": {"float": "REAL", "bytes": "BLOB"},
@@ -30,7 +37,7 @@ _TYPES: dict[Dialect, dict[str, str]] = {
 }
 
 
-class SchemaTooNew(RuntimeError):
+class SchemaTooNew(DatabaseError):
     """The database was migrated by a newer fedpersona than this one."""
 
 

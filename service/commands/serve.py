@@ -30,6 +30,7 @@ from typing import Any
 import uvicorn
 from fedpersona.adapters.home import Home
 from fedpersona.adapters.manifest import manifest_path
+from fedpersona.service.db import DatabaseError
 from fedpersona.service.engine.config import EngineSettings
 from fedpersona.service.engine.supervisor import port_in_use
 from fedpersona.service.http.server import uvicorn_config
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         supervisor = build_supervisor(settings)
         app = build_app(settings, rounds=not args.no_rounds, supervisor=supervisor)
-    except ValueError as e:
+    except (ValueError, DatabaseError) as e:
         logger.error("%s", e)
         return 2
     # httpx logs every engine request at INFO; the access log already has one line per request.
