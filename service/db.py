@@ -21,6 +21,7 @@ The URL is a secret (it may hold a password): `describe()` is what logs and erro
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -31,11 +32,15 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 from urllib.parse import urlsplit
 
+from fedpersona.service.errors import GatewayError
+
 Dialect = Literal["sqlite", "postgresql"]
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 # pg_advisory_xact_lock key of registry writes and of migrations ("fp" "reg" / "fp" "mig").
 REGISTRY_WRITE_LOCK = 0x6670_7265_67
 MIGRATION_LOCK = 0x6670_6D69_67
+
+logger = logging.getLogger(__name__)
 
 
 class DatabaseError(RuntimeError):
@@ -44,6 +49,19 @@ class DatabaseError(RuntimeError):
 
 class DatabaseUnavailable(DatabaseError):
     """The configured database cannot be reached or opened."""
+
+
+class RegistryUnavailable(GatewayError):
+    """A request needed the database and it did not answer (down, restarting, out of
+    connections). Clients get a 503 with Retry-After; the cause is logged, never shown."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "registry_unavailable"
+    default_message = "The user registry is not available; retry later."
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = 5.0) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class Result(Protocol):
@@ -200,43 +218,51 @@ class PostgresDatabase(Database):
                 return
             except psycopg.OperationalError as e:
                 if time.monotonic() >= deadline:
-                    reason = " ".join(str(e).split()) or type(e).__name__
-                    password = urlsplit(self.url).password
-                    if password:
-                        reason = reason.replace(password, "***")
                     raise DatabaseUnavailable(
-                        f"cannot connect to {self.describe()}: {reason}"
+                        f"cannot connect to {self.describe()}: {self._reason(e)}"
                     ) from None
             time.sleep(0.5)
 
     @contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[Transaction]:
-        import psycopg_pool
-
-        try:
-            with self._pool.connection() as conn:
-                if not write:
-                    # Reads are single statements (each its own snapshot): no BEGIN/COMMIT
-                    # round trips on the request path (authentication).
-                    yield _PgTransaction(conn)
-                    return
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (REGISTRY_WRITE_LOCK,))
-                    yield _PgTransaction(conn)
-        except psycopg_pool.PoolTimeout as e:
-            raise DatabaseUnavailable(f"no connection to {self.describe()}") from e
+        with self._unavailable_as_503(), self._pool.connection() as conn:
+            if not write:
+                # Reads are single statements (each its own snapshot): no BEGIN/COMMIT
+                # round trips on the request path (authentication).
+                yield _PgTransaction(conn)
+                return
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (REGISTRY_WRITE_LOCK,))
+                yield _PgTransaction(conn)
 
     def statement(self, sql: str, params: Sequence[Any] = ()) -> Any:
         # No registry lock: the statement is atomic on its own. Not waiting for the WAL flush
         # is fine for what uses this (rate-limit counters: a crash may forget a few requests).
         # Pipelined: the four commands cost one round trip.
-        with self._pool.connection() as conn:
+        with self._unavailable_as_503(), self._pool.connection() as conn:
             with conn.pipeline():
                 conn.execute("BEGIN")
                 conn.execute("SET LOCAL synchronous_commit TO OFF")
                 cursor = conn.execute(_pg_sql(sql), tuple(params))
                 conn.execute("COMMIT")
             return cursor.fetchone()
+
+    def _reason(self, error: Exception) -> str:
+        """The driver's message on one line, without the password."""
+        reason = " ".join(str(error).split()) or type(error).__name__
+        password = urlsplit(self.url).password
+        return reason.replace(password, "***") if password else reason
+
+    @contextmanager
+    def _unavailable_as_503(self) -> Iterator[None]:
+        import psycopg
+        import psycopg_pool
+
+        try:
+            yield
+        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as e:
+            logger.warning("%s did not answer: %s", self.describe(), self._reason(e))
+            raise RegistryUnavailable() from None
 
     def describe(self) -> str:
         return f"PostgreSQL {redact_url(self.url)}"

@@ -200,3 +200,32 @@ def test_users_cli_manages_the_shared_database(
     assert users_main(["--home", str(tmp_path), "delete", "erin"]) == 0
     assert registry.authenticate(key) is None and registry.is_deleted_name("erin")
     registry.close()
+
+
+def test_a_lost_database_is_a_503_not_a_crash(postgres_url: str, tmp_path: Path) -> None:
+    import psycopg
+    from fedpersona.service.db import PostgresDatabase
+    from fedpersona.service.registry import Registry
+
+    registry = Registry(PostgresDatabase(postgres_url, pool_size=2, connect_timeout_s=1.0))
+    registry.create_user("alice")
+    key = registry.issue_key("alice").api_key
+    settings = make_settings(tmp_path, rate_limit_rpm=60, database_url=postgres_url)
+    client = TestClient(create_app(settings, engine=FakeEngine(), registry=registry))
+    with client:
+        auth = {"Authorization": f"Bearer {key}"}
+        assert client.get("/v1/models", headers=auth).status_code == 200
+        # The database goes away under the gateway (connections cut, reconnects refused).
+        name = postgres_url.rsplit("/", 1)[1]
+        admin_url = postgres_url.rsplit("/", 1)[0] + "/postgres"
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        for _ in range(2):  # also once the pool found every connection dead
+            lost = client.get("/v1/models", headers=auth)
+            assert lost.status_code == 503 and lost.headers["retry-after"] == "5"
+            error = lost.json()["error"]
+            assert error["code"] == "registry_unavailable" and "127.0.0.1" not in error["message"]
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and ready.json()["checks"]["registry"] is False
+        assert client.get("/health").status_code == 200  # the process itself is fine
+    registry.close()
