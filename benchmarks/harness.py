@@ -110,9 +110,17 @@ class Users:
 def publish_users(
     home: Path, users: Sequence[str], *, model_dir: Path, model: str, seed: int = 0
 ) -> Users:
-    """A store at home/store with one LoRA per user, and their keys in home/registry.sqlite."""
+    """A store at home/store with one LoRA per user, and their keys in home/registry.sqlite.
+    A home that already holds these users (its keys.json) is reused as it is."""
     store = AdapterStore(home / "store", max_rank=16)
     registry_file = home / "registry.sqlite"
+    saved = home / "keys.json"
+    if saved.is_file():
+        keys = json.loads(saved.read_text())
+        if list(keys) == list(users):
+            current = {u: store.current(Slot.user_served(u)) for u in users}
+            versions = {u: v for u, v in current.items() if v is not None}
+            return Users(store, registry_file, keys, versions)
     registry = Registry(registry_file)
     keys, versions = {}, {}
     for i, user in enumerate(users):
@@ -121,6 +129,7 @@ def publish_users(
         )
         registry.create_user(user)
         keys[user] = registry.issue_key(user).api_key
+    saved.write_text(json.dumps(keys))
     return Users(store, registry_file, keys, versions)
 
 
@@ -305,7 +314,11 @@ async def registered(url: str) -> list[str]:
         return [card["id"] for card in response.json()["data"]]
 
 
-def temp_home(prefix: str) -> Path:
+def temp_home(prefix: str, reuse: Path | None = None) -> Path:
+    """A new temporary home, or `reuse` (created if missing) to keep published users."""
+    if reuse is not None:
+        reuse.mkdir(parents=True, exist_ok=True)
+        return reuse
     return Path(tempfile.mkdtemp(prefix=f"fedpersona-{prefix}-"))
 
 

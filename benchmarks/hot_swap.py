@@ -205,7 +205,7 @@ def report(result: dict[str, Any]) -> None:
     ]
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    Console(width=180).print(table)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -156,7 +156,7 @@ def report(result: dict[str, Any]) -> None:
                 str(s["errors"]),
                 cpu,
             )
-    Console().print(table)
+    Console(width=180).print(table)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

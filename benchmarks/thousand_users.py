@@ -67,7 +67,7 @@ async def adapter_loads(gateway_url: str) -> float:
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = harness.micro_model_dir()
     model = model_name(model_dir)
-    home = harness.temp_home("thousand")
+    home = harness.temp_home("thousand", args.home)
     users = [f"user{i:04d}" for i in range(args.users)]
     started = time.monotonic()
     published = harness.publish_users(home, users, model_dir=model_dir, model=model)
@@ -160,7 +160,7 @@ def report(result: dict[str, Any]) -> None:
             "-" if hits is None else f"{hits:.2f}",
             f"{rss[0]:.0f} -> {rss[-1]:.0f} (max {max(rss):.0f})",
         )
-    Console().print(table)
+    Console(width=180).print(table)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -196,6 +196,7 @@ def main() -> int:
     parser.add_argument("--max-loras", type=int, default=4)
     parser.add_argument("--max-cpu-loras", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--home", type=Path, help="keep (and reuse) the published users here")
     parser.add_argument("--name", default="thousand_users")
     args = parser.parse_args()
     result = asyncio.run(benchmark(args))

@@ -126,7 +126,7 @@ def report(result: dict[str, Any]) -> None:
             f"{load['ttft_ms']['p95']:.0f} ms",
             notes,
         )
-    Console().print(table)
+    Console(width=180).print(table)
     Console().print(f"two replicas / one: {result['two_over_one']:.2f}")
 
 

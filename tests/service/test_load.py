@@ -126,6 +126,14 @@ def test_the_load_command_writes_records_and_fails_on_errors(
     assert "401" in capsys.readouterr().out
 
 
+def test_one_stream_per_caller(deployment: Deployment) -> None:
+    callers = [Caller(u, deployment.keys[f"b:{u}"]) for u in USERS[:6]]
+    workload = Workload(duration_s=1, stream_per_caller=True, max_tokens=4)
+    result = asyncio.run(run_load(workload, callers, [deployment.gateways[1]]))
+    assert {r.user for r in result.records} == set(USERS[:6])
+    assert all(r.ok and r.adapter == deployment.served[r.user] for r in result.records)
+
+
 def test_bad_keys_files_are_usage_errors(tmp_path: Path) -> None:
     bad = tmp_path / "keys.txt"
     bad.write_text("only-one-field\n")
