@@ -1,0 +1,140 @@
+"""The secure-aggregation math of `fedpersona.trainer.flower.secagg`, on Flower's primitives.
+
+Three to four clients run the four stages' pure functions: each masked vector alone looks
+uniform and unlike the plain update, the unmasked sum equals the plain example-weighted mean
+within the quantization bound, and a client that drops out after masking is recovered from the
+survivors' shares of its mask key.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fedpersona.trainer.errors import AggregationError, RoundFailed
+from fedpersona.trainer.flower.secagg import (
+    QUANTIZATION_RANGE,
+    make_shares,
+    mask_update,
+    new_keys,
+    open_shares,
+    quantization_bound,
+    reveal,
+    threshold_of,
+    unmask_mean,
+)
+from fedpersona.trainer.methods.aggregation import weighted_mean
+
+CLIP = 1.0
+IDS = [101, 7, 4_000_000_000_123, 55]  # Flower node ids are large and unordered
+
+
+def _deltas(rng: np.random.Generator, n: int) -> list[dict[str, np.ndarray]]:
+    return [
+        {
+            "a.lora_A": rng.normal(0, 0.02, (4, 16)).astype(np.float32),
+            "a.lora_B": rng.normal(0, 0.01, (16, 4)).astype(np.float32),
+        }
+        for _ in range(n)
+    ]
+
+
+def _run(ids, deltas, weights, drop=()):
+    """All four stages in memory; `drop`: ids that mask but whose vectors never arrive."""
+    keys = {i: new_keys() for i in ids}
+    peers = {i: (keys[i].pk1, keys[i].pk2) for i in ids}
+    t = threshold_of(len(ids))
+    seeds, held, inbox = {}, {}, {i: {} for i in ids}
+    for i in ids:
+        seeds[i], held[i], cipher = make_shares(i, keys[i], peers, t)
+        for dst, ct in cipher.items():
+            inbox[dst][i] = ct
+    masked = {}
+    for i, delta, w in zip(ids, deltas, weights, strict=True):
+        opened = open_shares(i, keys[i], peers, inbox[i])
+        held[i].update(opened)
+        masked[i] = mask_update(
+            delta,
+            weight=w,
+            own=i,
+            seed=seeds[i],
+            sk1=keys[i].sk1,
+            peer_pk1={s: keys[s].pk1 for s in opened},
+            clipping_range=CLIP,
+        )
+    active = [i for i in ids if i not in drop]
+    revealed: dict[int, list[bytes]] = {}
+    for i in active:
+        for owner, share in reveal(held[i], active=active, dropped=list(drop)).items():
+            revealed.setdefault(owner, []).append(share)
+    mean = unmask_mean(
+        [masked[i] for i in active],
+        weights=[weights[ids.index(i)] for i in active],
+        active=active,
+        dropped=list(drop),
+        revealed=revealed,
+        pk1={i: keys[i].pk1 for i in ids},
+        threshold=t,
+        clipping_range=CLIP,
+    )
+    return masked, mean
+
+
+def test_unmasked_sum_is_the_weighted_mean_within_quantization_error() -> None:
+    rng = np.random.default_rng(0)
+    deltas, weights = _deltas(rng, 4), [3, 50, 8, 17]
+    _, mean = _run(IDS, deltas, weights)
+    plain = weighted_mean(list(zip(deltas, weights, strict=True)))
+    for key in plain:
+        err = np.abs(mean[key] - plain[key]).max()
+        assert err <= quantization_bound(CLIP) + 1e-7, (key, err)
+    assert quantization_bound(CLIP) == pytest.approx(2 / QUANTIZATION_RANGE)
+
+
+def test_a_masked_vector_alone_looks_uniform_and_unlike_the_update() -> None:
+    rng = np.random.default_rng(1)
+    deltas = _deltas(rng, 3)
+    masked, _ = _run(IDS[:3], deltas, [5, 5, 5])
+    for vector, delta in zip(masked.values(), deltas, strict=True):
+        words = np.concatenate([v.ravel() for v in vector.values()])
+        assert words.dtype == np.uint64
+        # The plain quantized values all lie below 5 * 2**24 (< 2**27); masked words spread over
+        # the whole 2**64 range: top bit set about half the time, bytes near uniform.
+        assert (words < 2**27).mean() < 0.01
+        top = (words >> np.uint64(63)).mean()
+        assert 0.35 < top < 0.65
+        counts = np.bincount(words.view(np.uint8), minlength=256)
+        assert counts.max() < 3 * counts.mean()
+        plain = np.concatenate([delta[k].ravel() for k in sorted(delta)])
+        assert abs(np.corrcoef(words.astype(np.float64), plain)[0, 1]) < 0.3
+
+
+def test_a_dropout_after_masking_is_recovered_from_the_survivors() -> None:
+    rng = np.random.default_rng(2)
+    deltas, weights = _deltas(rng, 4), [10, 20, 30, 40]
+    _, mean = _run(IDS, deltas, weights, drop=(IDS[2],))
+    survivors = [(d, w) for i, d, w in zip(IDS, deltas, weights, strict=True) if i != IDS[2]]
+    plain = weighted_mean(survivors)
+    for key in plain:
+        assert np.abs(mean[key] - plain[key]).max() <= quantization_bound(CLIP) + 1e-7
+
+
+def test_too_few_shares_cannot_unmask() -> None:
+    rng = np.random.default_rng(3)
+    with pytest.raises(AggregationError, match="shares of node"):
+        _run(IDS[:3], _deltas(rng, 3), [1, 1, 1], drop=(IDS[0], IDS[1]))
+
+
+def test_a_client_never_reveals_both_shares_of_one_node() -> None:
+    held = {1: (b"seed-share", b"key-share")}
+    with pytest.raises(RoundFailed, match="both shares"):
+        reveal(held, active=[1], dropped=[1])
+
+
+def test_relayed_keys_are_checked() -> None:
+    keys = {i: new_keys() for i in (1, 2)}
+    peers = {1: (keys[1].pk1, keys[1].pk2), 2: (keys[1].pk1, keys[2].pk2)}
+    with pytest.raises(RoundFailed, match="same public key"):
+        make_shares(1, keys[1], peers, 2)
+    swapped = {1: (keys[2].pk1, keys[2].pk2), 2: (keys[1].pk1, keys[1].pk2)}
+    with pytest.raises(RoundFailed, match="own public keys"):
+        make_shares(1, keys[1], swapped, 2)
