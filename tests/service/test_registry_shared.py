@@ -19,6 +19,9 @@ from fedpersona.service.http.app import create_app
 from fedpersona.service.ratelimit import RateLimiter
 from fedpersona.service.settings import Settings
 from gateway_harness import ADMIN_KEY, make_settings, tiny_lora
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -229,3 +232,29 @@ def test_a_lost_database_is_a_503_not_a_crash(postgres_url: str, tmp_path: Path)
         assert ready.status_code == 503 and ready.json()["checks"]["registry"] is False
         assert client.get("/health").status_code == 200  # the process itself is fine
     registry.close()
+
+
+@hypothesis_settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(
+        st.tuples(st.floats(0.0, 3.0), st.sampled_from(["alice", "bob"])), min_size=1, max_size=12
+    ),
+    rate=st.sampled_from([0.5, 2.0, 7.0]),
+    burst=st.integers(1, 4),
+)
+def test_database_bucket_answers_like_the_memory_bucket(
+    database: Database, steps: list[tuple[float, str]], rate: float, burst: int
+) -> None:
+    now = [0.0]
+    memory = RateLimiter(rate_per_s=rate, burst=burst, clock=lambda: now[0])
+    shared = DatabaseRateLimiter(database, rate_per_s=rate, burst=burst, clock=lambda: now[0])
+    for user in ("alice", "bob"):
+        shared.forget(user)
+    for dt, user in steps:
+        now[0] += dt
+        expected, got = memory.acquire(user), shared.acquire(user)
+        assert (got is None) == (expected is None)
+        if expected is not None and got is not None:
+            assert got == pytest.approx(expected, rel=1e-6, abs=1e-6)
