@@ -19,9 +19,12 @@
    seed with the chosen options (same rounds x local steps x batch and rank budget for all),
    then each user's held-out perplexity of the adapter they are served, and per round.
 5. Reports mean ± std over seeds, the per-user table (mean over seeds), uplink and downlink bytes
-   per federated round, the issue-11 targets as MET / MISSED, and saves
-   `benchmarks/results/personalization-<population>[-quick].{json,png}` and
-   `...-convergence.png`.
+   per federated round (and FedAvg's uplink were it shipped in PFTT's wire dtype, the fair
+   ratio), the issue-11 targets as MET / MISSED, and saves
+   `benchmarks/results/<stem>.{json,png}` and `<stem>-convergence.png` (`--stem`, default
+   `personalization-<population>[-quick]`). The JSON is rewritten after every seed
+   (`"complete": false` until the last), so a run that dies leaves the seeds it finished;
+   `--resume` reuses the selection and the finished seeds of the same `--work` folder.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ GRID: dict[str, list[dict[str, Any]]] = {
         {"personal_round": False},
     ],
     "perfit": [{"personal_round": True}, {"personal_round": False}],
+}
+# A real base model on 2 cores affords two candidates: PFTT with and without the
+# personalization round (PerFIT keeps the choice its full-grid validation made on TINY).
+SMALL_GRID: dict[str, list[dict[str, Any]]] = {
+    "pftt": [{"personal_round": False}, {"personal_round": True}],
 }
 QUICK_GRID: dict[str, list[dict[str, Any]]] = {
     "pftt": [{"personal_round": True}, {"personal_round": True, "global_rank": "quarter"}]
@@ -136,14 +144,18 @@ def select(
 
 
 def summarize(runs: list[Any], methods: list[str], users: list[str]) -> dict[str, Any]:
-    """Means and stds over seeds of the per-seed comparisons."""
+    """Means and stds over seeds of the per-seed comparisons; a method counts the seeds that
+    measured it (a run that stopped mid-seed has some methods one seed short: `seeds_measured`)."""
 
     def std(values: list[float]) -> float:
         return statistics.stdev(values) if len(values) > 1 else 0.0
 
-    means = {m: [r.mean(m) for r in runs] for m in methods}
+    methods = [m for m in methods if any(m in r.perplexity for r in runs)]
+    having = {m: [r for r in runs if m in r.perplexity] for m in methods}
+    means = {m: [r.mean(m) for r in having[m]] for m in methods}
     per_user = {
-        m: {u: statistics.fmean(r.perplexity[m][u] for r in runs) for u in users} for m in methods
+        m: {u: statistics.fmean(r.perplexity[m][u] for r in having[m]) for u in users}
+        for m in methods
     }
     trained = [m for m in methods if m != "base"]
     rounds = sorted({k for r in runs for m in trained for k in r.convergence.get(m, {})})
@@ -159,17 +171,82 @@ def summarize(runs: list[Any], methods: list[str], users: list[str]) -> dict[str
         "mean_perplexity": {m: statistics.fmean(v) for m, v in means.items()},
         "std_perplexity": {m: std(v) for m, v in means.items()},
         "per_seed_mean_perplexity": means,
+        "seeds_measured": {m: len(v) for m, v in means.items()},
         "per_user_perplexity": per_user,
         "convergence": curve,
-        "uplink_bytes_per_round": runs[0].uplink_bytes_per_round,
-        "downlink_bytes_per_round": runs[0].downlink_bytes_per_round,
-        "train_seconds": {m: statistics.fmean(r.train_seconds[m] for r in runs) for m in trained},
+        "uplink_bytes_per_round": {m: having[m][0].uplink_bytes_per_round[m] for m in trained},
+        "downlink_bytes_per_round": {m: having[m][0].downlink_bytes_per_round[m] for m in trained},
+        "train_seconds": {
+            m: statistics.fmean(r.train_seconds[m] for r in having[m]) for m in trained
+        },
     }
 
 
+def uplink_at_wire_dtype(
+    *, base: Any, rank: int, clients: int, wire_dtype: str
+) -> dict[str, float]:
+    """FedAvg's uplink per round (all clients) as `ArrayRecord.count_bytes` of its packed
+    upload, in float32 (the measured number, a check) and in `wire_dtype` (the fair ratio)."""
+    from fedpersona.trainer.flower.packing import pack
+    from fedpersona.trainer.methods import get_method
+    from fedpersona.trainer.methods.base import LoraSpec
+
+    fedavg = get_method("fedavg", spec=LoraSpec(rank=rank, alpha=2.0 * rank))
+    params = fedavg.init_global(base_model=base, seed=0)
+    return {
+        "float32": float(clients * pack(params).count_bytes()),
+        wire_dtype: float(clients * pack(params, wire_dtype=wire_dtype).count_bytes()),
+    }
+
+
+FIRST = ("base", "fedavg", "pftt", "perfit", "local", "fedavg-ft", "fedsa", "fedprox")
+
+
+def ordered(methods: list[str]) -> list[str]:
+    """The methods the targets compare first, so a run cut short has the comparisons that
+    matter (the order is not a result: each method trains a fresh run of its own)."""
+    return sorted(methods, key=lambda m: FIRST.index(m) if m in FIRST else len(FIRST))
+
+
+def merge(into: Any, one: Any) -> None:
+    """Add the methods of comparison `one` to `into` (same seed, same users)."""
+    for name in (
+        "perplexity",
+        "uplink_bytes_per_round",
+        "downlink_bytes_per_round",
+        "train_seconds",
+        "runs",
+        "convergence",
+        "options",
+    ):
+        getattr(into, name).update(getattr(one, name))
+    into.settings = {**one.settings, "methods": list(into.perplexity)}
+
+
+def load_seed(path: Path) -> Any:
+    """A seed's `Comparison` back from its comparison.json (round keys as ints again)."""
+    from fedpersona.trainer.commands.eval import Comparison
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return Comparison(
+        users=data["users"],
+        perplexity=data["perplexity"],
+        uplink_bytes_per_round=data["uplink_bytes_per_round"],
+        downlink_bytes_per_round=data["downlink_bytes_per_round"],
+        train_seconds=data["train_seconds"],
+        runs=data["runs"],
+        settings=data["settings"],
+        convergence={m: {int(k): v for k, v in c.items()} for m, c in data["convergence"].items()},
+        options=data["method_options"],
+    )
+
+
 def targets(summary: dict[str, Any], users: list[str]) -> dict[str, bool]:
+    """The issue-11 targets (empty until every method they name is measured)."""
     mean, per_user = summary["mean_perplexity"], summary["per_user_perplexity"]
     up = summary["uplink_bytes_per_round"]
+    if not {"fedavg", "pftt", "perfit", "fedavg-ft", "local"} <= set(mean):
+        return {}
     fedavg, pftt, perfit = mean["fedavg"], mean["pftt"], mean["perfit"]
     worst = {
         m: max(per_user[m][u] / per_user["fedavg"][u] - 1 for u in users)
@@ -245,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-train", type=int, default=120, help="pydocs: train chats per user")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--no-select", action="store_true", help="skip the validation search")
+    parser.add_argument(
+        "--grid", choices=("full", "small"), default="full", help="validation candidates"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run on the micro model")
     add_spec_arguments(
         parser.add_argument_group("training (RoundSpec)"),
@@ -255,6 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", type=Path, default=None, help="a built model dir")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--stem", default=None, help="results file name (no suffix)")
+    parser.add_argument(
+        "--convergence-seeds",
+        type=int,
+        default=None,
+        help="measure the per-round curve on the first N seeds only (default: all)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the selection and finished seeds in --work"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         given = set(sys.argv[1:] if argv is None else argv)
@@ -269,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     log = logging.getLogger("benchmark")
 
-    from fedpersona.trainer.commands.eval import compare, evaluable_methods
+    from fedpersona.trainer.commands.eval import Comparison, compare, evaluable_methods, save
     from fedpersona.trainer.flower.apps import model_info
+    from fedpersona.trainer.methods import get_method
     from fedpersona.trainer.models.basemodel import RECIPES, build_models
 
     started = time.monotonic()
@@ -286,71 +377,151 @@ def main(argv: list[str] | None = None) -> int:
     log.info("base model %s ready after %.0f s", base.name, time.monotonic() - started)
 
     spec = spec_from_args(args, users=tuple(users))
-    grid = {} if args.no_select else (QUICK_GRID if args.quick else GRID)
-    chosen, scores = select(
-        home=home, work=work, users=users, spec=spec, base=base.path, cpus=args.cpus, grid=grid
-    )
+    full = GRID if args.grid == "full" else SMALL_GRID
+    grid = {} if args.no_select else (QUICK_GRID if args.quick else full)
+    selection_file = work / "selection.json"
+    if args.resume and selection_file.is_file():
+        saved = json.loads(selection_file.read_text(encoding="utf-8"))
+        chosen, scores = saved["chosen"], saved["validation"]
+        log.info("reusing the selection of %s: %s", selection_file, chosen)
+    else:
+        chosen, scores = select(
+            home=home, work=work, users=users, spec=spec, base=base.path, cpus=args.cpus, grid=grid
+        )
+        selection_file.write_text(
+            json.dumps({"chosen": chosen, "validation": scores}, indent=2), encoding="utf-8"
+        )
     selected_at = time.monotonic() - started
-    methods = list(evaluable_methods())
-    runs = []
-    for seed in range(args.seeds):
-        runs.append(
-            compare(
+    log.info("selection done after %.0f s: %s", selected_at, chosen)
+    methods = ordered(list(evaluable_methods()))
+    stem = args.out / (
+        args.stem or f"personalization-{args.population}{'-quick' if args.quick else ''}"
+    )
+    wire_dtype = str(get_method("pftt", **chosen.get("pftt", {})).wire_dtype)  # type: ignore[attr-defined]
+    fedavg_at = uplink_at_wire_dtype(
+        base=base, rank=spec.rank, clients=len(users), wire_dtype=wire_dtype
+    )
+    command = " ".join(sys.argv if argv is None else ["personalization.py", *argv])
+    runs: list[Any] = []
+    for seed, method in ((s, m) for s in range(args.seeds) for m in methods):
+        # One comparison per method, saved at once: a run that dies keeps every method done.
+        out = work / "final" / f"seed-{seed}"
+        if method == methods[0]:
+            runs.append(Comparison(users=users))
+        done = out / f"comparison-{method}.json"
+        if args.resume and done.is_file():
+            one = load_seed(done)
+            log.info("seed %d: reusing %s", seed, done)
+        else:
+            one = compare(
                 home=home,
-                out=work / "final" / f"seed-{seed}",
-                methods=methods,
+                out=out,
+                methods=[method],
                 users=users,
                 spec=spec.model_copy(update={"seed": seed}),
                 base_model=base.path,
                 cpus=args.cpus,
                 options=chosen,
-                per_round=True,
+                per_round=args.convergence_seeds is None or seed < args.convergence_seeds,
             )
+            save(one, out, stem=done.stem)
+        merge(runs[-1], one)
+        log.info("seed %d, %s done after %.0f s", seed, method, time.monotonic() - started)
+        result = report(
+            runs,
+            methods=methods,
+            users=users,
+            settings={
+                **spec.model_dump(mode="json", exclude={"algorithm", "seed"}),
+                "population": args.population,
+                "seeds": list(range(len(runs))),
+                "seeds_asked": args.seeds,
+                "quick": args.quick,
+                "base_model": base.name,
+                "base_pretrained_on": pretrained_on,
+                "users": users,
+                "convergence_seeds": args.convergence_seeds,
+                "command": command,
+                **facts,
+            },
+            selection={"chosen": chosen, "validation": scores, "seconds": round(selected_at, 1)},
+            fedavg_at=fedavg_at,
+            wire_dtype=wire_dtype,
         )
+        result["complete"] = seed == args.seeds - 1 and method == methods[-1]
+        result["wall_seconds"] = round(time.monotonic() - started, 1)
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        pngs = save_plots(result, users, stem)
+    print_table(result, methods, users)
+    print(f"saved {stem.with_suffix('.json')} and {', '.join(map(str, pngs))}")
+    return 0
+
+
+def report(
+    runs: list[Any],
+    *,
+    methods: list[str],
+    users: list[str],
+    settings: dict[str, Any],
+    selection: dict[str, Any],
+    fedavg_at: dict[str, float],
+    wire_dtype: str,
+) -> dict[str, Any]:
+    """The results JSON of the seeds done so far."""
     summary = summarize(runs, methods, users)
-    met = targets(summary, users)
+    per_user = summary["per_user_perplexity"]
+    up = summary["uplink_bytes_per_round"]
+    if "fedavg" not in per_user:  # nothing to compare with yet
+        return {"settings": settings, "selection": selection, **summary, "targets_met": {}}
     fedavg = summary["mean_perplexity"]["fedavg"]
-    result = {
-        "settings": {
-            **spec.model_dump(mode="json", exclude={"algorithm", "seed"}),
-            "population": args.population,
-            "seeds": list(range(args.seeds)),
-            "quick": args.quick,
-            "base_model": base.name,
-            "base_pretrained_on": pretrained_on,
-            "users": users,
-            "command": " ".join(sys.argv if argv is None else ["personalization.py", *argv]),
-            **facts,
-        },
-        "selection": {"chosen": chosen, "validation": scores, "seconds": round(selected_at, 1)},
+    return {
+        "settings": settings,
+        "selection": selection,
         **summary,
         "reduction_vs_fedavg": {m: 1 - v / fedavg for m, v in summary["mean_perplexity"].items()},
-        "targets_met": met,
-        "wall_seconds": round(time.monotonic() - started, 1),
+        "worst_user_vs_fedavg": {
+            m: max(per_user[m][u] / per_user["fedavg"][u] - 1 for u in users)
+            for m in per_user
+            if m not in ("base", "fedavg")
+        },
+        "uplink": {
+            "pftt_wire_dtype": wire_dtype,
+            "fedavg_float32_computed": fedavg_at["float32"],
+            f"fedavg_{wire_dtype}_computed": fedavg_at[wire_dtype],
+            "pftt_over_fedavg": up["pftt"] / up["fedavg"] if "pftt" in up else None,
+            f"pftt_over_fedavg_{wire_dtype}": (
+                up["pftt"] / fedavg_at[wire_dtype] if "pftt" in up else None
+            ),
+        },
+        "targets_met": targets(summary, users),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"personalization-{args.population}{'-quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    pngs = save_plots(summary, users, stem)
 
-    mean, std = summary["mean_perplexity"], summary["std_perplexity"]
+
+def print_table(result: dict[str, Any], methods: list[str], users: list[str]) -> None:
+    mean, std = result["mean_perplexity"], result["std_perplexity"]
     print(f"{'user':>18} " + " ".join(f"{m:>10}" for m in methods))
     for user in users:
-        row = " ".join(f"{summary['per_user_perplexity'][m][user]:10.2f}" for m in methods)
+        row = " ".join(f"{result['per_user_perplexity'][m][user]:10.2f}" for m in methods)
         print(f"{user:>18} {row}")
     for m in methods:
         r = result["reduction_vs_fedavg"][m]
         print(
             f"{m:>10}: {mean[m]:9.2f} ± {std[m]:6.2f}  ({abs(r):.1%} "
             f"{'below' if r >= 0 else 'above'} FedAvg)  up/round "
-            f"{summary['uplink_bytes_per_round'].get(m, 0):,.0f} B  down/round "
-            f"{summary['downlink_bytes_per_round'].get(m, 0):,.0f} B"
+            f"{result['uplink_bytes_per_round'].get(m, 0):,.0f} B  down/round "
+            f"{result['downlink_bytes_per_round'].get(m, 0):,.0f} B"
         )
-    for name, ok in met.items():
+    uplink = result["uplink"]
+    print(
+        f"PFTT uplink / FedAvg's: {uplink['pftt_over_fedavg']:.2%} (PFTT ships "
+        f"{uplink['pftt_wire_dtype']}); vs FedAvg in the same dtype: "
+        f"{uplink['pftt_over_fedavg_' + uplink['pftt_wire_dtype']]:.2%}"
+    )
+    for name, ok in result["targets_met"].items():
         print(f"{'MET   ' if ok else 'MISSED'} {name}")
-    print(f"chosen on validation: {chosen}")
-    print(f"saved {stem.with_suffix('.json')} and {', '.join(map(str, pngs))}")
-    return 0
+    print(f"chosen on validation: {result['selection']['chosen']}")
+    print(f"seeds: {result['settings']['seeds']} (complete: {result['complete']})")
 
 
 if __name__ == "__main__":
