@@ -29,6 +29,7 @@ from fedpersona.adapters import (
     validate_adapter_dir,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
+from support.logprobs import complete, reference_logprobs
 from support.lora import strong_lora
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,41 +80,6 @@ def loader(vllm_server: VllmServer) -> Iterator[Loader]:
         loader.close()
 
 
-def complete(
-    server: VllmServer, model: str, prompt_ids: list[int]
-) -> tuple[list[int], list[float]]:
-    """Greedy continuation of `prompt_ids` by `model`: the token ids and their logprobs."""
-    response = httpx.post(
-        f"{server.base_url}/v1/completions",
-        json={
-            "model": model,
-            "prompt": prompt_ids,
-            "max_tokens": NEW_TOKENS,
-            "temperature": 0,
-            "ignore_eos": True,
-            "logprobs": 1,
-            "return_tokens_as_token_ids": True,
-        },
-        headers=server.headers,
-        timeout=120,
-    )
-    response.raise_for_status()
-    logprobs: dict[str, Any] = response.json()["choices"][0]["logprobs"]
-    tokens = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
-    return tokens, [float(x) for x in logprobs["token_logprobs"]]
-
-
-def reference_logprobs(
-    model: torch.nn.Module, prompt: list[int], tokens: list[int]
-) -> torch.Tensor:
-    """Teacher-forced log-probabilities transformers gives `tokens` after `prompt`."""
-    ids = torch.tensor([prompt + tokens])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
-    logprobs = torch.log_softmax(logits, dim=-1)
-    return logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]
-
-
 def test_composed_adapter_served_by_vllm_equals_global_plus_personal_in_peft(
     vllm_server: VllmServer, loader: Loader, tmp_path: Path
 ) -> None:
@@ -131,7 +97,7 @@ def test_composed_adapter_served_by_vllm_equals_global_plus_personal_in_peft(
     assert response.status_code == 200, response.text
 
     prompt = AutoTokenizer.from_pretrained(model_dir)(PROMPT)["input_ids"]
-    tokens, vllm_logprobs = complete(vllm_server, loader.loaded[-1], prompt)
+    tokens, vllm_logprobs = complete(vllm_server, loader.loaded[-1], prompt, new_tokens=NEW_TOKENS)
 
     save_lora(g, tmp_path / "global")
     save_lora(p, tmp_path / "personal")
@@ -187,5 +153,5 @@ def test_what_validation_accepts_vllm_serves(
     response = loader.load(path)
     assert response.status_code == 200, response.text
     prompt = AutoTokenizer.from_pretrained(vllm_server.model_dir)(PROMPT)["input_ids"]
-    tokens, _ = complete(vllm_server, loader.loaded[-1], prompt)
+    tokens, _ = complete(vllm_server, loader.loaded[-1], prompt, new_tokens=NEW_TOKENS)
     assert len(tokens) == NEW_TOKENS
