@@ -267,7 +267,10 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         if self._top_k:
             self._add_top_k(logits, index, diff, alphas)
             return
-        offsets = torch.nn.functional.linear(diff, self._head[:n]) * alphas
+        # `head @ diff^T` rather than `diff @ head^T` (`F.linear`): with a few rows against the
+        # 49k x 576 head, the latter makes the CPU GEMM pack the whole head every call (about
+        # 2x slower measured here); the products are the same.
+        offsets = torch.mm(self._head[:n], diff.T).T * alphas
         logits[index, :n] += offsets.to(device=logits.device, dtype=logits.dtype)
 
     def _add_top_k(
