@@ -294,3 +294,14 @@ def test_a_database_restart_costs_no_failed_request(postgres_server: PostgresSer
         assert registry.authenticate(key) is not None
     registry.check()
     registry.close()
+
+
+def test_missing_postgresql_binaries_fail_the_run_instead_of_skipping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from support import postgres
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(postgres, "DEBIAN_ROOT", tmp_path)
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y postgresql"):
+        postgres.require_binaries()

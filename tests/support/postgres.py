@@ -29,6 +29,7 @@ from support.processes import free_ports
 
 SUPERUSER = "fedpersona"
 _BINARIES = ("initdb", "pg_ctl", "postgres")
+DEBIAN_ROOT = Path("/usr/lib/postgresql")  # Debian's postgresql-<major> packages install here
 
 
 def find_binaries() -> Path | None:
@@ -37,7 +38,7 @@ def find_binaries() -> Path | None:
     if all(on_path):
         return Path(str(on_path[0])).resolve().parent
     debian = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin"),
+        DEBIAN_ROOT.glob("*/bin"),
         key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
     )
     for directory in reversed(debian):
@@ -194,8 +195,8 @@ def stop_postgres(server: PostgresServer) -> None:
     shutil.rmtree(server.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+def require_binaries() -> Path:
+    """`find_binaries()`, or fail the test (never skip) saying how to install them."""
     bindir = find_binaries()
     if bindir is None:
         pytest.fail(
@@ -205,7 +206,12 @@ def postgres_server() -> Iterator[PostgresServer]:
             "real server and do not skip.",
             pytrace=False,
         )
-    server = start_postgres(bindir)
+    return bindir
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = start_postgres(require_binaries())
     try:
         yield server
     finally:
