@@ -8,11 +8,16 @@ models (`fedpersona models bootstrap`):
    and once of the LARGE model (FedAvg), each in its own process: client compute seconds,
    the process's peak RSS, bytes uploaded by clients.
 2. Held-out perplexity (each user's `eval.jsonl`, assistant tokens, pooled over users) of the
-   large base, large + proxy (`large + alpha * (expert - small)`, alpha fixed at 1.0, never
-   tuned on evaluation data) and the directly tuned large model; gap closed
-   `(ppl_base - ppl_proxy) / (ppl_base - ppl_tuned)`.
+   large base, large + proxy (`large + alpha * (expert - small)`) and the directly tuned large
+   model; gap closed `(ppl_base - ppl_proxy) / (ppl_base - ppl_tuned)`. Alpha is chosen on a
+   validation split carved from the end of each user's TRAINING chats (`--val-fraction`; both
+   tunings train on the rest), never on the held-out split; held-out numbers at every alpha of
+   the grid are recorded too, and at alpha 1 for comparison with earlier runs.
 3. Decode throughput on a real vLLM server with the proxy logits processor: completion tokens/s
-   of concurrent greedy requests without and with the expert, in one server run.
+   of concurrent greedy requests without and with the expert, in one server run; with
+   `--top-k K` a second server run measures the approximate top-K processor and how many greedy
+   tokens it shares with the exact one. `--decode-only` measures just this, with an untrained
+   (random) expert: speed does not depend on the expert's weights.
 
 Prints a table, writes JSON and a PNG under benchmarks/results/. Usage:
 
@@ -42,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-from fedpersona.adapters import AdapterStore  # noqa: E402
+from fedpersona.adapters import AdapterStore, LoraAdapter, Slot  # noqa: E402
 from fedpersona.adapters.manifest import model_name  # noqa: E402
 from fedpersona.service.engine.config import EngineSettings, build_launch  # noqa: E402
 from fedpersona.service.proxy_tuning.experts import merge_lora  # noqa: E402
@@ -119,42 +124,70 @@ def load_model(path: Path) -> torch.nn.Module:
     return model
 
 
+ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
+
+
 @torch.inference_mode()
 def perplexities(
     *,
-    large: Path,
-    small: Path,
-    tuned_large: torch.nn.Module,
-    expert: torch.nn.Module,
+    models: dict[str, torch.nn.Module],
     silos: dict[str, Path],
-    alpha: float,
+    tokenizer: Any,
+    alphas: tuple[float, ...],
     max_len: int,
-) -> dict[str, float]:
-    large_model, small_model = load_model(large), load_model(small)
-    tokenizer = load_tokenizer(large)
+) -> dict[str, Any]:
+    """Pooled perplexity on the `eval` split of `silos`: base, tuned, and proxy at each alpha."""
     vocab = len(tokenizer)
-    nll = {"base": 0.0, "proxy": 0.0, "tuned": 0.0}
+    nll: dict[str, float] = {"base": 0.0, "tuned": 0.0} | {f"proxy@{a}": 0.0 for a in alphas}
     count = 0
     for silo in silos.values():
         examples = load_examples(silo, "eval", tokenizer, max_len=max_len)
         for start in range(0, len(examples), 8):
             batch = collate(examples[start : start + 8], pad_id=tokenizer.pad_token_id)
             kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-            base = large_model(**kw).logits[..., :vocab]
-            offset = expert(**kw).logits[..., :vocab] - small_model(**kw).logits[..., :vocab]
-            variants = {
-                "base": base,
-                "proxy": base + alpha * offset,
-                "tuned": tuned_large(**kw).logits[..., :vocab],
-            }
+
+            def logits(name: str, kw: dict[str, Any] = kw) -> torch.Tensor:
+                return models[name](**kw).logits[:, :-1, :vocab].float()
+
+            base = logits("large")
+            offset = logits("expert") - logits("small")
+            variants = {"base": base, "tuned": logits("tuned")}
+            variants |= {f"proxy@{a}": base + a * offset for a in alphas}
             labels = batch.labels[:, 1:]
             mask = labels != IGNORE_INDEX
             count += int(mask.sum())
-            for name, logits in variants.items():
-                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            for name, value in variants.items():
+                logp = torch.log_softmax(value, dim=-1)
                 picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
                 nll[name] -= float(picked[mask].sum())
-    return {name: math.exp(total / count) for name, total in nll.items()} | {"tokens": count}
+    ppl = {name: math.exp(total / count) for name, total in nll.items()}
+    return {
+        "base": ppl["base"],
+        "tuned": ppl["tuned"],
+        "proxy_by_alpha": {a: ppl[f"proxy@{a}"] for a in alphas},
+        "tokens": count,
+    }
+
+
+def carve_validation(silos: dict[str, Path], root: Path, fraction: float) -> tuple[dict, dict]:
+    """Split the end of each user's training chats off as a validation set.
+
+    Returns (fit silos: `train.jsonl` without the validation chats, validation silos: those
+    chats as their `eval.jsonl`). The held-out `eval.jsonl` of `silos` is not read.
+    """
+    fit, val = {}, {}
+    for user, silo in silos.items():
+        lines = [x for x in (silo / "train.jsonl").read_text().splitlines() if x.strip()]
+        n_val = max(1, math.ceil(fraction * len(lines)))
+        for kind, name, chunk in (
+            ("fit", "train.jsonl", lines[:-n_val]),
+            ("val", "eval.jsonl", lines[-n_val:]),
+        ):
+            path = root / kind / user
+            path.mkdir(parents=True, exist_ok=True)
+            (path / name).write_text("\n".join(chunk) + "\n")
+            (fit if kind == "fit" else val)[user] = path
+    return fit, val
 
 
 # ----------------------------------------------------------------------------- 3. decoding
@@ -167,7 +200,7 @@ def free_port() -> int:
 
 
 def decode_throughput(
-    *, home: Path, store: Path, expert: str, opts: argparse.Namespace
+    *, home: Path, store: Path, expert: str, opts: argparse.Namespace, top_k: int
 ) -> dict[str, Any]:
     settings = EngineSettings(
         model_dir=home / "models" / "large",
@@ -184,7 +217,11 @@ def decode_throughput(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             launch.argv,
-            env={**launch.environ(os.environ), "PYTHONPATH": str(REPO)},
+            env={
+                **launch.environ(os.environ),
+                "PYTHONPATH": str(REPO),
+                "FEDPERSONA_PROXY_TOP_K": str(top_k),
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -212,6 +249,8 @@ def decode_throughput(
             return_dict=True,
         )["input_ids"]
 
+        sample: list[int] = []
+
         def one(use_expert: bool) -> int:
             body: dict[str, Any] = {
                 "model": launch.served_model_name,
@@ -219,6 +258,7 @@ def decode_throughput(
                 "max_tokens": opts.decode_tokens,
                 "temperature": 0.0,
                 "ignore_eos": True,
+                "return_token_ids": True,
             }
             if use_expert:
                 body["vllm_xargs"] = {"fedpersona_expert": expert, "fedpersona_alpha": 1.0}
@@ -226,6 +266,8 @@ def decode_throughput(
                 f"{launch.base_url}/v1/completions", json=body, headers=headers, timeout=600
             )
             r.raise_for_status()
+            if use_expert and not sample:
+                sample.extend(r.json()["choices"][0]["token_ids"])
             return int(r.json()["usage"]["completion_tokens"])
 
         def phase(use_expert: bool) -> float:
@@ -249,6 +291,7 @@ def decode_throughput(
             "concurrency": opts.concurrency,
             "requests": opts.decode_requests,
             "max_tokens": opts.decode_tokens,
+            "sample_tokens": sample,  # one greedy answer with the expert
         }
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -278,7 +321,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=192)
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument(
+        "--alpha", type=float, default=None, help="fixed alpha (default: chosen on validation)"
+    )
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--top-k", type=int, default=0, help="also measure the top-K approximation")
+    p.add_argument("--decode-only", action="store_true", help="only the decode speed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--decode-requests", type=int, default=16)
@@ -322,12 +370,21 @@ def main() -> int:
     silos = {d.name: d for d in sorted(opts.silos.iterdir()) if (d / "train.jsonl").exists()}
     silos = dict(list(silos.items())[: opts.users])
     console.print(f"users: {', '.join(silos)}")
-
     report: dict[str, Any] = {"config": {k: str(v) for k, v in vars(opts).items()}}
+    spec = LoraSpec(rank=opts.rank, alpha=2.0 * opts.rank)
+    small_info, large_info = model_info(small), model_info(large)
+    if opts.decode_only:
+        report["decode"] = measure_decode(home, spec, small_info, None, opts)
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.write_text(json.dumps(report, indent=2))
+        console.print_json(json.dumps(report["decode"]))
+        return 0
+
+    fit, val = carve_validation(silos, opts.silos.parent / "fedpt-split", opts.val_fraction)
     tuned: dict[str, FedPTResult] = {}
     for role, path in (("small", small), ("large", large)):
         console.print(f"federated tuning of the {role} model ...")
-        result, peak = tune(path, silos=silos, opts=opts)
+        result, peak = tune(path, silos=fit, opts=opts)
         tuned[role] = result
         report[f"tuning_{role}"] = {
             "client_seconds": result.client_seconds,
@@ -336,40 +393,48 @@ def main() -> int:
             "final_train_loss": result.rounds[-1]["train_loss"],
         }
 
-    spec = LoraSpec(rank=opts.rank, alpha=2.0 * opts.rank)
-    small_info, large_info = model_info(small), model_info(large)
-    expert = merge_lora(
-        load_model(small),
-        adapter_from_params(tuned["small"].global_params, spec=spec, base_model=small_info.name),
-        where="bench",
-    ).eval()
-    tuned_large = merge_lora(
-        load_model(large),
-        adapter_from_params(tuned["large"].global_params, spec=spec, base_model=large_info.name),
-        where="bench",
-    ).eval()
-    console.print("perplexities ...")
-    ppl = perplexities(
-        large=large,
-        small=small,
-        tuned_large=tuned_large,
-        expert=expert,
-        silos=silos,
-        alpha=opts.alpha,
-        max_len=opts.max_len,
-    )
-    report["perplexity"] = ppl
-    report.update(gaps(ppl))
+    models = {
+        "large": load_model(large),
+        "small": load_model(small),
+        "expert": merge_lora(
+            load_model(small),
+            adapter_from_params(
+                tuned["small"].global_params, spec=spec, base_model=small_info.name
+            ),
+            where="bench",
+        ).eval(),
+        "tuned": merge_lora(
+            load_model(large),
+            adapter_from_params(
+                tuned["large"].global_params, spec=spec, base_model=large_info.name
+            ),
+            where="bench",
+        ).eval(),
+    }
+    tokenizer = load_tokenizer(large)
+    alphas = ALPHAS if opts.alpha is None else (opts.alpha,)
+    console.print("perplexities (validation, then held-out) ...")
+    common = {"models": models, "tokenizer": tokenizer, "max_len": opts.max_len}
+    on_val = perplexities(silos=val, alphas=alphas, **common)
+    alpha = min(alphas, key=lambda a: on_val["proxy_by_alpha"][a])
+    held = perplexities(silos=silos, alphas=tuple(sorted({*alphas, 1.0})), **common)
+    report["validation"] = on_val | {"chosen_alpha": alpha}
+    report["perplexity"] = {
+        "base": held["base"],
+        "proxy": held["proxy_by_alpha"][alpha],
+        "tuned": held["tuned"],
+        "alpha": alpha,
+        "proxy_alpha_1": held["proxy_by_alpha"][1.0],
+        "proxy_by_alpha": held["proxy_by_alpha"],
+        "tokens": held["tokens"],
+    }
+    report.update(gaps(report["perplexity"]))
     # Saved before the engine part, so a failure there does not lose the tuning and perplexity.
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=2))
 
     if not opts.skip_vllm:
-        store_dir = Path(tempfile.mkdtemp(prefix="proxy-bench-store-"))
-        store = AdapterStore(store_dir, max_rank=64)
-        publish_experts(store, small=small_info, spec=spec, result=tuned["small"], users=[])
-        ref = f"global/expert@{tuned['small'].global_version}"
-        report["decode"] = decode_throughput(home=home, store=store_dir, expert=ref, opts=opts)
+        report["decode"] = measure_decode(home, spec, small_info, tuned["small"], opts)
 
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=2))
@@ -377,6 +442,63 @@ def main() -> int:
     plot(report, opts.out.with_suffix(".png"))
     console.print(f"wrote {opts.out} and {opts.out.with_suffix('.png')}")
     return 0
+
+
+def random_expert(model_dir: Path, spec: LoraSpec, name: str) -> LoraAdapter:
+    """A LoRA of `spec`'s shape on every target module of the model, small random weights."""
+    model = load_model(model_dir)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module_name.endswith(spec.target_modules):
+            out_f, in_f = module.weight.shape
+            key = f"base_model.model.{module_name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(spec.rank, in_f, generator=g) / in_f
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, spec.rank, generator=g) * 0.01
+    return LoraAdapter(
+        r=spec.rank,
+        alpha=spec.alpha,
+        target_modules=spec.target_modules,
+        base_model=name,
+        tensors=tensors,
+    )
+
+
+def measure_decode(
+    home: Path,
+    spec: LoraSpec,
+    small_info: ModelInfo,
+    result: FedPTResult | None,
+    opts: argparse.Namespace,
+) -> dict[str, Any]:
+    """Decode speed with the exact processor, and with `--top-k` the approximate one too."""
+    store_dir = Path(tempfile.mkdtemp(prefix="proxy-bench-store-"))
+    store = AdapterStore(store_dir, max_rank=64)
+    if result is None:  # speed only: an untrained expert of the same shape
+        version = store.publish_lora(
+            Slot.global_expert(), random_expert(home / "models" / "small", spec, small_info.name)
+        )
+        ref = f"{version.slot.path}@{version.id}"
+    else:
+        publish_experts(store, small=small_info, spec=spec, result=result, users=[])
+        ref = f"global/expert@{result.global_version}"
+    decode = decode_throughput(home=home, store=store_dir, expert=ref, opts=opts, top_k=0)
+    if opts.top_k:
+        approx = decode_throughput(
+            home=home, store=store_dir, expert=ref, opts=opts, top_k=opts.top_k
+        )
+        same = sum(
+            a == b for a, b in zip(decode["sample_tokens"], approx["sample_tokens"], strict=False)
+        )
+        decode["top_k"] = {
+            "k": opts.top_k,
+            "tokens_per_s_with": approx["tokens_per_s_with"],
+            "tokens_per_s_without": approx["tokens_per_s_without"],
+            "ratio": approx["ratio"],
+            "runs": approx["runs"],
+            "greedy_tokens_equal_to_exact": f"{same}/{len(decode['sample_tokens'])}",
+        }
+    return decode
 
 
 def gaps(ppl: dict[str, float]) -> dict[str, float]:
@@ -398,7 +520,10 @@ def print_table(report: dict[str, Any]) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("ppl large base", f"{ppl['base']:.3f}")
-    table.add_row("ppl large + proxy (alpha 1)", f"{ppl['proxy']:.3f}")
+    alpha = ppl.get("alpha", 1.0)
+    table.add_row(f"ppl large + proxy (alpha {alpha}, chosen on validation)", f"{ppl['proxy']:.3f}")
+    if "proxy_alpha_1" in ppl:
+        table.add_row("ppl large + proxy (alpha 1)", f"{ppl['proxy_alpha_1']:.3f}")
     table.add_row("ppl large tuned directly", f"{ppl['tuned']:.3f}")
     table.add_row("gap closed (target >= 0.88)", f"{report['gap_closed']:.3f}")
     table.add_row("gap closed in mean NLL (log-ppl)", f"{report['gap_closed_nll']:.3f}")
@@ -412,6 +537,12 @@ def print_table(report: dict[str, Any]) -> None:
         table.add_row("decode tok/s without processor", f"{d['tokens_per_s_without']:.1f}")
         table.add_row("decode tok/s with proxy expert", f"{d['tokens_per_s_with']:.1f}")
         table.add_row("ratio (target >= 0.6)", f"{d['ratio']:.2f}")
+        if "top_k" in d:
+            t = d["top_k"]
+            table.add_row(f"ratio, approximate top-{t['k']} processor", f"{t['ratio']:.2f}")
+            table.add_row(
+                f"top-{t['k']} greedy tokens equal to exact", t["greedy_tokens_equal_to_exact"]
+            )
     Console().print(table)
 
 
@@ -425,7 +556,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6))
     ppl = report["perplexity"]
     axes[0].bar(
-        ["base", "proxy", "tuned"],
+        ["base", f"proxy a={ppl.get('alpha', 1.0)}", "tuned"],
         [ppl["base"], ppl["proxy"], ppl["tuned"]],
         color=["grey", "tab:blue", "tab:green"],
     )
@@ -445,11 +576,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[1].set_title("client cost: small / large")
     if "decode" in report:
         d = report["decode"]
-        axes[2].bar(
-            ["without", "with expert"],
-            [d["tokens_per_s_without"], d["tokens_per_s_with"]],
-            color=["grey", "tab:blue"],
-        )
+        names = ["without", "with expert"]
+        values = [d["tokens_per_s_without"], d["tokens_per_s_with"]]
+        if "top_k" in d:
+            names.append(f"top-{d['top_k']['k']}")
+            values.append(d["top_k"]["tokens_per_s_with"])
+        axes[2].bar(names, values, color=["grey", "tab:blue", "tab:cyan"][: len(names)])
         axes[2].set_title(f"vLLM decode tok/s (ratio {d['ratio']:.2f})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

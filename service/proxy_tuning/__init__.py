@@ -7,7 +7,8 @@ base model with a federatedly tuned LoRA merged in (arXiv 2410.00362, proxy-tuni
 Modules, from pure to I/O:
 - `state.py`      per-request bookkeeping over vLLM's persistent batch (add / remove / move)
 - `decoder.py`    incremental small-model forward passes over many requests' KV caches
-- `experts.py`    naming, validating, loading and caching experts (small base + merged LoRA)
+- `lora_rows.py`  experts as per-row LoRA on the one small model (base and experts in one batch)
+- `experts.py`    naming, validating, loading and caching experts (their LoRA factors)
 - `settings.py`   the processor's pydantic settings (env `FEDPERSONA_...`)
 - `errors.py`     its domain errors (`ValueError`s: vLLM answers them as HTTP 400)
 - `processor.py`  the vLLM `LogitsProcessor` that ties them together (the only vLLM import)

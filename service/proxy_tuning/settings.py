@@ -26,7 +26,9 @@ class ProxySettings(BaseSettings):
         description="root of the adapter store holding the experts (FEDPERSONA_STORE: deprecated)",
     )
     proxy_max_experts: int = Field(
-        default=4, ge=1, description="merged experts kept in memory (LRU), besides in-flight ones"
+        default=4,
+        ge=1,
+        description="loaded experts (LoRA factors) kept in memory (LRU), besides in-flight ones",
     )
     proxy_max_rank: int = Field(
         default=EXPERT_MAX_RANK, ge=1, description="largest expert LoRA rank accepted"
