@@ -141,6 +141,26 @@ def test_bad_keys_files_are_usage_errors(tmp_path: Path) -> None:
     assert main(["load", "--url", "http://127.0.0.1:9", "--keys", str(tmp_path / "none")]) == 2
 
 
+def test_the_stub_engine_answers_like_vllm() -> None:
+    from starlette.testclient import TestClient
+
+    state = StubState()
+    with TestClient(stub_engine_app(model="base", tokens=3, state=state)) as stub:
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert stub.post("/v1/chat/completions", json={**chat, "model": "u-a-1"}).status_code == 404
+        assert stub.post("/v1/load_lora_adapter", json={"lora_name": "u-a-1", "lora_path": "/x"})
+        answer = stub.post("/v1/chat/completions", json={**chat, "model": "u-a-1"}).json()
+        assert answer["model"] == "u-a-1" and answer["usage"]["completion_tokens"] == 2
+        body = {**chat, "model": "base", "stream": True, "stream_options": {"include_usage": True}}
+        events = stub.post("/v1/chat/completions", json=body).text.split("\n\n")
+        assert events[-2] == "data: [DONE]" and '"completion_tokens":2' in events[-3]
+        models = [m["id"] for m in stub.get("/v1/models").json()["data"]]
+        assert models == ["base", "u-a-1"]
+        assert stub.post("/v1/unload_lora_adapter", json={"lora_name": "u-a-1"}).status_code == 200
+        assert stub.post("/v1/unload_lora_adapter", json={"lora_name": "u-a-1"}).status_code == 404
+    assert state.loads == 1 and state.unloads == 1 and state.requests["u-a-1"] == 1
+
+
 def test_zipf_popularity_follows_rank() -> None:
     rng = random.Random(0)
     cumulative = popularity_weights(100, "zipf", 1.1)
