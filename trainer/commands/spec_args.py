@@ -58,6 +58,8 @@ def add_spec_arguments(
         elif _is_tuple(info.annotation):
             kwargs["type"] = comma_list
             kwargs["metavar"] = "A,B"
+        elif info.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif info.annotation in (int, float, str):
             kwargs["type"] = info.annotation
         else:

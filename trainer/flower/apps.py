@@ -10,7 +10,9 @@ default) and on the Deployment Engine (`flwr run trainer/flower/flwr_app`, Super
   `store`/`base-model`; in simulation `partition-id` picks the user). A client trains with
   `Method.client_update`, keeps its state in `context.state` and in its silo (so it survives
   rounds and runs), publishes its personal LoRA to its private store slot itself, and replies
-  with the upload only. Personal tensors never enter a Flower message.
+  with the upload only. Personal tensors never enter a Flower message. Under secure aggregation
+  (`secure-aggregation`) it also answers the key, share and unmask queries and replies with its
+  update masked (`fedpersona.trainer.flower.secagg`), never the upload itself.
 
 Training and aggregation live in `fedpersona.trainer.methods`; publishing in
 `fedpersona.trainer.rounds.publish`; the round
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from fedpersona.adapters import AdapterStore
 from fedpersona.adapters.preferences import effective_preferences
+from fedpersona.trainer.errors import RoundFailed
 from fedpersona.trainer.flower.admission import Admission
 from fedpersona.trainer.flower.client_state import (
     ClientState,
@@ -39,6 +42,8 @@ from fedpersona.trainer.flower.client_state import (
 )
 from fedpersona.trainer.flower.identity import NodeBindings
 from fedpersona.trainer.flower.runconfig import NodeIdentity, RunConfig, Scalar, spec_of
+from fedpersona.trainer.flower.secagg import KEYS, SHARES, UNMASK, answer, masked_upload
+from fedpersona.trainer.flower.secagg_server import SecAggServer
 from fedpersona.trainer.flower.strategy import (
     CLIENT_KEY,
     CONFIG_KEY,
@@ -164,6 +169,11 @@ def run_server(
             on_published=lambda _round, params: checkpoint.save(params),
             privacy=(lambda done: privacy_of(spec, done)) if spec.dp_noise > 0 else None,
         )
+        admission = Admission(
+            bindings=bindings.as_mapping() if bindings is not None else None,
+            round_users=frozenset(config.users) or None,
+            max_examples=spec.max_examples,
+        )
         strategy = MethodStrategy(
             method=method,
             initial=initial,
@@ -171,11 +181,7 @@ def run_server(
             on_round=journal.add_round,
             min_nodes=config.expected_nodes,
             observer=observer,
-            admission=Admission(
-                bindings=bindings.as_mapping() if bindings is not None else None,
-                round_users=frozenset(config.users) or None,
-                max_examples=spec.max_examples,
-            ),
+            admission=admission,
             rule=rule,
             epsilon_at=(
                 (lambda done: float(privacy_of(spec, done)["epsilon"]))
@@ -183,6 +189,16 @@ def run_server(
                 else None
             ),
             seed=spec.seed,
+            secagg=(
+                SecAggServer(
+                    admission=admission,
+                    clipping_range=spec.secagg_range,
+                    timeout=config.round_timeout,
+                    observer=observer,
+                )
+                if spec.secure_aggregation
+                else None
+            ),
         )
         strategy.start(
             grid=grid,
@@ -270,17 +286,28 @@ def run_client(
     personal_version = publish_personal(
         store, method, user=node.user, base_model=base, state=update.state
     )
-    metrics = MetricRecord({NUM_EXAMPLES: int(update.num_examples)})
+    num_examples = int(update.num_examples)
+    if not config.spec.secure_aggregation:
+        # A method may ship its upload in a compact dtype (PFTT: `wire_dtype`).
+        upload = to_record(update.upload, wire_dtype=getattr(method, "wire_dtype", "float32"))
+    else:
+        num_examples = min(num_examples, config.spec.max_examples)  # the weight it masks with
+        upload = masked_upload(
+            message,
+            context,
+            global_params=global_params,
+            upload=update.upload,
+            weight=num_examples,
+            clip=config.spec.secagg_range,
+        )
+    metrics = MetricRecord({NUM_EXAMPLES: num_examples})
     for key, value in update.metrics.items():
         metrics[key.replace("_", "-")] = float(value)
     if "train_loss" in update.metrics:
         metrics[TRAIN_LOSS] = float(update.metrics["train_loss"])
     content = RecordDict(
         {
-            # A method may ship its upload in a compact dtype (PFTT: `wire_dtype`).
-            UPLOAD_KEY: to_record(
-                update.upload, wire_dtype=getattr(method, "wire_dtype", "float32")
-            ),
+            UPLOAD_KEY: upload,
             METRICS_KEY: metrics,
             CLIENT_KEY: ConfigRecord(
                 {"user": node.user, "personal-version": personal_version or ""}
@@ -300,6 +327,19 @@ def build_client_app(
     @app.train()
     def train(message: Message, context: Context) -> Message:
         return run_client(message, context, method_factory=method_factory, run_config=run_config)
+
+    def secagg(action: str) -> Callable[[Message, Context], Message]:
+        def reply(message: Message, context: Context) -> Message:
+            config = RunConfig.from_flower({**(run_config or {}), **context.run_config})
+            if not config.spec.secure_aggregation:
+                raise RoundFailed("a secure-aggregation query in a run without it")
+            user = NodeIdentity.from_flower(context.node_config, config).user
+            return answer(message, context, action, user=user)
+
+        return reply
+
+    for action in (KEYS, SHARES, UNMASK):  # the extra stages of a secure round
+        app.query(action)(secagg(action))
 
     return app
 

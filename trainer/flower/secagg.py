@@ -25,8 +25,9 @@ quantization, the share plaintext format) rather than new cryptography:
 The mask generator is AES-256-CTR keyed by the full 32-byte seed (uniform on 2**64 words), not
 Flower's `pseudo_rand_gen`, which folds its seed into a 32-bit NumPy seed: a server could then
 search a pair's mask seed. Client state between the stages lives in `context.state`
-(`ConfigRecord` "secagg"); a new key exchange each round. This module knows nothing about methods,
-publishing or records; `strategy.py` and `apps.py` call it.
+(`ConfigRecord` "secagg"); a new key exchange each round. This module holds the math and the
+node's side (`answer`, `masked_upload`, called by `apps.py`); the server's stages are in
+`fedpersona.trainer.flower.secagg_server`. It knows nothing about methods, publishing or records.
 """
 
 from __future__ import annotations
@@ -34,15 +35,13 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from fedpersona.trainer.errors import AggregationError, ReplyRefused, RoundFailed
-from fedpersona.trainer.flower.admission import Admission
-from fedpersona.trainer.flower.packing import pack, unpack
+from fedpersona.trainer.errors import AggregationError, RoundFailed
+from fedpersona.trainer.flower.packing import pack
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
@@ -55,7 +54,6 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
-from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import (
     bytes_to_private_key,
     bytes_to_public_key,
@@ -256,8 +254,13 @@ def quantization_bound(clipping_range: float) -> float:
 # ------------------------------------------------------------------------- client messages
 
 
-def _ids(values: object) -> list[int]:
-    return [int(v) for v in values]  # type: ignore[attr-defined]
+def ids_of(text: object) -> list[int]:
+    """Node ids from their comma-separated form (ConfigRecord lists cannot be empty)."""
+    return [int(v) for v in str(text).split(",") if v]
+
+
+def ids_text(ids: Iterable[int]) -> str:
+    return ",".join(str(n) for n in ids)
 
 
 def client_keys(context: Context, own: int, user: str) -> ConfigRecord:
@@ -282,18 +285,18 @@ def _keys(state: ConfigRecord) -> KeyPairs:
 def client_shares(context: Context, own: int, request: ConfigRecord) -> ConfigRecord:
     """Stage 2: Shamir-share the self-mask seed and sk1, encrypted per peer."""
     state = _state(context)
-    nodes = _ids(request["nodes"])  # type: ignore[arg-type]
+    nodes = ids_of(request["nodes"])  # type: ignore[arg-type]
     peers = dict(zip(nodes, zip(request["pk1"], request["pk2"], strict=True), strict=True))  # type: ignore[arg-type]
     threshold = int(request["threshold"])  # type: ignore[arg-type]
     seed, held, cipher = make_shares(own, _keys(state), peers, threshold)  # type: ignore[arg-type]
     state["seed"] = seed
-    state["nodes"] = [str(n) for n in nodes]
+    state["nodes"] = ids_text(nodes)
     state["peer-pk1"] = [bytes(peers[n][0]) for n in nodes]
     state["peer-pk2"] = [bytes(peers[n][1]) for n in nodes]
-    state["held-from"] = [str(own)]
+    state["held-from"] = ids_text([own])
     state["held-b"] = [held[own][0]]
     state["held-sk"] = [held[own][1]]
-    return ConfigRecord({"dst": [str(p) for p in cipher], "ct": list(cipher.values())})
+    return ConfigRecord({"dst": ids_text(cipher), "ct": list(cipher.values())})
 
 
 def client_mask(
@@ -301,11 +304,11 @@ def client_mask(
 ) -> Params:
     """Stage 3: open the peers' shares (kept for stage 4) and mask this node's update."""
     state = _state(context)
-    nodes = _ids(state["nodes"])  # type: ignore[arg-type]
+    nodes = ids_of(state["nodes"])  # type: ignore[arg-type]
     peers = dict(zip(nodes, zip(state["peer-pk1"], state["peer-pk2"], strict=True), strict=True))  # type: ignore[arg-type]
-    cipher = dict(zip(_ids(incoming["src"]), incoming["ct"], strict=True))  # type: ignore[arg-type]
+    cipher = dict(zip(ids_of(incoming["src"]), incoming["ct"], strict=True))  # type: ignore[arg-type]
     opened = open_shares(own, _keys(state), peers, cipher)  # type: ignore[arg-type]
-    state["held-from"] = [*state["held-from"], *(str(s) for s in opened)]  # type: ignore[misc]
+    state["held-from"] = ids_text([*ids_of(state["held-from"]), *opened])
     state["held-b"] = [*state["held-b"], *(b for b, _ in opened.values())]  # type: ignore[misc]
     state["held-sk"] = [*state["held-sk"], *(s for _, s in opened.values())]  # type: ignore[misc]
     # Mask with exactly the peers whose shares arrived (the server dropped the others).
@@ -324,164 +327,12 @@ def client_mask(
 def client_unmask(context: Context, request: ConfigRecord) -> ConfigRecord:
     """Stage 4: reveal the shares the server may have; then forget this round's secrets."""
     state = _state(context)
-    held = {
-        int(n): (bytes(b), bytes(s))  # type: ignore[arg-type]
-        for n, b, s in zip(state["held-from"], state["held-b"], state["held-sk"], strict=True)  # type: ignore[arg-type]
-    }
-    out = reveal(held, active=_ids(request["active"]), dropped=_ids(request["dropped"]))  # type: ignore[arg-type]
+    owners = ids_of(state["held-from"])
+    pairs = zip(owners, state["held-b"], state["held-sk"], strict=True)  # type: ignore[arg-type]
+    held = {n: (bytes(b), bytes(s)) for n, b, s in pairs}  # type: ignore[arg-type]
+    out = reveal(held, active=ids_of(request["active"]), dropped=ids_of(request["dropped"]))  # type: ignore[arg-type]
     del context.state.config_records[SECAGG_KEY]
-    return ConfigRecord({"owners": [str(n) for n in out], "shares": list(out.values())})
-
-
-# ------------------------------------------------------------------------- server driver
-
-Observer = Callable[[str, Message], None]
-
-
-@dataclass
-class Session:
-    """One round's key exchange as the server holds it (no secret of any node)."""
-
-    users: dict[int, str]  # participant node -> the user it claimed at key exchange
-    pk1: dict[int, bytes]
-    threshold: int
-    cipher_to: dict[int, dict[int, bytes]]  # dst -> src -> ciphertext
-    refused: list[str] = field(default_factory=list)
-    bytes_up: dict[int, int] = field(default_factory=dict)
-    bytes_down: dict[int, int] = field(default_factory=dict)
-    wall_s: float = 0.0
-
-    @property
-    def nodes(self) -> list[int]:
-        return sorted(self.users)
-
-    def train_record(self, node: int) -> ConfigRecord:
-        sources = self.cipher_to.get(node, {})
-        return ConfigRecord({"src": [str(s) for s in sources], "ct": list(sources.values())})
-
-
-def _size(content: RecordDict) -> int:
-    return sum(r.count_bytes() for r in content.config_records.values()) + sum(
-        r.count_bytes() for r in content.array_records.values()
-    )
-
-
-@dataclass
-class SecAggServer:
-    """Drives the extra stages over the `Grid` for `MethodStrategy`."""
-
-    admission: Admission
-    clipping_range: float
-    timeout: float | None = None
-    observer: Observer | None = None
-
-    def _exchange(
-        self, grid: Grid, action: str, records: Mapping[int, ConfigRecord], session: Session | None
-    ) -> dict[int, ConfigRecord]:
-        messages = []
-        for node, record in records.items():
-            content = RecordDict({SECAGG_KEY: record})
-            messages.append(
-                Message(content=content, dst_node_id=node, message_type=f"query.{action}")
-            )
-            if session is not None:
-                session.bytes_down[node] = session.bytes_down.get(node, 0) + _size(content)
-            self._observe("down", messages[-1])
-        replies: dict[int, ConfigRecord] = {}
-        for reply in grid.send_and_receive(messages, timeout=self.timeout):
-            self._observe("up", reply)
-            node = reply.metadata.src_node_id
-            if reply.has_error() or SECAGG_KEY not in reply.content.config_records:
-                reason = reply.error.reason if reply.has_error() else "no secagg record"
-                log.warning("secure aggregation %s: node %d failed: %s", action, node, reason)
-                continue
-            replies[node] = reply.content.config_records[SECAGG_KEY]
-            if session is not None:
-                session.bytes_up[node] = session.bytes_up.get(node, 0) + _size(reply.content)
-        return replies
-
-    def setup(self, grid: Grid, nodes: list[int]) -> Session:
-        """Stages 1-2; the bindings are checked on the key replies, before any masking."""
-        started = time.monotonic()
-        session = Session(users={}, pk1={}, threshold=0, cipher_to={})
-        replies = self._exchange(grid, KEYS, {n: ConfigRecord({}) for n in nodes}, session)
-        pk2: dict[int, bytes] = {}
-        for node, reply in replies.items():
-            try:
-                user = str(reply["user"])
-                self.admission.admit(node_id=node, user=user, num_examples=1)
-            except (KeyError, ReplyRefused) as e:
-                session.refused.append(f"key exchange: {e}")
-                continue
-            session.users[node] = user
-            session.pk1[node], pk2[node] = bytes(reply["pk1"]), bytes(reply["pk2"])  # type: ignore[arg-type]
-        if len(set(session.users.values())) != len(session.users):
-            raise RoundFailed(f"two nodes claim the same user: {sorted(session.users.values())}")
-        self._need(session, len(session.users), "key exchange")
-        session.threshold = threshold_of(len(session.users))
-        ids = session.nodes
-        request = ConfigRecord(
-            {
-                "nodes": [str(n) for n in ids],
-                "pk1": [session.pk1[n] for n in ids],
-                "pk2": [pk2[n] for n in ids],
-                "threshold": session.threshold,
-            }
-        )
-        shared = self._exchange(grid, SHARES, {n: request for n in ids}, session)
-        for node in ids:
-            if node not in shared:
-                del session.users[node]
-                continue
-            for dst, ct in zip(_ids(shared[node]["dst"]), shared[node]["ct"], strict=True):  # type: ignore[arg-type]
-                session.cipher_to.setdefault(dst, {})[node] = bytes(ct)  # type: ignore[arg-type]
-        self._need(session, len(session.users), "share exchange")
-        for dst in session.cipher_to:  # only shares of nodes that finished both stages
-            session.cipher_to[dst] = {
-                s: c for s, c in session.cipher_to[dst].items() if s in session.users
-            }
-        session.wall_s = time.monotonic() - started
-        return session
-
-    def unmask(
-        self, grid: Grid, session: Session, masked: Mapping[int, tuple[Params, int]]
-    ) -> Params:
-        """Stage 4: the weighted mean delta of the nodes in `masked` (the others dropped)."""
-        started = time.monotonic()
-        active = sorted(masked)
-        dropped = [n for n in session.nodes if n not in masked]
-        self._need(session, len(active), "masked upload")
-        request = ConfigRecord(
-            {"active": [str(n) for n in active], "dropped": [str(n) for n in dropped]}
-        )
-        replies = self._exchange(grid, UNMASK, {n: request for n in active}, session)
-        revealed: dict[int, list[bytes]] = {}
-        for reply in replies.values():
-            for owner, share in zip(_ids(reply["owners"]), reply["shares"], strict=True):  # type: ignore[arg-type]
-                revealed.setdefault(owner, []).append(bytes(share))  # type: ignore[arg-type]
-        mean = unmask_mean(
-            [masked[n][0] for n in active],
-            weights=[masked[n][1] for n in active],
-            active=active,
-            dropped=dropped,
-            revealed=revealed,
-            pk1=session.pk1,
-            threshold=session.threshold,
-            clipping_range=self.clipping_range,
-        )
-        session.wall_s += time.monotonic() - started
-        return mean
-
-    def _need(self, session: Session, count: int, stage: str) -> None:
-        if count < max(2, session.threshold):
-            raise RoundFailed(
-                f"secure aggregation needs at least {max(2, session.threshold)} nodes; "
-                f"{count} left after the {stage} (refused: {session.refused})"
-            )
-
-    def _observe(self, direction: str, message: Message) -> None:
-        if self.observer is not None:
-            self.observer(direction, message)
+    return ConfigRecord({"owners": ids_text(out), "shares": list(out.values())})
 
 
 def masked_record(masked: Params) -> ArrayRecord:
@@ -489,9 +340,41 @@ def masked_record(masked: Params) -> ArrayRecord:
     return pack(masked)
 
 
-def masked_of(record: ArrayRecord) -> Params:
-    values = unpack(record)
-    for key, value in values.items():
-        if value.dtype != np.uint64:
-            raise ReplyRefused(f"a masked upload holds {key!r} as {value.dtype}, not uint64")
-    return values
+def masked_upload(
+    message: Message,
+    context: Context,
+    *,
+    global_params: Params,
+    upload: Params,
+    weight: int,
+    clip: float,
+) -> ArrayRecord:
+    """Stage 3 of a train message: this node's update (upload - global) masked, as the reply's
+    upload; an empty upload (a round that shares nothing) stays empty."""
+    if SECAGG_KEY not in message.content.config_records:
+        raise RoundFailed("the run asks for secure aggregation but the server sent no shares")
+    if not upload:
+        return pack({})
+    if set(upload) != set(global_params):
+        raise RoundFailed("secure aggregation needs an upload shaped like the global params")
+    delta = {k: np.asarray(upload[k], np.float64) - global_params[k] for k in upload}
+    clipped = sum(int((np.abs(d) > clip).sum()) for d in delta.values())
+    if clipped:
+        log.warning("secure aggregation: %d update values clipped to +-%g", clipped, clip)
+    incoming = message.content.config_records[SECAGG_KEY]
+    masked = client_mask(context, context.node_id, incoming, delta, weight=weight, clip=clip)
+    return masked_record(masked)
+
+
+def answer(message: Message, context: Context, action: str, *, user: str) -> Message:
+    """A node's reply to one secure-aggregation query (key exchange, shares or unmask)."""
+    request = message.content.config_records.get(SECAGG_KEY, ConfigRecord({}))
+    if action == KEYS:
+        reply = client_keys(context, context.node_id, user)
+    elif action == SHARES:
+        reply = client_shares(context, context.node_id, request)
+    elif action == UNMASK:
+        reply = client_unmask(context, request)
+    else:
+        raise RoundFailed(f"unknown secure-aggregation query {action!r}")
+    return Message(content=RecordDict({SECAGG_KEY: reply}), reply_to=message)

@@ -11,6 +11,10 @@ this class fills in each step from the `Method` protocol:
   caps example counts, aggregates with the run's `AggregationRule` around `Method.aggregate`
   (both pure), then hands the new global and the admitted participants to the publisher, and
   only then records the round (with the refusals and, under DP, the run's epsilon so far).
+- With `secagg` (`fedpersona.trainer.flower.secagg_server`), `configure_train` first runs the
+  key and share exchange (bindings checked on the key replies, before any mask), the train messages
+  carry each node's encrypted shares, replies carry masked uploads, and `aggregate_train`
+  unmasks only their weighted mean: the new global is the previous one plus that mean delta.
 
 The strategy keeps the global params of the run in memory (they are the server's model); all
 per-user state lives on the clients (`context.state` and their silos). It knows nothing about
@@ -19,6 +23,7 @@ how a method trains or what its params mean.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +33,8 @@ import numpy as np
 from fedpersona.trainer.errors import ReplyRefused, RoundFailed
 from fedpersona.trainer.flower.admission import Admission
 from fedpersona.trainer.flower.packing import pack, unpack
+from fedpersona.trainer.flower.secagg import SECAGG_KEY
+from fedpersona.trainer.flower.secagg_server import SecAggServer, Session, check_masked
 from fedpersona.trainer.methods.base import Method, Params
 from fedpersona.trainer.methods.robust import AggregationRule
 from fedpersona.trainer.rounds.records import ClientRound, RoundRecord
@@ -97,6 +104,8 @@ EpsilonAt = Callable[[int], float | None]  # rounds done -> the run's epsilon (N
 class _RoundBook:
     started: float = 0.0
     bytes_down: dict[int, int] = field(default_factory=dict)
+    grid: Grid | None = None
+    session: Session | None = None  # secure aggregation: this round's key exchange
 
 
 class MethodStrategy(Strategy):
@@ -115,6 +124,7 @@ class MethodStrategy(Strategy):
         rule: AggregationRule | None = None,
         epsilon_at: EpsilonAt | None = None,
         seed: int = 0,
+        secagg: SecAggServer | None = None,
     ) -> None:
         self.method = method
         self.current: Params = dict(initial)
@@ -126,6 +136,7 @@ class MethodStrategy(Strategy):
         self.rule = rule or AggregationRule()
         self.epsilon_at = epsilon_at
         self.rng = np.random.default_rng(seed)
+        self.secagg = secagg
         self._book = _RoundBook()
 
     def summary(self) -> None:
@@ -138,8 +149,11 @@ class MethodStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._book = _RoundBook(started=time.monotonic())
+        self._book = _RoundBook(started=time.monotonic(), grid=grid)
         nodes = self._wait_for_nodes(grid)
+        if self.secagg is not None:
+            self._book.session = self.secagg.setup(grid, nodes)
+            nodes = self._book.session.nodes
         messages = []
         for node_id in nodes:
             content = RecordDict(
@@ -148,6 +162,8 @@ class MethodStrategy(Strategy):
                     CONFIG_KEY: ConfigRecord({**config, "server-round": server_round}),
                 }
             )
+            if self._book.session is not None:
+                content[SECAGG_KEY] = self._book.session.train_record(node_id)
             message = Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN)
             self._book.bytes_down[node_id] = payload_bytes(content)
             self._observe("down", message)
@@ -172,10 +188,14 @@ class MethodStrategy(Strategy):
             )
 
         admitted: list[tuple[Participant, Message]] = []
-        refused: list[str] = []
+        session = self._book.session
+        refused: list[str] = list(session.refused) if session is not None else []
         for reply in replies:
             try:
-                admitted.append((self._participant(reply), reply))
+                participant = self._participant(reply)
+                if session is not None:
+                    check_masked(session, participant.node_id, participant.user, participant.upload)
+                admitted.append((participant, reply))
             except ReplyRefused as e:
                 log.warning("round %d: reply refused: %s", server_round, e)
                 refused.append(str(e))
@@ -185,21 +205,28 @@ class MethodStrategy(Strategy):
         users = [p.user for p in participants]
         if len(set(users)) != len(users):
             raise RoundFailed(f"round {server_round}: two nodes claim the same user: {users}")
-        new_global = self.rule.aggregate(
-            self.method,
-            previous=self.current,
-            results=[(p.upload, p.num_examples) for p in participants],
-            rng=self.rng,
-        )
+        if session is not None and any(p.upload for p in participants):
+            new_global = self._unmasked(session, participants)
+            # The publisher gets no upload: the server holds only masked vectors.
+            participants = [dataclasses.replace(p, upload={}) for p in participants]
+        else:
+            new_global = self.rule.aggregate(
+                self.method,
+                previous=self.current,
+                results=[(p.upload, p.num_examples) for p in participants],
+                rng=self.rng,
+            )
         published = self.publisher(server_round, new_global, participants)
         self.current = new_global
 
+        extra_up = session.bytes_up if session is not None else {}
+        extra_down = session.bytes_down if session is not None else {}
         clients = [
             ClientRound(
                 user=p.user,
                 num_examples=p.num_examples,
-                bytes_up=payload_bytes(r.content),
-                bytes_down=self._book.bytes_down[p.node_id],
+                bytes_up=payload_bytes(r.content) + extra_up.get(p.node_id, 0),
+                bytes_down=self._book.bytes_down[p.node_id] + extra_down.get(p.node_id, 0),
                 train_loss=p.metrics.get(TRAIN_LOSS),
                 metrics={k: v for k, v in p.metrics.items() if np.isfinite(v)},
             )
@@ -217,6 +244,15 @@ class MethodStrategy(Strategy):
             served_versions=published.served_versions,
             refused=refused,
             epsilon=self.epsilon_at(server_round) if self.epsilon_at else None,
+            secure_aggregation=(
+                {
+                    "wall-s": round(session.wall_s, 3),
+                    "bytes-up": sum(session.bytes_up.values()),
+                    "bytes-down": sum(session.bytes_down.values()),
+                }
+                if session is not None
+                else None
+            ),
         )
         self.on_round(record)
         metrics = MetricRecord({"bytes-up": record.bytes_up, "bytes-down": record.bytes_down})
@@ -243,6 +279,19 @@ class MethodStrategy(Strategy):
             log.info("waiting for nodes: %d of %d connected", len(nodes), self.min_nodes)
             time.sleep(1.0)
         return nodes
+
+    def _unmasked(self, session: Session, participants: list[Participant]) -> Params:
+        """Secure aggregation: the previous global plus the unmasked weighted mean delta."""
+        if not all(p.upload for p in participants):
+            raise RoundFailed("secure aggregation: some clients uploaded nothing, others did")
+        assert self.secagg is not None and self._book.grid is not None
+        masked = {p.node_id: (p.upload, p.num_examples) for p in participants}
+        delta = self.secagg.unmask(self._book.grid, session, masked)
+        if set(delta) != set(self.current) or any(
+            delta[k].shape != self.current[k].shape for k in delta
+        ):
+            raise RoundFailed("secure aggregation: the masked upload is not shaped like the global")
+        return {k: (self.current[k] + delta[k]).astype(np.float32) for k in self.current}
 
     def _participant(self, reply: Message) -> Participant:
         content = reply.content

@@ -105,6 +105,18 @@ class RoundSpec(BaseModel):
         description="central DP: Gaussian noise multiplier on the clipped mean (needs clip-norm)",
     )
     dp_delta: float = Field(default=1e-5, gt=0.0, lt=1.0, description="central DP: delta")
+    secure_aggregation: bool = Field(
+        default=False,
+        description="mask each client's shared update so the server sees only the weighted sum "
+        "(fedpersona.trainer.flower.secagg)",
+    )
+    secagg_range: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1e6,
+        description="secure aggregation: clipping range of each coordinate of an update "
+        "(upload - global); the mean's quantization error is at most 2 x range / 2**24",
+    )
 
     @field_validator("algorithm")
     @classmethod
@@ -121,6 +133,8 @@ class RoundSpec(BaseModel):
             raise ValueError("dp-noise needs clip-norm > 0 (the noise is scaled to it)")
         if self.dp_noise > 0 and self.aggregation != "mean":
             raise ValueError("dp-noise is calibrated for aggregation 'mean' only")
+        if self.secure_aggregation:
+            _check_secure_aggregation(self)
         return self
 
     @field_validator("users")
@@ -138,6 +152,30 @@ class RoundSpec(BaseModel):
             except InvalidName as e:
                 raise ValueError(str(e)) from e
         return users
+
+
+# Methods whose shared part is the example-weighted mean of a dense LoRA upload: what secure
+# aggregation can compute from the masked sum alone.
+SECURE_AGGREGATION_METHODS = ("fedavg", "fedprox", "fedavg-ft", "pftt", "fedsa", "fedpt")
+
+
+def _check_secure_aggregation(spec: RoundSpec) -> None:
+    """Secure aggregation hides each update from the server: refuse what needs them."""
+    if spec.algorithm not in SECURE_AGGREGATION_METHODS:
+        raise ValueError(
+            f"secure-aggregation: {spec.algorithm!r} does not aggregate a weighted mean of dense "
+            f"uploads; supported: {', '.join(SECURE_AGGREGATION_METHODS)}"
+        )
+    if spec.aggregation != "mean":
+        raise ValueError(
+            f"secure-aggregation: the server sees only the sum, so aggregation "
+            f"{spec.aggregation!r} (which needs each client's update) cannot run; use 'mean'"
+        )
+    if spec.clip_norm > 0 or spec.dp_noise > 0:
+        raise ValueError(
+            "secure-aggregation: clip-norm and dp-noise clip each client's update on the "
+            "server, which never sees it; turn them off"
+        )
 
 
 class ClientRound(BaseModel):
@@ -167,6 +205,11 @@ class RoundRecord(BaseModel):
     )
     epsilon: float | None = Field(
         default=None, description="central DP: the run's epsilon after this round (at dp_delta)"
+    )
+    secure_aggregation: dict[str, float] | None = Field(
+        default=None,
+        description="secure aggregation: the extra stages' wall time (wall-s) and bytes "
+        "(bytes-up, bytes-down, all clients; also counted in the clients' bytes)",
     )
 
 
