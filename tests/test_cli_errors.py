@@ -196,3 +196,24 @@ def test_a_missing_corpus_is_not_found(
     assert main([*argv, "--home", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"--corpus {missing}: not found" in err.replace("\n", "")
+
+
+def test_users_against_an_unreachable_database_is_one_line_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    env = {
+        **os.environ,
+        "FEDPERSONA_HOME": str(tmp_path),
+        "FEDPERSONA_DATABASE_URL": f"postgresql://fp:hunter2@127.0.0.1:{_free_port()}/fp",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "fedpersona", "users", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "cannot connect to PostgreSQL" in done.stderr
+    assert "Traceback" not in done.stderr and "hunter2" not in done.stderr + done.stdout
+    assert not (tmp_path / "registry.sqlite").exists()  # no silent fallback to SQLite

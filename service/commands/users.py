@@ -31,6 +31,7 @@ from pathlib import Path
 
 from fedpersona.adapters.preferences import reward_mix_problem
 from fedpersona.service import accounts, preferences
+from fedpersona.service.db import DatabaseError
 from fedpersona.service.errors import GatewayError
 from fedpersona.service.registry import Registry, check_proxy_alpha, proxy_alpha_problem
 from fedpersona.service.settings import Settings
@@ -137,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"[red]error:[/red] {escape(e.message)}")  # `[a-z]` in a message is no markup
         # docs/cli.md: a refused input (4xx: exists, bad name, unknown user) changed nothing.
         return 2 if e.status < 500 else 1
+    except DatabaseError as e:  # unreachable or refused database: one line, nothing changed
+        err.print(f"[red]error:[/red] {escape(str(e))}")
+        return 1
 
 
 def _run(args: argparse.Namespace, err: Console) -> int:
