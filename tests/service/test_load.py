@@ -85,6 +85,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 
 def test_smoke_50_users_10_s_two_gateways_two_replicas(deployment: Deployment) -> None:
     workload = Workload(duration_s=10, concurrency=8, popularity="zipf", max_tokens=16, seed=1)
+    before = [sum(s.requests.values()) for s in deployment.stubs]
     results = []
     for g, root in zip(("a", "b"), deployment.gateways, strict=True):
         callers = [Caller(u, deployment.keys[f"{g}:{u}"]) for u in USERS]
@@ -98,7 +99,9 @@ def test_smoke_50_users_10_s_two_gateways_two_replicas(deployment: Deployment) -
         assert record.status == 200
         assert record.adapter == deployment.served[record.user], record
         assert record.tokens == 16 and record.ttft_s is not None
-    by_replica = [sum(s.requests.values()) for s in deployment.stubs]
+    by_replica = [
+        sum(s.requests.values()) - b for s, b in zip(deployment.stubs, before, strict=True)
+    ]
     assert all(n > 0 for n in by_replica), by_replica
     assert sum(by_replica) == len(records)
     summary = results[0].summary()
