@@ -37,11 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rate", type=float, help="Poisson arrivals per second (open loop, instead of callers)"
     )
-    parser.add_argument("--popularity", choices=("uniform", "zipf"), default="uniform")
+    parser.add_argument(
+        "--popularity", choices=("uniform", "zipf"), default="uniform", help="who asks"
+    )
     parser.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per answer")
     parser.add_argument("--no-stream", action="store_true", help="whole answers, not streams")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of user choice and arrivals")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     parser.add_argument("--max-errors", type=int, default=0, help="failed requests tolerated")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
