@@ -32,7 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 from fedpersona.adapters.manifest import model_name
-from fedpersona.service.load.client import Record, Workload, run_load
+from fedpersona.service.load.client import Caller, Record, Workload, chat_body, run_load, send
 
 PHASES = ("shared", "uniform", "zipf")
 
@@ -64,6 +64,23 @@ async def adapter_loads(gateway_url: str) -> float:
     )
 
 
+async def touch_all(gateway_url: str, callers: list[Caller], *, streams: int) -> int:
+    """One one-token request per user, `streams` at a time: every adapter registered in vLLM,
+    so the phases measure steady state rather than first loads. Returns the failures."""
+    slots = asyncio.Semaphore(streams)
+    workload = Workload(duration_s=1, max_tokens=1)
+
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def one(n: int, caller: Caller) -> bool:
+            async with slots:
+                body = chat_body(workload, caller, n)
+                return (await send(client, gateway_url, caller, body)).ok
+
+        done = await asyncio.gather(*(one(n, c) for n, c in enumerate(callers)))
+    return sum(not ok for ok in done)
+
+
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = harness.micro_model_dir()
     model = model_name(model_dir)
@@ -89,6 +106,14 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             max_model_len=args.max_model_len,
         ) as (gateway_url, gateway_proc):
             await run_load(Workload(duration_s=3, concurrency=4), callers[:1], [gateway_url])
+            if args.warm_all:
+                started = time.monotonic()
+                failed = await touch_all(gateway_url, callers, streams=args.streams)
+                print(
+                    f"every user asked once in {time.monotonic() - started:.0f} s "
+                    f"({failed} failed)",
+                    flush=True,
+                )
             for phase in PHASES:
                 workload = Workload(
                     duration_s=args.seconds,
@@ -197,6 +222,9 @@ def main() -> int:
     parser.add_argument("--max-cpu-loras", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--home", type=Path, help="keep (and reuse) the published users here")
+    parser.add_argument(
+        "--warm-all", action="store_true", help="ask as every user once before the phases"
+    )
     parser.add_argument("--name", default="thousand_users")
     args = parser.parse_args()
     result = asyncio.run(benchmark(args))
