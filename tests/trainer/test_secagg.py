@@ -13,8 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from fedpersona.adapters import AdapterStore, Slot, load_lora
 from fedpersona.trainer.commands.spec_args import add_spec_arguments, spec_from_args
+from fedpersona.trainer.data.personas import write_silos
 from fedpersona.trainer.errors import AggregationError, ConfigError, RoundFailed
+from fedpersona.trainer.flower.packing import unpack
 from fedpersona.trainer.flower.runconfig import RunConfig, config_of
 from fedpersona.trainer.flower.secagg import (
     QUANTIZATION_RANGE,
@@ -27,8 +31,17 @@ from fedpersona.trainer.flower.secagg import (
     threshold_of,
     unmask_mean,
 )
+from fedpersona.trainer.flower.simulation import simulate
 from fedpersona.trainer.methods.aggregation import weighted_mean
-from fedpersona.trainer.rounds.records import SECURE_AGGREGATION_METHODS, RoundSpec, new_run_id
+from fedpersona.trainer.models.basemodel import ModelPair
+from fedpersona.trainer.rounds.records import (
+    SECURE_AGGREGATION_METHODS,
+    RoundSpec,
+    RunRecords,
+    RunState,
+    new_run_id,
+)
+from flwr.app import Message
 from pydantic import ValidationError
 
 CLIP = 1.0
@@ -182,3 +195,54 @@ def test_the_flag_reaches_the_spec_and_the_flower_run_config(tmp_path: Path) -> 
     assert RunConfig.from_flower(config).spec.secure_aggregation
     with pytest.raises(ConfigError, match="cannot run"):
         RunConfig.from_flower({**config, "aggregation": "median"})
+
+
+@pytest.mark.flower
+def test_secure_rounds_in_the_simulation_engine(tmp_path: Path, micro_models: ModelPair) -> None:
+    """Real messages: round 1 uploads masked words, FedAvg-FT's final (personalization) round
+    shares nothing (no unmask stage, the global stays), and both rounds publish. ~40 s: Ray
+    start-up and two rounds of three real clients; the only secure-round test in simulation."""
+    home = tmp_path / "home"
+    personas = {"alice": "pirate", "bob": "chef", "carol": "poet"}
+    users = tuple(personas)
+    write_silos(home / "silos", personas, n_train=4, n_eval=2)
+    (home / "models").mkdir()
+    (home / "models" / "large").symlink_to(micro_models.large.path)
+    spec = RoundSpec(
+        algorithm="fedavg-ft",
+        rounds=2,
+        users=users,
+        local_steps=2,
+        batch_size=2,
+        max_len=64,
+        rank=4,
+        secure_aggregation=True,
+    )
+    status = RunRecords(home / "runs").create(spec, users=list(users))
+    config = config_of(spec, run_id=status.id, home=home, users=users)
+    seen: list[tuple[str, Message]] = []
+
+    final = simulate(config, observer=lambda d, m: seen.append((d, m)), cpus=1)
+
+    assert final.state == RunState.succeeded, final.error
+    kinds = [(d, m.metadata.message_type) for d, m in seen]
+    per_round = [("down", t) for t in ("query.secagg_keys", "query.secagg_shares", "train")]
+    assert kinds.count(("down", "query.secagg_unmask")) == len(users)  # round 1 only
+    for kind in per_round:
+        assert kinds.count(kind) == 2 * len(users)
+    uploads = [
+        unpack(m.content.array_records["upload"])
+        for d, m in seen
+        if d == "up" and m.metadata.message_type == "train"
+    ]
+    assert all(v.dtype == np.uint64 for u in uploads[: len(users)] for v in u.values())
+    assert all(not u for u in uploads[len(users) :])  # the final round shares nothing
+    first, second = final.rounds
+    assert first.secure_aggregation and first.secure_aggregation["bytes-up"] > 0
+    assert {c.user for c in first.clients} == set(users) and not first.refused
+    store = AdapterStore(home / "store")
+    glob = [
+        load_lora(store.get(Slot.global_adapter("fedavg-ft"), r.global_version).path).tensors  # type: ignore[arg-type]
+        for r in (first, second)
+    ]
+    assert all(torch.equal(glob[0][k], glob[1][k]) for k in glob[0])
