@@ -208,6 +208,34 @@ def ordered(methods: list[str]) -> list[str]:
     return sorted(methods, key=lambda m: FIRST.index(m) if m in FIRST else len(FIRST))
 
 
+def round_curve(
+    *, home: Path, out: Path, comparison: Any, method: str, base_model: Path, max_len: int
+) -> dict[int, float]:
+    """Round -> mean held-out perplexity of the adapters served after that round, for a saved
+    run; the last round's served adapters are the final ones, so it reuses their measurement."""
+    from fedpersona.trainer.commands.eval import evaluate_method, method_home
+    from fedpersona.trainer.rounds.records import RunRecords
+
+    users = comparison.users
+    status = RunRecords(method_home(out, method) / "runs").read(comparison.runs[method])
+    rounds = [r for r in status.rounds or [] if set(r.served_versions) >= set(users)]
+    curve = {}
+    for record in rounds[:-1]:
+        ppl = evaluate_method(
+            home=home,
+            out=out,
+            method=method,
+            users=users,
+            base_model=base_model,
+            max_len=max_len,
+            versions=record.served_versions,
+        )
+        curve[record.round] = statistics.fmean(ppl.values())
+    if rounds:
+        curve[rounds[-1].round] = comparison.mean(method)
+    return curve
+
+
 def merge(into: Any, one: Any) -> None:
     """Add the methods of comparison `one` to `into` (same seed, same users)."""
     for name in (
@@ -345,6 +373,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="reuse the selection and finished seeds in --work"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the comparisons saved in --work (implies --resume)",
+    )
+    parser.add_argument(
+        "--add-curves",
+        type=lambda text: [m for m in text.split(",") if m],
+        default=[],
+        help="with --resume/--report-only: measure the per-round curve of these methods' saved "
+        "runs that lack one (comma list)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         given = set(sys.argv[1:] if argv is None else argv)
@@ -380,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     full = GRID if args.grid == "full" else SMALL_GRID
     grid = {} if args.no_select else (QUICK_GRID if args.quick else full)
     selection_file = work / "selection.json"
+    args.resume = args.resume or args.report_only
     if args.resume and selection_file.is_file():
         saved = json.loads(selection_file.read_text(encoding="utf-8"))
         chosen, scores = saved["chosen"], saved["validation"]
@@ -409,9 +450,21 @@ def main(argv: list[str] | None = None) -> int:
         if method == methods[0]:
             runs.append(Comparison(users=users))
         done = out / f"comparison-{method}.json"
-        if args.resume and done.is_file():
+        if (args.resume or args.report_only) and done.is_file():
             one = load_seed(done)
             log.info("seed %d: reusing %s", seed, done)
+            if method in args.add_curves and not one.convergence.get(method):
+                one.convergence[method] = round_curve(
+                    home=home,
+                    out=out,
+                    comparison=one,
+                    method=method,
+                    base_model=base.path,
+                    max_len=spec.max_len,
+                )
+                save(one, out, stem=done.stem)
+        elif args.report_only:
+            continue
         else:
             one = compare(
                 home=home,
@@ -448,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
             fedavg_at=fedavg_at,
             wire_dtype=wire_dtype,
         )
-        result["complete"] = seed == args.seeds - 1 and method == methods[-1]
+        result["complete"] = (
+            all(m in r.perplexity for r in runs for m in methods) and len(runs) == args.seeds
+        )
         result["wall_seconds"] = round(time.monotonic() - started, 1)
         args.out.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -500,24 +555,26 @@ def report(
 
 def print_table(result: dict[str, Any], methods: list[str], users: list[str]) -> None:
     mean, std = result["mean_perplexity"], result["std_perplexity"]
+    methods = [m for m in methods if m in mean]  # a partial report has what was measured
     print(f"{'user':>18} " + " ".join(f"{m:>10}" for m in methods))
     for user in users:
         row = " ".join(f"{result['per_user_perplexity'][m][user]:10.2f}" for m in methods)
         print(f"{user:>18} {row}")
     for m in methods:
-        r = result["reduction_vs_fedavg"][m]
+        r = result.get("reduction_vs_fedavg", {}).get(m, 0.0)
         print(
             f"{m:>10}: {mean[m]:9.2f} ± {std[m]:6.2f}  ({abs(r):.1%} "
             f"{'below' if r >= 0 else 'above'} FedAvg)  up/round "
             f"{result['uplink_bytes_per_round'].get(m, 0):,.0f} B  down/round "
             f"{result['downlink_bytes_per_round'].get(m, 0):,.0f} B"
         )
-    uplink = result["uplink"]
-    print(
-        f"PFTT uplink / FedAvg's: {uplink['pftt_over_fedavg']:.2%} (PFTT ships "
-        f"{uplink['pftt_wire_dtype']}); vs FedAvg in the same dtype: "
-        f"{uplink['pftt_over_fedavg_' + uplink['pftt_wire_dtype']]:.2%}"
-    )
+    uplink = result.get("uplink", {})
+    if uplink.get("pftt_over_fedavg") is not None:
+        print(
+            f"PFTT uplink / FedAvg's: {uplink['pftt_over_fedavg']:.2%} (PFTT ships "
+            f"{uplink['pftt_wire_dtype']}); vs FedAvg in the same dtype: "
+            f"{uplink['pftt_over_fedavg_' + uplink['pftt_wire_dtype']]:.2%}"
+        )
     for name, ok in result["targets_met"].items():
         print(f"{'MET   ' if ok else 'MISSED'} {name}")
     print(f"chosen on validation: {result['selection']['chosen']}")

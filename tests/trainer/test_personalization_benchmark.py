@@ -87,3 +87,8 @@ def test_results_are_saved_per_seed_and_a_run_resumes(
     again = json.loads((tmp_path / "out" / "p.json").read_text())
     assert again["mean_perplexity"] == first["mean_perplexity"]
     assert json.loads(seed_file.read_text())["runs"] == runs_before  # nothing retrained
+    # The per-round curve of a saved run, measured afterwards: the last round is the final one.
+    assert bench.main([*argv, "--report-only", "--add-curves", "pftt"]) == 0
+    curves = json.loads((tmp_path / "out" / "p.json").read_text())["convergence"]
+    assert list(curves["pftt"]) == ["1", "2"] and not curves["fedavg"]
+    assert curves["pftt"]["2"] == pytest.approx(again["mean_perplexity"]["pftt"])
