@@ -227,10 +227,11 @@ def gateway(
     engine_key: str | None = None,
     profile: Path | None = None,
     env: dict[str, str] | None = None,
+    nice: int = 0,
 ) -> Iterator[tuple[str, Proc]]:
     """`fedpersona serve --no-rounds` on a free port in front of `engine_url` (or `replicas`),
     with the store and registry of `home`. `profile`: run under cProfile, stats written there
-    when the process exits."""
+    when the process exits; `nice`: its CPU priority (niceness)."""
     port = free_port()
     settings = {
         "FEDPERSONA_HOME": str(home),
@@ -248,6 +249,8 @@ def gateway(
     else:
         command = [sys.executable, "-m", "fedpersona.service.commands.serve"]
     command += ["--port", str(port), "--no-rounds"]
+    if nice:
+        command = ["nice", "-n", str(nice), *command]
     if engine_url:
         command += ["--engine-url", engine_url]
     log = open(home / f"gateway-{port}.log", "wb")  # noqa: SIM115

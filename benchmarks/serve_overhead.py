@@ -72,13 +72,14 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         users = [f"user{i}" for i in range(args.users)]
         published = harness.publish_users(home, users, model_dir=model_dir, model=model)
-        gateway_url, _ = stack.enter_context(
+        gateway_url, gateway_proc = stack.enter_context(
             harness.gateway(
                 home,
                 model=model,
                 engine_url=engine_url,
                 engine_key=engine_key,
                 max_model_len=args.max_model_len,
+                nice=args.gateway_nice,
             )
         )
         via_gateway = published.callers()
@@ -96,7 +97,14 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for r in range(args.rounds):
             print(f"saturation round {r + 1}/{args.rounds} ...", flush=True)
             for name, (url, callers) in paths.items():
-                saturation[name].append((await run_load(closed, callers, [url])).summary())
+                cpu = gateway_proc.cpu_s(), harness.this_process_cpu_s()
+                summary = (await run_load(closed, callers, [url])).summary()
+                # CPU share of one core the gateway and the load client used in the round.
+                summary["gateway_cpu_share"] = (gateway_proc.cpu_s() - cpu[0]) / summary["wall_s"]
+                summary["client_cpu_share"] = (harness.this_process_cpu_s() - cpu[1]) / summary[
+                    "wall_s"
+                ]
+                saturation[name].append(summary)
         direct_rps = statistics.median(x["requests_per_s"] for x in saturation["direct"])
         rate = args.poisson_load * direct_rps
         poisson: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
@@ -276,6 +284,9 @@ def main() -> int:
     parser.add_argument("--poisson-seconds", type=float, default=20.0)
     parser.add_argument("--poisson-rounds", type=int, default=2)
     parser.add_argument("--paired", type=int, default=32, help="single requests per path")
+    parser.add_argument(
+        "--gateway-nice", type=int, default=0, help="niceness of the gateway process"
+    )
     parser.add_argument("--max-loras", type=int, default=4)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--name", help="result name (default serve_overhead[_instant])")
