@@ -35,7 +35,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,7 +100,7 @@ def _key(a_private: bytes, b_public: bytes) -> bytes:
     return generate_shared_key(bytes_to_private_key(a_private), bytes_to_public_key(b_public))
 
 
-def mask_stream(seed: bytes, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+def mask_stream(seed: bytes, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
     """Uniform uint64 arrays from a 32-byte seed (AES-256-CTR keystream)."""
     raw = base64.urlsafe_b64decode(seed) if len(seed) == 44 else seed
     if len(raw) != 32:
@@ -263,6 +263,22 @@ def ids_text(ids: Iterable[int]) -> str:
     return ",".join(str(n) for n in ids)
 
 
+def blob(record: ConfigRecord, key: str) -> bytes:
+    """`record[key]` if it is bytes; else `RoundFailed` (a malformed stage message)."""
+    value = record.get(key)
+    if not isinstance(value, bytes):
+        raise RoundFailed(f"secure aggregation: {key!r} is not bytes")
+    return value
+
+
+def blobs(record: ConfigRecord, key: str) -> list[bytes]:
+    """`record[key]` if it is a list of bytes; else `RoundFailed`."""
+    value = record.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+        raise RoundFailed(f"secure aggregation: {key!r} is not a list of bytes")
+    return [v for v in value if isinstance(v, bytes)]
+
+
 def client_keys(context: Context, own: int, user: str) -> ConfigRecord:
     """Stage 1: new key pairs, kept in the node's state; reply with the public halves."""
     keys = new_keys()
@@ -279,20 +295,26 @@ def _state(context: Context) -> ConfigRecord:
 
 
 def _keys(state: ConfigRecord) -> KeyPairs:
-    return KeyPairs(*(bytes(state[k]) for k in ("sk1", "pk1", "sk2", "pk2")))  # type: ignore[arg-type]
+    return KeyPairs(*(blob(state, k) for k in ("sk1", "pk1", "sk2", "pk2")))
+
+
+def _peers(record: ConfigRecord, nodes: list[int]) -> dict[int, tuple[bytes, bytes]]:
+    pairs = zip(blobs(record, "pk1"), blobs(record, "pk2"), strict=True)
+    return dict(zip(nodes, pairs, strict=True))
 
 
 def client_shares(context: Context, own: int, request: ConfigRecord) -> ConfigRecord:
     """Stage 2: Shamir-share the self-mask seed and sk1, encrypted per peer."""
     state = _state(context)
-    nodes = ids_of(request["nodes"])  # type: ignore[arg-type]
-    peers = dict(zip(nodes, zip(request["pk1"], request["pk2"], strict=True), strict=True))  # type: ignore[arg-type]
-    threshold = int(request["threshold"])  # type: ignore[arg-type]
-    seed, held, cipher = make_shares(own, _keys(state), peers, threshold)  # type: ignore[arg-type]
+    nodes = ids_of(request["nodes"])
+    peers = _peers(request, nodes)
+    threshold = request["threshold"]
+    if not isinstance(threshold, int):
+        raise RoundFailed("secure aggregation: the threshold is not an integer")
+    seed, held, cipher = make_shares(own, _keys(state), peers, threshold)
     state["seed"] = seed
     state["nodes"] = ids_text(nodes)
-    state["peer-pk1"] = [bytes(peers[n][0]) for n in nodes]
-    state["peer-pk2"] = [bytes(peers[n][1]) for n in nodes]
+    state["pk1"], state["pk2"] = [peers[n][0] for n in nodes], [peers[n][1] for n in nodes]
     state["held-from"] = ids_text([own])
     state["held-b"] = [held[own][0]]
     state["held-sk"] = [held[own][1]]
@@ -304,22 +326,21 @@ def client_mask(
 ) -> Params:
     """Stage 3: open the peers' shares (kept for stage 4) and mask this node's update."""
     state = _state(context)
-    nodes = ids_of(state["nodes"])  # type: ignore[arg-type]
-    peers = dict(zip(nodes, zip(state["peer-pk1"], state["peer-pk2"], strict=True), strict=True))  # type: ignore[arg-type]
-    cipher = dict(zip(ids_of(incoming["src"]), incoming["ct"], strict=True))  # type: ignore[arg-type]
-    opened = open_shares(own, _keys(state), peers, cipher)  # type: ignore[arg-type]
+    keys = _keys(state)
+    peers = _peers(state, ids_of(state["nodes"]))
+    cipher = dict(zip(ids_of(incoming["src"]), blobs(incoming, "ct"), strict=True))
+    opened = open_shares(own, keys, peers, cipher)
     state["held-from"] = ids_text([*ids_of(state["held-from"]), *opened])
-    state["held-b"] = [*state["held-b"], *(b for b, _ in opened.values())]  # type: ignore[misc]
-    state["held-sk"] = [*state["held-sk"], *(s for _, s in opened.values())]  # type: ignore[misc]
+    state["held-b"] = [*blobs(state, "held-b"), *(b for b, _ in opened.values())]
+    state["held-sk"] = [*blobs(state, "held-sk"), *(s for _, s in opened.values())]
     # Mask with exactly the peers whose shares arrived (the server dropped the others).
-    peer_pk1 = {src: bytes(peers[src][0]) for src in opened}  # type: ignore[arg-type]
     return mask_update(
         delta,
         weight=weight,
         own=own,
-        seed=bytes(state["seed"]),  # type: ignore[arg-type]
-        sk1=_keys(state).sk1,
-        peer_pk1=peer_pk1,
+        seed=blob(state, "seed"),
+        sk1=keys.sk1,
+        peer_pk1={src: peers[src][0] for src in opened},
         clipping_range=clip,
     )
 
@@ -327,10 +348,9 @@ def client_mask(
 def client_unmask(context: Context, request: ConfigRecord) -> ConfigRecord:
     """Stage 4: reveal the shares the server may have; then forget this round's secrets."""
     state = _state(context)
-    owners = ids_of(state["held-from"])
-    pairs = zip(owners, state["held-b"], state["held-sk"], strict=True)  # type: ignore[arg-type]
-    held = {n: (bytes(b), bytes(s)) for n, b, s in pairs}  # type: ignore[arg-type]
-    out = reveal(held, active=ids_of(request["active"]), dropped=ids_of(request["dropped"]))  # type: ignore[arg-type]
+    pairs = zip(blobs(state, "held-b"), blobs(state, "held-sk"), strict=True)
+    held = dict(zip(ids_of(state["held-from"]), pairs, strict=True))
+    out = reveal(held, active=ids_of(request["active"]), dropped=ids_of(request["dropped"]))
     del context.state.config_records[SECAGG_KEY]
     return ConfigRecord({"owners": ids_text(out), "shares": list(out.values())})
 

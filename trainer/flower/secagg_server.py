@@ -27,6 +27,8 @@ from fedpersona.trainer.flower.secagg import (
     SHARES,
     UNMASK,
     Params,
+    blob,
+    blobs,
     ids_of,
     ids_text,
     threshold_of,
@@ -121,11 +123,11 @@ class SecAggServer:
             try:
                 user = str(reply["user"])
                 self.admission.admit(node_id=node, user=user, num_examples=1)
-            except (KeyError, ReplyRefused) as e:
+                session.pk1[node], pk2[node] = blob(reply, "pk1"), blob(reply, "pk2")
+            except (KeyError, ReplyRefused, RoundFailed) as e:
                 session.refused.append(f"key exchange: {e}")
                 continue
             session.users[node] = user
-            session.pk1[node], pk2[node] = bytes(reply["pk1"]), bytes(reply["pk2"])  # type: ignore[arg-type]
         if len(set(session.users.values())) != len(session.users):
             raise RoundFailed(f"two nodes claim the same user: {sorted(session.users.values())}")
         self._need(session, len(session.users), "key exchange")
@@ -144,8 +146,9 @@ class SecAggServer:
             if node not in shared:
                 del session.users[node]
                 continue
-            for dst, ct in zip(ids_of(shared[node]["dst"]), shared[node]["ct"], strict=True):  # type: ignore[arg-type]
-                session.cipher_to.setdefault(dst, {})[node] = bytes(ct)  # type: ignore[arg-type]
+            reply = shared[node]
+            for dst, ct in zip(ids_of(reply["dst"]), blobs(reply, "ct"), strict=True):
+                session.cipher_to.setdefault(dst, {})[node] = ct
         self._need(session, len(session.users), "share exchange")
         for dst in session.cipher_to:  # only shares of nodes that finished both stages
             session.cipher_to[dst] = {
@@ -166,8 +169,8 @@ class SecAggServer:
         replies = self._exchange(grid, UNMASK, {n: request for n in active}, session)
         revealed: dict[int, list[bytes]] = {}
         for reply in replies.values():
-            for owner, share in zip(ids_of(reply["owners"]), reply["shares"], strict=True):  # type: ignore[arg-type]
-                revealed.setdefault(owner, []).append(bytes(share))  # type: ignore[arg-type]
+            for owner, share in zip(ids_of(reply["owners"]), blobs(reply, "shares"), strict=True):
+                revealed.setdefault(owner, []).append(share)
         mean = unmask_mean(
             [masked[n][0] for n in active],
             weights=[masked[n][1] for n in active],
