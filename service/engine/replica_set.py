@@ -8,11 +8,17 @@ healthy replicas), pins the user's adapter there through that replica's own `Ada
 and remembers the choice for the request (a context variable), so the chat that follows goes to
 the same replica.
 
-Failover: a replica that cannot be reached (on the adapter load, or when the chat is sent) is
-marked down and the request moves to the user's next replica, loading the adapter there first;
-a stream fails over only before its first line. A 404 for the user's adapter (the replica
-restarted, or lost the name) reloads it in place on that replica and retries once. Requests are
-lost only when no replica can answer.
+Failover (`_replica_failed` decides): when the chosen replica fails before anything was sent to
+the client -- it cannot be reached or resets the connection, answers 502/503/504, answers 500
+and then fails its health probe (a dying engine), or ends or errors a stream before its first
+line -- it is marked down (skipped by later requests until its probe passes) and the request
+moves to the user's next healthy replica in rendezvous order, each tried at most once, with the
+user's adapter pinned there by that replica's own manager, exactly as for a routed request.
+Once a stream's first line was handed on, nothing is retried: its client may have part of the
+answer, and a second answer would duplicate it. A 4xx is the request's own and never retried,
+except a 404 for the user's adapter (the replica restarted, or lost the name): that reloads it
+in place on the same replica and retries once. Requests are lost only when no replica can
+answer.
 
 Replicas come from a list of URLs, or from a headless Service's DNS name (its A records, one per
 ready pod, re-resolved every `refresh_s`); every replica is probed (`/health`) as often. A replica
@@ -25,9 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -41,12 +48,17 @@ from fedpersona.service.engine.replicas import (
     rendezvous_order,
     replica_urls,
 )
-from fedpersona.service.errors import EngineRequestError, EngineUnavailable
+from fedpersona.service.errors import AdapterLoadFailed, EngineRequestError, EngineUnavailable
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+# Statuses that say the replica (or a proxy in front of it) failed, not the request.
+FAILOVER_STATUSES = frozenset({502, 503, 504})
+# What a replica can raise before answering; `ReplicaSet._replica_failed` tells which to retry.
+_FAILURES = (EngineUnavailable, EngineRequestError, AdapterLoadFailed)
 
 
 @dataclass(eq=False)
@@ -170,9 +182,24 @@ class ReplicaSet:
                 logger.exception("replica refresh failed")
 
     def _mark_down(self, replica: Replica, error: Exception) -> None:
+        """Skip `replica` for new requests until its health probe passes again."""
         if replica.healthy:
-            logger.warning("replica %s unreachable, failing over: %s", replica.url, error)
+            logger.warning("replica %s failed, failing over: %s", replica.url, error)
         replica.healthy = False
+
+    async def _replica_failed(self, replica: Replica, error: Exception) -> bool:
+        """Whether `error` (raised before the client got anything) is the replica's failure, to
+        fail over from, rather than the request's own, to raise: unreachable, 502/503/504, or a
+        500 from a replica that now fails its health probe. Never a 4xx."""
+        if isinstance(error, EngineUnavailable):
+            return True
+        # An adapter load the engine refused carries the engine's answer as its cause.
+        cause = error.__cause__ if isinstance(error, AdapterLoadFailed) else error
+        if not isinstance(cause, EngineRequestError):
+            return False
+        if cause.status in FAILOVER_STATUSES:
+            return True
+        return cause.status == 500 and not await replica.client.health()
 
     def __len__(self) -> int:
         return len(self._replicas)
@@ -196,14 +223,26 @@ class ReplicaSet:
         """Pin `user_id`'s adapter on their replica for one request (see `AdapterManager.use`)."""
         return self._use(user_id)
 
+    @staticmethod
+    def _each_once(order: list[Replica]) -> Iterator[Replica]:
+        """The replicas one request may try, in `order`, each at most once: the first, then
+        those still healthy when their turn comes (a concurrent request may have marked one
+        down); only when none was healthy, every one of them as a last resort."""
+        last_resort = not any(r.healthy for r in order)
+        for i, replica in enumerate(order):
+            if i == 0 or last_resort or replica.healthy:
+                yield replica
+
     @asynccontextmanager
     async def _use(self, user: str) -> AsyncIterator[str | None]:
-        last: EngineUnavailable | None = None
-        for replica in self.order(user):
+        last: Exception | None = None
+        for replica in self._each_once(self.order(user)):
             async with AsyncExitStack() as stack:
                 try:
                     name = await stack.enter_async_context(replica.adapters.use(user))
-                except EngineUnavailable as e:
+                except _FAILURES as e:
+                    if not await self._replica_failed(replica, e):
+                        raise
                     self._mark_down(replica, e)
                     last = e
                     continue
@@ -229,37 +268,54 @@ class ReplicaSet:
         call: Callable[[Replica, dict[str, Any]], Awaitable[T]],
         stack: AsyncExitStack,
     ) -> T:
-        """`call` on the request's replica, else on the next ones; pins taken for a fallback
-        replica go on `stack`, which the caller closes when the response is finished."""
+        """`call` on the request's replica; if that replica fails (`_replica_failed`), on the
+        user's next healthy replicas (`_each_once`). Pins taken for a fallback replica go on
+        `stack`, which the caller closes when the response is finished. `call` must not hand
+        anything to the client before it returns: what it raises is retried elsewhere."""
         route = _ROUTE.get()
         if route is None:
             order = self.order(None)
         else:
             order = [route.replica, *(r for r in self.order(route.user) if r is not route.replica)]
-        last: EngineUnavailable | None = None
-        for replica in order:
-            send = body
+        last: Exception | None = None
+        for replica in self._each_once(order):
             try:
-                if route is None:
-                    replica.active += 1
-                    stack.callback(self._done, replica)
-                elif replica is not route.replica:
-                    name = await stack.enter_async_context(replica.adapters.use(route.user))
-                    send = {**body, "model": name} if name is not None else body
-                try:
-                    return await call(replica, send)
-                except EngineRequestError as e:
-                    if e.status != 404 or route is None or route.name is None:
-                        raise
-                    # The replica lost the adapter (restarted, or someone unloaded it): load it
-                    # again in place there and retry once.
-                    replica.adapters.invalidate(str(send["model"]))
-                    name = await stack.enter_async_context(replica.adapters.use(route.user))
-                    return await call(replica, {**body, "model": name or body["model"]})
-            except EngineUnavailable as e:
+                return await self._send_to(replica, route, body, call, stack)
+            except _FAILURES as e:
+                if not await self._replica_failed(replica, e):
+                    raise
                 self._mark_down(replica, e)
                 last = e
         raise last or EngineUnavailable()
+
+    async def _send_to(
+        self,
+        replica: Replica,
+        route: _Route | None,
+        body: dict[str, Any],
+        call: Callable[[Replica, dict[str, Any]], Awaitable[T]],
+        stack: AsyncExitStack,
+    ) -> T:
+        send = body
+        if route is None or replica is not route.replica:
+            replica.active += 1
+            stack.callback(self._done, replica)
+        fallback = route is not None and replica is not route.replica
+        if fallback and route is not None and route.name and body.get("model") == route.name:
+            # The user's adapter on this replica, pinned by its own manager (as `use` does):
+            # the name it yields is the only user-specific part of the body that changes.
+            name = await stack.enter_async_context(replica.adapters.use(route.user))
+            send = {**body, "model": name} if name is not None else body
+        try:
+            return await call(replica, send)
+        except EngineRequestError as e:
+            if e.status != 404 or route is None or route.name is None:
+                raise
+            # The replica lost the adapter (restarted, or someone unloaded it): load it again
+            # in place there and retry once.
+            replica.adapters.invalidate(str(send["model"]))
+            name = await stack.enter_async_context(replica.adapters.use(route.user))
+            return await call(replica, {**body, "model": name or body["model"]})
 
     # -- the engine interface --------------------------------------------------------------
 
@@ -271,17 +327,31 @@ class ReplicaSet:
         return self._stream(body)
 
     async def _stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """The stream of the first replica that sends a first line that is not a server error
+        (failover before it, as `_send`). From the first line on, a failure reaches the caller
+        as it is (the client may hold part of the answer): never retried, never duplicated."""
+
         async def open_stream(
             replica: Replica, send: dict[str, Any]
-        ) -> tuple[bytes | None, AsyncIterator[bytes]]:
+        ) -> tuple[bytes, AsyncIterator[bytes]]:
             lines = aiter(replica.client.stream_chat(send))
             stack.push_async_callback(_aclose, lines)
-            return await anext(lines, None), lines
+            try:
+                first = await anext(lines, None)
+                if first is None:
+                    raise EngineUnavailable(
+                        "The inference engine closed the stream without answering."
+                    )
+                error = _server_error(first)
+                if error is not None:
+                    raise error
+            except BaseException:
+                await _aclose(lines)  # let the failed replica's connection go now
+                raise
+            return first, lines
 
         async with AsyncExitStack() as stack:
             first, lines = await self._send(body, open_stream, stack)
-            if first is None:
-                return
             yield first
             async for line in lines:
                 yield line
@@ -320,3 +390,20 @@ async def _aclose(lines: AsyncIterator[bytes]) -> None:
     if aclose is not None:
         with contextlib.suppress(Exception):
             await aclose()
+
+
+def _server_error(line: bytes) -> EngineRequestError | None:
+    """A stream line that is a server error event (vLLM reports a failure after its 200 status
+    as `data: {"error": {..., "code": 500}}`), as the error; None for any other line."""
+    if not line.startswith(b"data:") or b'"error"' not in line:
+        return None
+    try:
+        event = json.loads(line[5:])
+    except ValueError:
+        return None
+    error = event.get("error") if isinstance(event, dict) else None
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code")
+    status = code if isinstance(code, int) else 500
+    return EngineRequestError(status, event) if status >= 500 else None

@@ -1,10 +1,13 @@
 """Routing over vLLM replicas: the pure bounded-load rendezvous laws (Hypothesis), and
-`ReplicaSet` over fake engines (affinity, spill-over, failover, 404 reload, DNS discovery)."""
+`ReplicaSet` over fake engines (affinity, spill-over, failover on unreachable replicas, 5xx
+answers and streams that fail before their first line, no retry after it or on a 4xx, 404
+reload, DNS discovery)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from fedpersona.service.engine.replicas import (
     rendezvous_order,
     replica_urls,
 )
-from fedpersona.service.errors import EngineUnavailable
+from fedpersona.service.errors import EngineRequestError, EngineUnavailable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.lora import random_lora
@@ -119,9 +122,26 @@ def test_addresses() -> None:
 
 
 class Engine(FakeEngine):
-    """FakeEngine plus what a replica set uses of `EngineClient` beyond it."""
+    """FakeEngine plus what a replica set uses of `EngineClient` beyond it, and two more ways to
+    fail: a stream that ends, or opens with `first_line`, before any chunk, and a health probe
+    that fails while chats still get answers (`probe_ok`)."""
 
     in_flight = 0
+    empty_stream = False
+    first_line: bytes | None = None
+    probe_ok: bool | None = None
+
+    async def _stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        if self.empty_stream or self.first_line is not None:
+            self._admit(body)
+            if self.first_line is not None:
+                yield self.first_line
+            return
+        async for line in super()._stream(body):
+            yield line
+
+    async def health(self) -> bool:
+        return await super().health() if self.probe_ok is None else self.probe_ok
 
     async def models(self) -> list[str]:
         if self.down:
@@ -317,3 +337,169 @@ def test_settings_with_replicas_build_a_replica_set(tmp_path: Path) -> None:
     assert dns.engine.url == "http://vllm-headless.ns.svc.cluster.local:8000"
     with pytest.raises(ValidationError):
         make_settings(tmp_path, replicas_dns="no-port")
+
+
+# ----------------------------------------------------------------------------- failover
+
+
+def home_and_next(user: str, engines: dict[str, Engine]) -> tuple[Engine, Engine]:
+    first, second, *_ = rendezvous_order(user, URLS)
+    return engines[first], engines[second]
+
+
+def by(engine: Engine, answer: str) -> bool:
+    """Whether `engine` wrote `answer` (whole, or streamed token by token)."""
+    return engine.reply.removeprefix("from ") in answer
+
+
+def unavailable() -> EngineRequestError:
+    return EngineRequestError(503, {"error": {"message": "no", "type": "x", "code": 503}})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_a_5xx_fails_over_with_the_adapter_loaded_and_marks_the_replica_down(
+    store: AdapterStore, status: int, stream: bool
+) -> None:
+    replicas, engines = replica_set(store, URLS)
+    user = "user4"
+    home, fallback = home_and_next(user, engines)
+    home.error = EngineRequestError(status, {"error": {"message": "down", "code": status}})
+
+    async def main() -> None:
+        answer = await ask(replicas, user, stream=stream)
+        assert by(fallback, answer) and not by(home, answer)
+        assert len(home.received) == 1 and len(fallback.received) == 1
+        # On the new replica: the user's own adapter, loaded there by that replica's manager.
+        assert fallback.last["model"] == served(store, user)
+        assert served(store, user) in fallback.loaded
+        # Later requests skip the failed replica until its health probe passes.
+        await ask(replicas, user, stream=stream)
+        assert len(home.received) == 1 and len(fallback.received) == 2
+        home.error = None
+        await replicas.refresh()
+        assert by(home, await ask(replicas, user, stream=stream))
+
+    asyncio.run(main())
+    assert all(r.active == 0 for r in replicas.replicas)  # every pin released
+
+
+@pytest.mark.parametrize("first_line", [None, b'data: {"error":{"message":"dead","code":500}}'])
+def test_a_stream_that_ends_or_errors_before_its_first_chunk_fails_over(
+    store: AdapterStore, first_line: bytes | None
+) -> None:
+    replicas, engines = replica_set(store, URLS)
+    user = "user7"
+    home, fallback = home_and_next(user, engines)
+    home.empty_stream = first_line is None
+    home.first_line = first_line
+    home.probe_ok = False  # a 500 counts as the replica's failure only when it fails its probe
+
+    async def main() -> None:
+        answer = await ask(replicas, user, stream=True)
+        assert by(fallback, answer) and "dead" not in answer
+        assert fallback.last["model"] == served(store, user)
+        assert not replicas.replicas[URLS.index(home_url(engines, home))].healthy
+
+    asyncio.run(main())
+
+
+def home_url(engines: dict[str, Engine], engine: Engine) -> str:
+    return next(url for url, e in engines.items() if e is engine)
+
+
+def test_a_reset_before_the_first_chunk_fails_over(store: AdapterStore) -> None:
+    replicas, engines = replica_set(store, URLS)
+    user = "user2"
+    home, fallback = home_and_next(user, engines)
+    home.fail_stream_after = 0  # the connection drops before the first chunk
+
+    async def main() -> None:
+        assert by(fallback, await ask(replicas, user, stream=True))
+
+    asyncio.run(main())
+    assert home.streams_closed == 1
+
+
+def test_a_stream_that_dies_after_its_first_chunk_is_not_retried(store: AdapterStore) -> None:
+    replicas, engines = replica_set(store, URLS)
+    user = "user1"
+    home, _ = home_and_next(user, engines)
+    home.fail_stream_after = 2
+
+    async def main() -> list[bytes]:
+        got: list[bytes] = []
+        async with replicas.use(user) as name:
+            with pytest.raises(EngineUnavailable):
+                async for line in replicas.stream_chat({"model": name, "messages": []}):
+                    got.append(line)
+        return got
+
+    got = asyncio.run(main())
+    assert len(got) == 2  # what the client already had; the error follows, not a second answer
+    assert sum(len(e.received) for e in engines.values()) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("status", [400, 422, 429])
+def test_a_4xx_is_never_retried(store: AdapterStore, status: int, stream: bool) -> None:
+    replicas, engines = replica_set(store, URLS)
+    user = "user6"
+    home, _ = home_and_next(user, engines)
+    home.error = EngineRequestError(status, {"error": {"message": "bad", "code": status}})
+
+    async def main() -> None:
+        with pytest.raises(EngineRequestError) as raised:
+            await ask(replicas, user, stream=stream)
+        assert raised.value.status == status
+
+    asyncio.run(main())
+    assert sum(len(e.received) for e in engines.values()) == 1
+    assert all(r.healthy for r in replicas.replicas)
+
+
+def test_a_500_from_a_healthy_replica_is_the_requests_own(store: AdapterStore) -> None:
+    replicas, engines = replica_set(store, URLS)
+    user = "user8"
+    home, _ = home_and_next(user, engines)
+    home.error = EngineRequestError(500, {"error": {"message": "bug", "code": 500}})
+
+    async def main() -> None:
+        with pytest.raises(EngineRequestError):
+            await ask(replicas, user)
+        home.probe_ok = False  # the same 500 from a dying engine: fail over
+        assert not by(home, await ask(replicas, user))
+
+    asyncio.run(main())
+
+
+def test_each_replica_is_tried_at_most_once(store: AdapterStore) -> None:
+    replicas, engines = replica_set(store, URLS)
+    for engine in engines.values():
+        engine.error = unavailable()
+
+    async def main() -> None:
+        with pytest.raises(EngineRequestError) as raised:
+            await ask(replicas, "user9", stream=True)
+        assert raised.value.status == 503
+
+    asyncio.run(main())
+    assert [len(e.received) for e in engines.values()] == [1, 1, 1]
+    assert not any(r.healthy for r in replicas.replicas)
+
+
+def test_an_adapter_load_the_replica_fails_with_a_5xx_fails_over(store: AdapterStore) -> None:
+    replicas, engines = replica_set(store, URLS)
+    user = "user10"
+    home, fallback = home_and_next(user, engines)
+
+    async def refuse(name: str, path: str, *, replace: bool = False) -> None:
+        raise unavailable()
+
+    home.load_lora = refuse  # type: ignore[method-assign]
+
+    async def main() -> None:
+        assert by(fallback, await ask(replicas, user))
+        assert fallback.last["model"] == served(store, user)
+
+    asyncio.run(main())
