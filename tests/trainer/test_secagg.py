@@ -22,6 +22,15 @@ from fedpersona.trainer.flower.packing import unpack
 from fedpersona.trainer.flower.runconfig import RunConfig, config_of
 from fedpersona.trainer.flower.secagg import (
     QUANTIZATION_RANGE,
+    SECAGG_KEY,
+    blob,
+    blobs,
+    client_keys,
+    client_mask,
+    client_shares,
+    client_unmask,
+    ids_of,
+    ids_text,
     make_shares,
     mask_update,
     new_keys,
@@ -41,7 +50,7 @@ from fedpersona.trainer.rounds.records import (
     RunState,
     new_run_id,
 )
-from flwr.app import Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from pydantic import ValidationError
 
 CLIP = 1.0
@@ -200,7 +209,7 @@ def test_the_flag_reaches_the_spec_and_the_flower_run_config(tmp_path: Path) -> 
 @pytest.mark.flower
 def test_secure_rounds_in_the_simulation_engine(tmp_path: Path, micro_models: ModelPair) -> None:
     """Real messages: round 1 uploads masked words, FedAvg-FT's final (personalization) round
-    shares nothing (no unmask stage, the global stays), and both rounds publish. ~40 s: Ray
+    shares nothing (no unmask stage, the global stays), and both rounds publish. 40-80 s: Ray
     start-up and two rounds of three real clients; the only secure-round test in simulation."""
     home = tmp_path / "home"
     personas = {"alice": "pirate", "bob": "chef", "carol": "poet"}
@@ -246,3 +255,54 @@ def test_secure_rounds_in_the_simulation_engine(tmp_path: Path, micro_models: Mo
         for r in (first, second)
     ]
     assert all(torch.equal(glob[0][k], glob[1][k]) for k in glob[0])
+
+
+def test_the_node_stages_on_real_contexts_relay_to_the_weighted_mean() -> None:
+    """The node's side (`client_keys` ... `client_unmask`) with its state in a real Flower
+    `Context`, the server's relaying done as `SecAggServer` does it; one node drops after
+    masking. A node forgets its round secrets after revealing."""
+    rng = np.random.default_rng(4)
+    ids = IDS[:3]
+    contexts = {i: Context(1, i, {}, RecordDict(), {}) for i in ids}
+    deltas, weights = _deltas(rng, 3), [4, 9, 2]
+    public = {i: client_keys(contexts[i], i, f"user{i}") for i in ids}
+    request = ConfigRecord(
+        {
+            "nodes": ids_text(ids),
+            "pk1": [public[i]["pk1"] for i in ids],
+            "pk2": [public[i]["pk2"] for i in ids],
+            "threshold": threshold_of(len(ids)),
+        }
+    )
+    inbox: dict[int, dict[int, bytes]] = {i: {} for i in ids}
+    for i in ids:
+        reply = client_shares(contexts[i], i, request)
+        for dst, ct in zip(ids_of(reply["dst"]), blobs(reply, "ct"), strict=True):
+            inbox[dst][i] = ct
+    masked = {}
+    for i, delta, w in zip(ids, deltas, weights, strict=True):
+        incoming = ConfigRecord({"src": ids_text(inbox[i]), "ct": list(inbox[i].values())})
+        masked[i] = client_mask(contexts[i], i, incoming, delta, weight=w, clip=CLIP)
+    active, dropped = ids[:2], ids[2:]
+    revealed: dict[int, list[bytes]] = {}
+    ask = ConfigRecord({"active": ids_text(active), "dropped": ids_text(dropped)})
+    for i in active:
+        reply = client_unmask(contexts[i], ask)
+        for owner, share in zip(ids_of(reply["owners"]), blobs(reply, "shares"), strict=True):
+            revealed.setdefault(owner, []).append(share)
+        assert SECAGG_KEY not in contexts[i].state.config_records
+    mean = unmask_mean(
+        [masked[i] for i in active],
+        weights=weights[:2],
+        active=active,
+        dropped=dropped,
+        revealed=revealed,
+        pk1={i: blob(public[i], "pk1") for i in ids},
+        threshold=threshold_of(len(ids)),
+        clipping_range=CLIP,
+    )
+    plain = weighted_mean(list(zip(deltas[:2], weights[:2], strict=True)))
+    for key in plain:
+        assert np.abs(mean[key] - plain[key]).max() <= quantization_bound(CLIP) + 1e-7
+    with pytest.raises(RoundFailed, match="before this node's key exchange"):
+        client_unmask(contexts[active[0]], ask)  # secrets are gone: nothing more to reveal

@@ -298,8 +298,10 @@ def _keys(state: ConfigRecord) -> KeyPairs:
     return KeyPairs(*(blob(state, k) for k in ("sk1", "pk1", "sk2", "pk2")))
 
 
-def _peers(record: ConfigRecord, nodes: list[int]) -> dict[int, tuple[bytes, bytes]]:
-    pairs = zip(blobs(record, "pk1"), blobs(record, "pk2"), strict=True)
+def _peers(
+    record: ConfigRecord, nodes: list[int], prefix: str = ""
+) -> dict[int, tuple[bytes, bytes]]:
+    pairs = zip(blobs(record, f"{prefix}pk1"), blobs(record, f"{prefix}pk2"), strict=True)
     return dict(zip(nodes, pairs, strict=True))
 
 
@@ -314,7 +316,8 @@ def client_shares(context: Context, own: int, request: ConfigRecord) -> ConfigRe
     seed, held, cipher = make_shares(own, _keys(state), peers, threshold)
     state["seed"] = seed
     state["nodes"] = ids_text(nodes)
-    state["pk1"], state["pk2"] = [peers[n][0] for n in nodes], [peers[n][1] for n in nodes]
+    state["peer-pk1"] = [peers[n][0] for n in nodes]  # this node's own keys stay as they are
+    state["peer-pk2"] = [peers[n][1] for n in nodes]
     state["held-from"] = ids_text([own])
     state["held-b"] = [held[own][0]]
     state["held-sk"] = [held[own][1]]
@@ -327,7 +330,7 @@ def client_mask(
     """Stage 3: open the peers' shares (kept for stage 4) and mask this node's update."""
     state = _state(context)
     keys = _keys(state)
-    peers = _peers(state, ids_of(state["nodes"]))
+    peers = _peers(state, ids_of(state["nodes"]), prefix="peer-")
     cipher = dict(zip(ids_of(incoming["src"]), blobs(incoming, "ct"), strict=True))
     opened = open_shares(own, keys, peers, cipher)
     state["held-from"] = ids_text([*ids_of(state["held-from"]), *opened])
