@@ -11,6 +11,9 @@ the mean with update-norm clipping at the honest clients' median norm) aggregate
 uploads. Reported per rule and attack:
 - movement: |aggregate - honest mean| / |honest mean - global|, where the honest mean is the plain
   mean of the eight honest uploads (target: < 10% with a robust rule);
+- attack effect: |aggregate - the same rule's aggregate of the eight honest uploads| / |honest
+  mean - global|: how far the attacker moves that rule's own result (a robust rule that already
+  differs from the mean without any attack is not charged for that difference);
 - perplexity: the users' mean held-out perplexity with the aggregate served, and its change
   from the honest mean's (target: < 2%).
 Writes `benchmarks/results/poisoning.json` and prints a table.
@@ -109,17 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     honest_ppl = mean_ppl(honest)
     rng = np.random.default_rng(args.seed)
     rows = []
+    rule_honest = {
+        name: rule.aggregate(method, previous=previous, results=uploads, rng=rng)
+        for name, rule in rules.items()
+    }
     for kind in ATTACKS:
         poisoned = [(attack(kind, uploads[0][0], previous, rng), uploads[0][1]), *uploads[1:]]
         for name, rule in rules.items():
             got = rule.aggregate(method, previous=previous, results=poisoned, rng=rng)
             moved = update_norm({k: got[k] - honest[k] for k in honest}) / honest_norm
+            own = rule_honest[name]
+            effect = update_norm({k: got[k] - own[k] for k in own}) / honest_norm
             ppl = mean_ppl(got)
             rows.append(
                 {
                     "attack": kind,
                     "rule": name,
                     "movement": round(moved, 4),
+                    "attack_effect": round(effect, 4),
                     "perplexity": round(ppl, 4),
                     "perplexity_change": round(ppl / honest_ppl - 1, 4),
                 }
@@ -138,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     table = Table(title=f"1 of 8 clients poisoned ({recipe.name}; honest ppl {honest_ppl:.3f})")
-    for col in ("attack", "rule", "movement", "ppl", "ppl change"):
+    for col in ("attack", "rule", "movement", "attack effect", "ppl", "ppl change"):
         table.add_column(col)
     for r in rows:
         table.add_row(
-            r["attack"], r["rule"], f"{r['movement']:.1%}", f"{r['perplexity']:.3f}",
+            r["attack"], r["rule"], f"{r['movement']:.1%}", f"{r['attack_effect']:.1%}",
+            f"{r['perplexity']:.3f}",
             f"{r['perplexity_change']:+.2%}",
         )  # fmt: skip
     Console().print(table)
