@@ -67,7 +67,7 @@ def test_rounds_average_uploads_and_personal_parts_stay_local(
     glob = store.current(Slot.global_expert())
     assert glob is not None and glob.id == result.global_version
     assert glob.base_model == micro_models.small.name
-    # The serving side loads them through the store, merged into the small model.
+    # The serving side loads them through the store as LoRA factors on the small model.
     small = load_small_model(micro_models.small.path)
     library = ExpertLibrary(
         store=store, base=small, base_name=micro_models.small.name, capacity=4, max_rank=64
@@ -77,9 +77,11 @@ def test_rounds_average_uploads_and_personal_parts_stay_local(
         version = store.current(Slot.user_expert(user))
         assert version is not None and version.id == result.user_versions[user]
         expert = library.get(ExpertRef(version.slot, version.id))
-        changed, base = expert.get_submodule(name).weight, small.get_submodule(name).weight
-        assert isinstance(changed, torch.Tensor) and isinstance(base, torch.Tensor)
-        assert not torch.equal(changed, base)
+        a, scaled_b = expert.factors[name]
+        base = small.get_submodule(name).weight
+        assert isinstance(base, torch.Tensor)
+        delta = scaled_b @ a  # what the expert adds to this projection's weight
+        assert delta.shape == base.shape and delta.abs().max() > 0
 
 
 @pytest.mark.flower
