@@ -213,27 +213,19 @@ def round_curve(
 ) -> dict[int, float]:
     """Round -> mean held-out perplexity of the adapters served after that round, for a saved
     run; the last round's served adapters are the final ones, so it reuses their measurement."""
-    from fedpersona.trainer.commands.eval import evaluate_method, method_home
-    from fedpersona.trainer.rounds.records import RunRecords
+    from fedpersona.trainer.commands.eval import convergence
 
-    users = comparison.users
-    status = RunRecords(method_home(out, method) / "runs").read(comparison.runs[method])
-    rounds = [r for r in status.rounds or [] if set(r.served_versions) >= set(users)]
-    curve = {}
-    for record in rounds[:-1]:
-        ppl = evaluate_method(
-            home=home,
-            out=out,
-            method=method,
-            users=users,
-            base_model=base_model,
-            max_len=max_len,
-            versions=record.served_versions,
-        )
-        curve[record.round] = statistics.fmean(ppl.values())
-    if rounds:
-        curve[rounds[-1].round] = comparison.mean(method)
-    return curve
+    curve = convergence(
+        home=home,
+        out=out,
+        method=method,
+        run_id=comparison.runs[method],
+        users=comparison.users,
+        base_model=base_model,
+        max_len=max_len,
+        final=comparison.mean(method),
+    )
+    return dict(sorted(curve.items()))
 
 
 def merge(into: Any, one: Any) -> None:

@@ -204,16 +204,21 @@ def convergence(
     users: list[str],
     base_model: Path,
     max_len: int,
+    final: float | None = None,
 ) -> dict[int, float]:
     """Round -> mean perplexity over users of the adapters served after that round (rounds
-    whose versions the store no longer retains are left out)."""
+    that served not every user, or whose versions the store no longer retains, are left out).
+    `final`: the last such round's value when the caller already measured it (its served
+    adapters are the final ones), so it is not evaluated twice."""
     from fedpersona.adapters import AdapterError
 
     status = RunRecords(method_home(out, method) / "runs").read(run_id)
+    rounds = [r for r in status.rounds or [] if set(r.served_versions) >= set(users)]
     curve: dict[int, float] = {}
-    for record in status.rounds or []:
-        if set(record.served_versions) < set(users):
-            continue
+    if final is not None and rounds:
+        curve[rounds[-1].round] = final
+        rounds = rounds[:-1]
+    for record in rounds:
         try:
             ppl = evaluate_method(
                 home=home,
