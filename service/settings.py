@@ -179,6 +179,14 @@ class Settings(BaseSettings):
         description="a superseded adapter version stays registered this long after its last "
         "request (other gateways sharing the engine may still send it)",
     )
+    adapter_preload: int | None = Field(
+        default=None,
+        ge=0,
+        description="most adapters loaded into vLLM ahead of requests: a served user's newly "
+        "published version replaces their old one at once, and at start-up (then as they "
+        "appear) the most recently published users fill up to this many; None: "
+        "engine.max_cpu_loras (vLLM's adapter cache); 0: off (each first request loads)",
+    )
 
     @model_validator(mode="after")
     def _refuse_weak_admin_key(self) -> Settings:

@@ -3,37 +3,36 @@
 For each request, `AdapterManager.use(user)` asks the store whether the user's current served
 version changed (`AdapterStore.current_id`, one `stat` while it has not; so a newly published
 version is served from the next request on, with no restart), makes sure vLLM has it loaded
-under the name `engine_adapter_name(user, version id)` (`u-<user>-<version id>`, owned by
-`fedpersona.adapters.refs`), and pins it until the request
-(including a whole stream) ends. Versions a user no longer serves are unloaded once nothing uses
-them. A lock per adapter name makes concurrent first requests load it once.
+under `engine_adapter_name(user, version id)` (owned by `fedpersona.adapters.refs`), and pins it
+until the request (including a whole stream) ends. A lock per adapter name makes concurrent
+first requests load it once. A user without a served adapter of their own gets a global one
+(`fedpersona.service.engine.cold_start` picks it).
 
 Capacity is vLLM's business: a registration is a name and a path, the weights live in vLLM's
-own LRU cache (`--max-cpu-loras`, above the `--max-loras` batch slots), which loads them again
-from the path when an evicted adapter is asked for. So with the default `max_loaded=None` this
-manager never unloads an adapter to make room, and the only adapters it ever unloads are
-versions a user no longer serves (superseded), `unload_grace_s` after they went idle. That is
-what makes one engine safe to share between gateway replicas: adapter names are content
-hashes, so every gateway loads the same name for the same version, and no gateway removes a
-version another one may still be sending (by the time the grace has passed, every gateway reads
-the newer version from the store on its next request). `max_loaded` (an engine this gateway
-alone uses, e.g. the embedded one) additionally bounds the names registered, evicting the least
-recently used idle one first.
+own LRU cache (`--max-cpu-loras`), which loads them again from the path when an evicted adapter
+is asked for. So with the default `max_loaded=None` the only adapters this manager unloads are
+versions a user no longer serves (superseded), `unload_grace_s` after they went idle. That makes
+one engine safe to share between gateway replicas: names are content hashes, every gateway
+loads the same name for the same version, and none removes a version another may still send
+(after the grace, every gateway reads the newer version on its next request). `max_loaded` (an
+engine this gateway alone uses, e.g. the embedded one) also bounds the names registered,
+evicting the least recently used idle one first.
 
 Start-up reconciliation (`start`): a gateway joining a running engine reads `/v1/models`,
 adopts the adapters that are some user's current version (no reload) and unloads, after the
 grace, those that are superseded. Names that are not `u-<user>-<id>` are left alone.
+
+Preloading (`preload=N > 0`): `start()` (or, where nobody calls it, the first request) starts an
+`AdapterPreloader` (`fedpersona.service.engine.preload` decides whom and when), which calls
+`preload(user)` to load a user's current version before their next request, as a request would
+(same lock, same eviction, the version it replaces superseded) but never over `max_loaded`. A
+failed preload changes nothing: the next request loads on demand and fails the same way.
 
 Invariant: a name is in `_loaded` only while vLLM has it registered (as far as we know). A load
 that fails leaves no entry; an unload removes the entry before it talks to vLLM, under the same
 per-name lock a loader takes, so a load and an unload of one name never interleave. When vLLM
 restarts it forgets every adapter: `reset()` forgets them here too, and a 404 from the engine
 for a name we think is loaded drops that name, so the next request loads it again.
-
-Cold start: a user with no served adapter of their own yet is served the newest global adapter
-of the deployment's method (`cold_start_method`, `global/adapters/<method>`), or, when that is
-not set, the most recently published of the store's global adapters (the list is re-read at most
-every `COLD_START_TTL_S` seconds); only with no global adapter at all does the base model answer.
 
 This module knows nothing about HTTP routes, API keys or request bodies.
 """
@@ -45,14 +44,16 @@ import logging
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedpersona.adapters import AdapterError, AdapterStore, Slot, SlotKind, Version
+from fedpersona.adapters import AdapterError, AdapterStore, Slot, Version
 from fedpersona.adapters.errors import InvalidName
 from fedpersona.adapters.refs import engine_adapter_name, parse_engine_adapter_name
+from fedpersona.service.engine.cold_start import ColdStart
+from fedpersona.service.engine.preload import AdapterPreloader
 from fedpersona.service.errors import AdapterLoadFailed, EngineRequestError, EngineUnavailable
 
 if TYPE_CHECKING:
@@ -60,8 +61,6 @@ if TYPE_CHECKING:
     from fedpersona.service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-
-COLD_START_TTL_S = 5.0
 
 
 @dataclass(eq=False)
@@ -85,20 +84,26 @@ class AdapterManager:
         metrics: Metrics | None = None,
         cold_start_method: str | None = None,
         unload_grace_s: float = 0.0,
+        preload: int = 0,
+        background: bool = True,
     ) -> None:
         """`max_loaded`: most adapters kept registered (None: no bound here, vLLM's LRU bounds
         memory; set it only for an engine no other gateway uses). `unload_grace_s`: how long a
         superseded version stays registered after its last request here (other gateways may
-        not have read the newer version yet)."""
+        not have read the newer version yet). `preload`: most adapters registered ahead of
+        requests (0: off; a served user's new version replaces their old one, at any count);
+        with `background=False` its rounds run only when `preloader.step()` is called."""
         if max_loaded is not None and max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
-        if unload_grace_s < 0:
-            raise ValueError(f"unload_grace_s must be >= 0, got {unload_grace_s}")
+        if unload_grace_s < 0 or preload < 0:
+            raise ValueError(f"unload_grace_s, preload must be >= 0: {unload_grace_s}, {preload}")
+        self._preload = preload if max_loaded is None else min(preload, max_loaded)
+        self._background = background and preload > 0
+        self._preloader: asyncio.Task[None] | None = None
+        # Whether this engine is where `user`'s requests go (a replica set narrows it).
+        self.prefers: Callable[[str], bool] = lambda _user: True
         self._grace_s = unload_grace_s
-        self._cold_slot = (
-            None if cold_start_method is None else Slot.global_adapter(cold_start_method)
-        )
-        self._global_slots: tuple[float, list[Slot]] = (-COLD_START_TTL_S, [])
+        self._cold_start = ColdStart(store, cold_start_method)
         self._store = store
         self._engine = engine
         self._max_loaded = max_loaded
@@ -114,6 +119,7 @@ class AdapterManager:
         self._generation = 0
         # user -> the served version read last time (re-read only when its id changed)
         self._versions: dict[str, Version] = {}
+        self.preloader = AdapterPreloader(self, store) if preload > 0 else None
 
     # -- public ----------------------------------------------------------------------------
 
@@ -149,8 +155,69 @@ class AdapterManager:
         if dropped:
             logger.info("engine restarted: forgot %d loaded adapters", dropped)
 
+    @property
+    def generation(self) -> int:
+        """Bumped by `reset`: what was loaded before is gone."""
+        return self._generation
+
+    @property
+    def preload_limit(self) -> int:
+        """Most adapters registered ahead of requests (0: preloading is off)."""
+        return self._preload
+
+    def serves(self, user_id: str) -> bool:
+        """Whether a version of `user_id` is registered here for their requests."""
+        return user_id in self._newest
+
+    def recent_users(self, limit: int) -> list[str]:
+        """Up to `limit` users with a registered adapter, most recently used first."""
+        users: dict[str, None] = {}
+        for entry in reversed(self._loaded.values()):
+            if len(users) >= limit:
+                break
+            users[entry.user] = None
+        return list(users)
+
+    async def preload(self, user_id: str) -> str | None:
+        """Load `user_id`'s current served version now, ahead of their next request, as a
+        request would, except that it never goes over `max_loaded` (None then). Returns the name
+        loaded; None when there is nothing to do. Raises what a request's load raises."""
+        try:
+            if self._store.current_id(Slot.user_served(user_id)) is None:
+                return None  # cold start: the first request picks the global adapter
+        except AdapterError as e:
+            raise AdapterLoadFailed() from e
+        version = self._current(user_id)
+        if version is None:
+            return None
+        name = engine_adapter_name(user_id, version.id)
+        if name in self._loaded or not self.has_room():
+            return None
+        async with self._lock(name):
+            if name in self._loaded or not self.has_room():
+                return None
+            entry = await self._load(user_id, name, version)
+        cached = self._versions.get(user_id)
+        if cached is not None and cached.id == version.id:
+            self._make_newest(user_id, entry)
+        else:  # a newer version was read meanwhile (and is served): this one is superseded
+            entry.superseded = True
+            self._spawn(self._unload_later(entry))
+        return name
+
+    def has_room(self) -> bool:
+        """Whether one more adapter fits without evicting one in use (see `_make_room`)."""
+        if self._max_loaded is None or len(self._loaded) < self._max_loaded:
+            return True
+        return any(e.refs == 0 for e in self._loaded.values())
+
+    def _start_preloader(self) -> None:
+        if self.preloader is not None and self._background and self._preloader is None:
+            self._preloader = asyncio.get_running_loop().create_task(self.preloader.run())
+
     async def start(self) -> None:
-        """Reconcile with what the engine already holds (a gateway joining a shared engine).
+        """Reconcile with what the engine already holds (a gateway joining a shared engine),
+        then start preloading (if on).
 
         Adopts every `u-<user>-<id>` that is `user`'s current version, unloads (after the grace)
         the ones that are not; an engine that cannot be asked is left as it is."""
@@ -158,6 +225,7 @@ class AdapterManager:
             names = await self._engine.models()
         except (EngineUnavailable, EngineRequestError) as e:
             logger.warning("could not list the engine's adapters at start-up: %s", e)
+            self._start_preloader()
             return
         adopted = superseded = 0
         for name in names:
@@ -186,10 +254,14 @@ class AdapterManager:
             adopted,
             superseded,
         )
+        self._start_preloader()
 
     async def aclose(self) -> None:
         """Wait for background unloads to finish (at shutdown); delayed ones are dropped (the
         next gateway to start reconciles them)."""
+        if self._preloader is not None:
+            self._preloader.cancel()
+            await asyncio.gather(self._preloader, return_exceptions=True)
         for task in self._delayed:
             task.cancel()
         if self._tasks:
@@ -199,6 +271,8 @@ class AdapterManager:
 
     @asynccontextmanager
     async def _use(self, user_id: str) -> AsyncIterator[str | None]:
+        if self._preloader is None and self._background:
+            self._start_preloader()  # an embedded engine: nobody called start()
         version = self._current(user_id)
         if version is None:
             yield None
@@ -224,7 +298,7 @@ class AdapterManager:
             version_id = self._store.current_id(slot)
             if version_id is None:
                 self._versions.pop(user_id, None)
-                return self._cold_start()
+                return self._cold_start.version()
             cached = self._versions.get(user_id)
             if cached is not None and cached.id == version_id:
                 return cached
@@ -237,18 +311,6 @@ class AdapterManager:
         else:
             self._versions[user_id] = version
         return version
-
-    def _cold_start(self) -> Version | None:
-        """The newest global adapter of the deployment's method (any method if unset)."""
-        if self._cold_slot is not None:
-            return self._store.current(self._cold_slot)
-        now = time.monotonic()
-        read_at, slots = self._global_slots
-        if now - read_at >= COLD_START_TTL_S:
-            slots = [s for s in self._store.slots() if s.kind is SlotKind.GLOBAL_ADAPTER]
-            self._global_slots = (now, slots)
-        versions = [v for v in map(self._store.current, slots) if v is not None]
-        return max(versions, key=lambda v: v.created_at, default=None)
 
     async def _acquire(self, user: str, version: Version) -> _Loaded:
         try:
@@ -273,16 +335,20 @@ class AdapterManager:
         else:
             entry.refs += 1
         self._loaded.move_to_end(name)
+        self._make_newest(user, entry)
+        return entry
+
+    def _make_newest(self, user: str, entry: _Loaded) -> None:
+        """`entry` is the version `user` is served now; the one before it is superseded."""
         entry.superseded = False
         previous = self._newest.get(user)
-        self._newest[user] = name
+        self._newest[user] = name = entry.name
         if previous is not None and previous != name:
             old = self._loaded.get(previous)
             if old is not None:
                 old.superseded = True
                 if old.refs == 0:
                     self._spawn(self._unload_later(old))
-        return entry
 
     def _release(self, entry: _Loaded) -> None:
         entry.refs -= 1

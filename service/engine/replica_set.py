@@ -123,8 +123,15 @@ class ReplicaSet:
     def _add(self, url: str) -> Replica:
         client = self._make_client(url)
         replica = Replica(url=url, client=client, adapters=self._make_adapters(client))
+        # Preload (at start-up, new users) only on the replica a user's requests go to first.
+        replica.adapters.prefers = lambda user: self._home(user) == url
         self._replicas[url] = replica
         return replica
+
+    def _home(self, user: str) -> str | None:
+        """The replica `user`'s requests go to while no replica is overloaded."""
+        healthy = [r.url for r in self._replicas.values() if r.healthy]
+        return next(iter(rendezvous_order(user, healthy)), None)
 
     async def start(self) -> None:
         """Discover (DNS), reconcile every replica's adapters, then keep probing."""

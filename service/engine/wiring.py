@@ -29,6 +29,9 @@ def build_adapter_manager(
         max_loaded=None if shared else settings.engine.max_cpu_loras,
         unload_grace_s=settings.adapter_unload_grace_s if shared else 0.0,
         metrics=metrics,
+        preload=settings.engine.max_cpu_loras
+        if settings.adapter_preload is None
+        else settings.adapter_preload,
     )
 
 
