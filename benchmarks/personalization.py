@@ -4,6 +4,7 @@
         --corpus ../shared/data/tinyshakespeare.txt            # Shakespeare speakers
     python benchmarks/personalization.py --population pydocs   # stdlib packages as users
     python benchmarks/personalization.py ... --quick           # smoke run (micro model, minutes)
+    python benchmarks/personalization.py ... --methods base,fedavg,pftt   # a subset of methods
 
 1. Users: `shakespeare` converts the corpus (`fedpersona data shakespeare`: the speakers with the
    most turns, each speaker's last 15% of turns held out); `pydocs` builds silos from the Python
@@ -18,9 +19,10 @@
    FedProx, local-only, FedAvg + fine-tuning, FedSA-LoRA, PFTT, PerFIT) trains a fresh run per
    seed with the chosen options (same rounds x local steps x batch and rank budget for all),
    then each user's held-out perplexity of the adapter they are served, and per round.
+   `--methods` measures a subset (and searches only its methods' candidates).
 5. Reports mean ± std over seeds, the per-user table (mean over seeds), uplink and downlink bytes
    per federated round (and FedAvg's uplink were it shipped in PFTT's wire dtype, the fair
-   ratio), the issue-11 targets as MET / MISSED, and saves
+   ratio), the issue-11 targets as MET / MISSED / NOT RUN (`personalization_report`), and saves
    `benchmarks/results/<stem>.{json,png}` and `<stem>-convergence.png` (`--stem`, default
    `personalization-<population>[-quick]`). The JSON is rewritten after every seed
    (`"complete": false` until the last), so a run that dies leaves the seeds it finished;
@@ -32,13 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fedpersona.trainer.commands.spec_args import add_spec_arguments, spec_from_args
+from personalization_report import load_seed, merge, print_table, report, save_plots
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -143,45 +146,6 @@ def select(
     return chosen, scores
 
 
-def summarize(runs: list[Any], methods: list[str], users: list[str]) -> dict[str, Any]:
-    """Means and stds over seeds of the per-seed comparisons; a method counts the seeds that
-    measured it (a run that stopped mid-seed has some methods one seed short: `seeds_measured`)."""
-
-    def std(values: list[float]) -> float:
-        return statistics.stdev(values) if len(values) > 1 else 0.0
-
-    methods = [m for m in methods if any(m in r.perplexity for r in runs)]
-    having = {m: [r for r in runs if m in r.perplexity] for m in methods}
-    means = {m: [r.mean(m) for r in having[m]] for m in methods}
-    per_user = {
-        m: {u: statistics.fmean(r.perplexity[m][u] for r in having[m]) for u in users}
-        for m in methods
-    }
-    trained = [m for m in methods if m != "base"]
-    rounds = sorted({k for r in runs for m in trained for k in r.convergence.get(m, {})})
-    curve = {
-        m: {
-            k: statistics.fmean(r.convergence[m][k] for r in runs if k in r.convergence.get(m, {}))
-            for k in rounds
-            if any(k in r.convergence.get(m, {}) for r in runs)
-        }
-        for m in trained
-    }
-    return {
-        "mean_perplexity": {m: statistics.fmean(v) for m, v in means.items()},
-        "std_perplexity": {m: std(v) for m, v in means.items()},
-        "per_seed_mean_perplexity": means,
-        "seeds_measured": {m: len(v) for m, v in means.items()},
-        "per_user_perplexity": per_user,
-        "convergence": curve,
-        "uplink_bytes_per_round": {m: having[m][0].uplink_bytes_per_round[m] for m in trained},
-        "downlink_bytes_per_round": {m: having[m][0].downlink_bytes_per_round[m] for m in trained},
-        "train_seconds": {
-            m: statistics.fmean(r.train_seconds[m] for r in having[m]) for m in trained
-        },
-    }
-
-
 def uplink_at_wire_dtype(
     *, base: Any, rank: int, clients: int, wire_dtype: str
 ) -> dict[str, float]:
@@ -228,109 +192,17 @@ def round_curve(
     return dict(sorted(curve.items()))
 
 
-def merge(into: Any, one: Any) -> None:
-    """Add the methods of comparison `one` to `into` (same seed, same users)."""
-    for name in (
-        "perplexity",
-        "uplink_bytes_per_round",
-        "downlink_bytes_per_round",
-        "train_seconds",
-        "runs",
-        "convergence",
-        "options",
-    ):
-        getattr(into, name).update(getattr(one, name))
-    into.settings = {**one.settings, "methods": list(into.perplexity)}
-
-
-def load_seed(path: Path) -> Any:
-    """A seed's `Comparison` back from its comparison.json (round keys as ints again)."""
-    from fedpersona.trainer.commands.eval import Comparison
-
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return Comparison(
-        users=data["users"],
-        perplexity=data["perplexity"],
-        uplink_bytes_per_round=data["uplink_bytes_per_round"],
-        downlink_bytes_per_round=data["downlink_bytes_per_round"],
-        train_seconds=data["train_seconds"],
-        runs=data["runs"],
-        settings=data["settings"],
-        convergence={m: {int(k): v for k, v in c.items()} for m, c in data["convergence"].items()},
-        options=data["method_options"],
-    )
-
-
-def targets(summary: dict[str, Any], users: list[str]) -> dict[str, bool]:
-    """The issue-11 targets (empty until every method they name is measured)."""
-    mean, per_user = summary["mean_perplexity"], summary["per_user_perplexity"]
-    up = summary["uplink_bytes_per_round"]
-    if not {"fedavg", "pftt", "perfit", "fedavg-ft", "local"} <= set(mean):
-        return {}
-    fedavg, pftt, perfit = mean["fedavg"], mean["pftt"], mean["perfit"]
-    worst = {
-        m: max(per_user[m][u] / per_user["fedavg"][u] - 1 for u in users)
-        for m in ("pftt", "perfit")
-    }
-    return {
-        "pftt_10pct_below_fedavg": pftt <= 0.90 * fedavg,
-        "perfit_10pct_below_fedavg": perfit <= 0.90 * fedavg,
-        "best_23pct_below_fedavg": min(pftt, perfit) <= 0.77 * fedavg,
-        "both_below_fedavg_ft": max(pftt, perfit) < mean["fedavg-ft"],
-        "both_below_local": max(pftt, perfit) < mean["local"],
-        "no_user_2pct_worse_than_fedavg": max(worst.values()) <= 0.02,
-        "pftt_uplink_at_most_half_fedavg": up["pftt"] <= 0.5 * up["fedavg"],
-    }
-
-
-def save_plots(summary: dict[str, Any], users: list[str], stem: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per_user, mean, std = (
-        summary["per_user_perplexity"],
-        summary["mean_perplexity"],
-        summary["std_perplexity"],
-    )
-    methods = list(per_user)
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(max(9.0, 1.2 * len(users) + 5), 4.8), gridspec_kw={"width_ratios": [3, 1]}
-    )
-    width = 0.8 / len(methods)
-    for i, m in enumerate(methods):
-        xs = [u + (i - (len(methods) - 1) / 2) * width for u in range(len(users))]
-        left.bar(xs, [per_user[m][u] for u in users], width, label=m)
-    left.set_xticks(range(len(users)), users, rotation=45, ha="right")
-    left.set_yscale("log")
-    left.set_ylabel("held-out perplexity (mean over seeds)")
-    left.set_title("per-user perplexity")
-    left.legend(fontsize="small", ncol=2)
-    right.bar(methods, [mean[m] for m in methods], yerr=[std[m] for m in methods], color="gray")
-    right.set_title("mean ± std over seeds")
-    right.tick_params(axis="x", rotation=60)
-    fig.tight_layout()
-    users_png = stem.with_suffix(".png")
-    fig.savefig(users_png, dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for m, curve in summary["convergence"].items():
-        if curve:
-            ax.plot(list(curve), list(curve.values()), marker="o", label=m)
-    if "base" in mean:
-        ax.axhline(mean["base"], color="black", linestyle=":", label="base")
-    ax.set_xticks(sorted({k for curve in summary["convergence"].values() for k in curve}))
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean held-out perplexity of the served adapters")
-    ax.set_title("convergence per round")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    curve_png = stem.with_name(stem.name + "-convergence.png")
-    fig.savefig(curve_png, dpi=120)
-    plt.close(fig)
-    return [users_png, curve_png]
+def parse_methods(text: str | None, available: tuple[str, ...]) -> list[str]:
+    """`--methods a,b,c` -> the methods to measure, in the order the targets compare them
+    (None: every evaluable method); an unknown name is an error naming the known ones."""
+    if text is None:
+        return ordered(list(available))
+    asked = [m.strip() for m in text.split(",") if m.strip()]
+    if unknown := [m for m in asked if m not in available]:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(available)}")
+    if not asked:
+        raise ValueError("--methods names no method")
+    return ordered(list(dict.fromkeys(asked)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         "--grid", choices=("full", "small"), default="full", help="validation candidates"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run on the micro model")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma list of the methods to measure (default: every evaluable method); "
+        "targets that need an omitted one are reported as not run",
+    )
     add_spec_arguments(
         parser.add_argument_group("training (RoundSpec)"),
         exclude={"algorithm", "users", "seed"},
@@ -396,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     from fedpersona.trainer.methods import get_method
     from fedpersona.trainer.models.basemodel import RECIPES, build_models
 
+    try:
+        methods = parse_methods(args.methods, evaluable_methods())
+    except ValueError as e:
+        parser.error(str(e))
     started = time.monotonic()
     work = args.work / (args.population + ("-quick" if args.quick else ""))
     home = work / "home"
@@ -411,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = spec_from_args(args, users=tuple(users))
     full = GRID if args.grid == "full" else SMALL_GRID
     grid = {} if args.no_select else (QUICK_GRID if args.quick else full)
+    grid = {m: candidates for m, candidates in grid.items() if m in methods}
     selection_file = work / "selection.json"
     args.resume = args.resume or args.report_only
     if args.resume and selection_file.is_file():
@@ -426,7 +309,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     selected_at = time.monotonic() - started
     log.info("selection done after %.0f s: %s", selected_at, chosen)
-    methods = ordered(list(evaluable_methods()))
     stem = args.out / (
         args.stem or f"personalization-{args.population}{'-quick' if args.quick else ''}"
     )
@@ -486,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 "base_pretrained_on": pretrained_on,
                 "users": users,
                 "convergence_seeds": args.convergence_seeds,
+                "methods": methods,
                 "command": command,
                 **facts,
             },
@@ -503,74 +386,6 @@ def main(argv: list[str] | None = None) -> int:
     print_table(result, methods, users)
     print(f"saved {stem.with_suffix('.json')} and {', '.join(map(str, pngs))}")
     return 0
-
-
-def report(
-    runs: list[Any],
-    *,
-    methods: list[str],
-    users: list[str],
-    settings: dict[str, Any],
-    selection: dict[str, Any],
-    fedavg_at: dict[str, float],
-    wire_dtype: str,
-) -> dict[str, Any]:
-    """The results JSON of the seeds done so far."""
-    summary = summarize(runs, methods, users)
-    per_user = summary["per_user_perplexity"]
-    up = summary["uplink_bytes_per_round"]
-    if "fedavg" not in per_user:  # nothing to compare with yet
-        return {"settings": settings, "selection": selection, **summary, "targets_met": {}}
-    fedavg = summary["mean_perplexity"]["fedavg"]
-    return {
-        "settings": settings,
-        "selection": selection,
-        **summary,
-        "reduction_vs_fedavg": {m: 1 - v / fedavg for m, v in summary["mean_perplexity"].items()},
-        "worst_user_vs_fedavg": {
-            m: max(per_user[m][u] / per_user["fedavg"][u] - 1 for u in users)
-            for m in per_user
-            if m not in ("base", "fedavg")
-        },
-        "uplink": {
-            "pftt_wire_dtype": wire_dtype,
-            "fedavg_float32_computed": fedavg_at["float32"],
-            f"fedavg_{wire_dtype}_computed": fedavg_at[wire_dtype],
-            "pftt_over_fedavg": up["pftt"] / up["fedavg"] if "pftt" in up else None,
-            f"pftt_over_fedavg_{wire_dtype}": (
-                up["pftt"] / fedavg_at[wire_dtype] if "pftt" in up else None
-            ),
-        },
-        "targets_met": targets(summary, users),
-    }
-
-
-def print_table(result: dict[str, Any], methods: list[str], users: list[str]) -> None:
-    mean, std = result["mean_perplexity"], result["std_perplexity"]
-    methods = [m for m in methods if m in mean]  # a partial report has what was measured
-    print(f"{'user':>18} " + " ".join(f"{m:>10}" for m in methods))
-    for user in users:
-        row = " ".join(f"{result['per_user_perplexity'][m][user]:10.2f}" for m in methods)
-        print(f"{user:>18} {row}")
-    for m in methods:
-        r = result.get("reduction_vs_fedavg", {}).get(m, 0.0)
-        print(
-            f"{m:>10}: {mean[m]:9.2f} ± {std[m]:6.2f}  ({abs(r):.1%} "
-            f"{'below' if r >= 0 else 'above'} FedAvg)  up/round "
-            f"{result['uplink_bytes_per_round'].get(m, 0):,.0f} B  down/round "
-            f"{result['downlink_bytes_per_round'].get(m, 0):,.0f} B"
-        )
-    uplink = result.get("uplink", {})
-    if uplink.get("pftt_over_fedavg") is not None:
-        print(
-            f"PFTT uplink / FedAvg's: {uplink['pftt_over_fedavg']:.2%} (PFTT ships "
-            f"{uplink['pftt_wire_dtype']}); vs FedAvg in the same dtype: "
-            f"{uplink['pftt_over_fedavg_' + uplink['pftt_wire_dtype']]:.2%}"
-        )
-    for name, ok in result["targets_met"].items():
-        print(f"{'MET   ' if ok else 'MISSED'} {name}")
-    print(f"chosen on validation: {result['selection']['chosen']}")
-    print(f"seeds: {result['settings']['seeds']} (complete: {result['complete']})")
 
 
 if __name__ == "__main__":

@@ -92,3 +92,59 @@ def test_results_are_saved_per_seed_and_a_run_resumes(
     curves = json.loads((tmp_path / "out" / "p.json").read_text())["convergence"]
     assert list(curves["pftt"]) == ["1", "2"] and not curves["fedavg"]
     assert curves["pftt"]["2"] == pytest.approx(again["mean_perplexity"]["pftt"])
+
+
+def test_methods_subset_reports_targets_it_cannot_judge_as_not_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--methods` picks a subset (in the targets' order); an unknown name stops the run before
+    anything is written; a target that compares an omitted method is "not run", never met, and
+    one whose methods are asked but not measured yet is not judged at all. No training."""
+    from fedpersona.trainer.commands.eval import Comparison
+
+    bench = _load()
+    available = evaluable_methods()
+    assert bench.parse_methods(None, available)[:4] == ["base", "fedavg", "pftt", "perfit"]
+    assert sorted(bench.parse_methods(None, available)) == sorted(available)
+    assert bench.parse_methods("pftt, fedavg,base,pftt", available) == ["base", "fedavg", "pftt"]
+    with pytest.raises(ValueError, match="nope"):
+        bench.parse_methods("fedavg,nope", available)
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(["--population", "pydocs", "--methods", "fedavg,nope", "--work", str(tmp_path)])
+    assert stopped.value.code == 2 and not any(tmp_path.iterdir())
+
+    users = ["a", "b"]
+    run = Comparison(
+        users=users,
+        perplexity={"base": {"a": 30.0, "b": 40.0}, "fedavg": {"a": 20.0, "b": 20.0}},
+        uplink_bytes_per_round={"fedavg": 1000.0, "pftt": 400.0},
+        downlink_bytes_per_round={"fedavg": 1000.0, "pftt": 800.0},
+        train_seconds={"fedavg": 1.0, "pftt": 1.0},
+        convergence={"fedavg": {}, "pftt": {}},
+    )
+    run.perplexity["pftt"] = {"a": 17.0, "b": 18.0}  # 12.5% below FedAvg
+    common = {
+        "users": users,
+        "settings": {"seeds": [0]},
+        "selection": {"chosen": {}},
+        "fedavg_at": {"float32": 1000.0, "bfloat16": 500.0},
+        "wire_dtype": "bfloat16",
+    }
+    result = bench.report([run], methods=["base", "fedavg", "pftt"], **common)
+    assert result["targets_met"] == {
+        "pftt_10pct_below_fedavg": True,
+        "pftt_uplink_at_most_half_fedavg": True,
+    }
+    assert result["targets_not_run"]["perfit_10pct_below_fedavg"] == ["perfit"]
+    assert result["targets_not_run"]["both_below_local"] == ["perfit", "local"]
+    assert set(result["targets_met"]).isdisjoint(result["targets_not_run"])
+    result["complete"] = True
+    bench.print_table(result, ["base", "fedavg", "pftt"], users)
+    printed = capsys.readouterr().out
+    assert "MET    pftt_10pct_below_fedavg" in printed
+    assert "NOT RUN best_23pct_below_fedavg (needs perfit)" in printed
+    assert "MISSED" not in printed and "MET    best_23" not in printed
+    # Asked for but not measured yet (a run cut short): neither judged nor "not run".
+    pending = bench.report([run], methods=["base", "fedavg", "pftt", "perfit"], **common)
+    assert "perfit_10pct_below_fedavg" not in pending["targets_met"]
+    assert "perfit_10pct_below_fedavg" not in pending["targets_not_run"]
