@@ -6,10 +6,19 @@ into psycopg's `%s` for PostgreSQL), identifiers that are reserved in PostgreSQL
 (`"user"`), and no dialect-specific function outside `Database.sql_least/sql_greatest/sql_now`.
 The schema and its versions are owned by `fedpersona.service.db_migrations`.
 
-- SQLite: one short-lived connection per transaction (thread-safe by construction), WAL so the
-  CLI can write while gateways read, the file created owner-only. Safe for the processes of one
-  machine; SQLite locking over network file systems is not, so gateways on several nodes share a
-  PostgreSQL server instead.
+- SQLite: WAL so the CLI can write while gateways read, the file created owner-only. Safe for
+  the processes of one machine; SQLite locking over network file systems is not, so gateways on
+  several nodes share a PostgreSQL server instead. Connections are kept open between
+  transactions in a small per-process pool (`_SqlitePool`: each used by one thread at a time,
+  never across a fork), so a key check costs a query, not an open. A pooled connection is only
+  reused while the file is the one it opened: a file deleted, replaced (by another file or in
+  place), or made unreadable/unwritable (chmod, chattr, a read-only mount) since then makes the
+  next transaction open afresh, as every transaction did before the pool, with the same errors.
+  Each write transaction ends with a checkpoint that empties the WAL, as closing the last
+  connection did: the file at rest holds every committed write, and a file put in its place is
+  never read through the old one's WAL. (One difference remains: a directory made unwritable
+  under a running gateway keeps serving reads from the WAL files its connections hold open;
+  before, the next open failed when they had happened to be removed.)
 - PostgreSQL (`postgresql://...`, psycopg 3): a thread-safe connection pool per process. Reads
   are single statements in autocommit (the registry never reads twice in one operation). Write
   transactions of the registry (`transaction(write=True)`) take one transaction-scoped advisory
@@ -24,15 +33,16 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 from urllib.parse import urlsplit
 
-from fedpersona.service.errors import GatewayError
+from fedpersona.service.errors import RegistryUnavailable
 
 Dialect = Literal["sqlite", "postgresql"]
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -49,19 +59,6 @@ class DatabaseError(RuntimeError):
 
 class DatabaseUnavailable(DatabaseError):
     """The configured database cannot be reached or opened."""
-
-
-class RegistryUnavailable(GatewayError):
-    """A request needed the database and it did not answer (down, restarting, out of
-    connections). Clients get a 503 with Retry-After; the cause is logged, never shown."""
-
-    status = 503
-    type = "service_unavailable"
-    code = "registry_unavailable"
-    default_message = "The user registry is not available; retry later."
-
-    def __init__(self, message: str | None = None, *, retry_after: float | None = 5.0) -> None:
-        super().__init__(message, retry_after=retry_after)
 
 
 class Result(Protocol):
@@ -106,8 +103,10 @@ class Database(ABC):
     def describe(self) -> str:
         """Where the data is, safe to log."""
 
-    def close(self) -> None:  # noqa: B027 - SQLite holds nothing open between transactions
-        """Release pooled connections (the object is unusable afterwards)."""
+    @abstractmethod
+    def close(self) -> None:
+        """Release pooled connections (PostgreSQL: the object is unusable afterwards; SQLite
+        opens connections again when used)."""
 
     # Portable spellings of the few functions whose names differ.
     def sql_least(self, *args: str) -> str:
@@ -121,6 +120,104 @@ class Database(ABC):
         if self.dialect == "sqlite":
             return "((julianday('now') - 2440587.5) * 86400.0)"
         return "(EXTRACT(EPOCH FROM clock_timestamp())::double precision)"
+
+
+# Idle SQLite connections kept per database and process; more in flight at once are opened as
+# needed and closed after their transaction (the gateway's thread pools are larger than this).
+SQLITE_IDLE_CONNECTIONS = 8
+
+# What a pooled SQLite connection was opened on: the file's device, inode and change time (set
+# by chmod, chown, chattr and any write to the main file, e.g. a checkpoint or a copy over it)
+# and whether this process may write it (False on a read-only mount or an immutable file, even
+# as root). Any difference: not the same database any more, open afresh.
+_FileIdentity = tuple[int, int, int, bool]
+
+
+def _identity(path: Path) -> _FileIdentity | None:
+    """The identity of the file at `path` now; None if there is none (SQLite will create it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns, os.access(path, os.W_OK))
+
+
+class _SqlitePool:
+    """Open SQLite connections of one file for reuse by any thread, one thread at a time.
+
+    `checkout` hands out an idle connection opened on the file as it is now, or opens one;
+    `checkin` keeps it if its transaction ended cleanly. Connections inherited through a fork
+    are dropped, never used. `close` closes the idle ones; connections in use are closed when
+    they come back.
+    """
+
+    def __init__(self, path: Path, open_: Callable[[], sqlite3.Connection]) -> None:
+        self.path = path
+        self._open = open_
+        self._lock = threading.Lock()
+        self._idle: list[tuple[sqlite3.Connection, _FileIdentity]] = []
+        self._pid = os.getpid()
+        self._generation = 0
+
+    def checkout(self) -> tuple[sqlite3.Connection, _FileIdentity | None, int]:
+        identity = _identity(self.path)
+        stale: list[sqlite3.Connection] = []
+        found: sqlite3.Connection | None = None
+        with self._lock:
+            self._forget_if_forked()
+            generation = self._generation
+            if self._idle and (identity is None or self._idle[-1][1] != identity):
+                # The file changed: no connection opened before may serve it (see the module doc).
+                stale = [conn for conn, _ in self._idle]
+                self._idle.clear()
+            if self._idle:
+                found = self._idle.pop()[0]
+        for conn in stale:
+            conn.close()
+        if found is None:
+            found = self._open()
+            try:
+                found.execute("PRAGMA foreign_keys=ON")
+            except BaseException:
+                found.close()
+                raise
+        return found, identity, generation
+
+    def checkin(
+        self,
+        conn: sqlite3.Connection,
+        identity: _FileIdentity | None,
+        generation: int,
+        *,
+        reusable: bool,
+    ) -> None:
+        if reusable and identity is not None and not conn.in_transaction:
+            with self._lock:
+                if (
+                    self._pid == os.getpid()
+                    and generation == self._generation
+                    and len(self._idle) < SQLITE_IDLE_CONNECTIONS
+                ):
+                    self._idle.append((conn, identity))
+                    return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._forget_if_forked()
+            idle = [conn for conn, _ in self._idle]
+            self._idle.clear()
+            self._generation += 1
+        for conn in idle:
+            conn.close()
+
+    def _forget_if_forked(self) -> None:
+        """In a forked child, drop the parent's connections unused (SQLite forbids using a
+        connection across fork); called under the lock."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._idle = []
+            self._generation += 1
 
 
 class SqliteDatabase(Database):
@@ -139,28 +236,45 @@ class SqliteDatabase(Database):
             db.execute("PRAGMA journal_mode=WAL")
         finally:
             db.close()
+        self._pool = _SqlitePool(self.path, self._open)
 
     def _open(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+        # check_same_thread=False: the pool hands a connection to one thread at a time.
+        return sqlite3.connect(
+            self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+        )
 
     @contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[Transaction]:
-        db = self._open()
+        db, identity, generation = self._pool.checkout()
+        clean = False
         try:
-            db.execute("PRAGMA foreign_keys=ON")
             db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield cast(Transaction, db)
-            except BaseException:
+            except BaseException as e:
                 db.execute("ROLLBACK")
+                # A domain error (user exists, ...) leaves the connection as good as new; a
+                # database error may not: it is closed.
+                clean = not isinstance(e, sqlite3.Error)
                 raise
             else:
                 db.execute("COMMIT")
+                if write:
+                    # Into the main file and the WAL emptied, as closing the last connection
+                    # did: the file at rest is the whole database, and a file put in its place
+                    # is never read through this one's WAL.
+                    db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                clean = True
         finally:
-            db.close()
+            self._pool.checkin(db, identity, generation, reusable=clean)
 
     def describe(self) -> str:
         return f"SQLite file {self.path}"
+
+    def close(self) -> None:
+        """Close the idle connections (used again, the database opens new ones)."""
+        self._pool.close()
 
 
 class _PgTransaction:

@@ -267,3 +267,17 @@ class StoreUnwritable(GatewayError):
     type = "service_unavailable"
     code = "store_unwritable"
     default_message = "The adapter store cannot be written; nothing was changed."
+
+
+class RegistryUnavailable(GatewayError):
+    """A request needed the user registry's database and it did not answer (down, restarting,
+    out of connections). Raised by `fedpersona.service.db`; clients get a 503 with Retry-After,
+    the cause is logged, never shown."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "registry_unavailable"
+    default_message = "The user registry is not available; retry later."
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = 5.0) -> None:
+        super().__init__(message, retry_after=retry_after)

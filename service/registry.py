@@ -207,7 +207,7 @@ class Registry:
         return self.database.transaction(write=write)
 
     def close(self) -> None:
-        """Release the database's pooled connections (PostgreSQL); a no-op for SQLite."""
+        """Release the database's pooled connections (SQLite opens new ones if used again)."""
         self.database.close()
 
     # ---- users ----------------------------------------------------------------------------
