@@ -11,8 +11,13 @@ first answer from the new version (the `x-fedpersona-adapter` header names it), 
 (target p95 <= 1 s); answers from an older version after the new one answered (should be 0);
 and the adapter names vLLM holds (`/v1/models`, sampled every second; target: bounded).
 
+The gateway preloads (`adapter_preload`, default: vLLM's `--max-cpu-loras`): it loads a user's
+new version as soon as the store shows it, so the user's next request does not pay the load;
+`--preload 0` turns that off (every new version loaded by its first request, as before).
+
     python benchmarks/hot_swap.py                          # 8 users, 60 s, 20 versions each
     python benchmarks/hot_swap.py --seconds 20 --versions 5
+    python benchmarks/hot_swap.py --preload 0 --name hot_swap_no_preload
 """
 
 from __future__ import annotations
@@ -40,11 +45,15 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     published = harness.publish_users(home, users, model_dir=model_dir, model=model)
     publishes: list[dict[str, Any]] = []
     registered: list[tuple[float, int]] = []
+    max_cpu_loras = 2 * args.users
+    env = {"FEDPERSONA_ENGINE__MAX_CPU_LORAS": str(max_cpu_loras)}  # what the engine runs with
+    if args.preload is not None:
+        env["FEDPERSONA_ADAPTER_PRELOAD"] = str(args.preload)
     async with harness.vllm(
         model_dir,
         home,
         max_loras=args.users,
-        max_cpu_loras=2 * args.users,
+        max_cpu_loras=max_cpu_loras,
         max_model_len=args.max_model_len,
     ) as (engine_url, _):
         with harness.gateway(
@@ -53,6 +62,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             engine_url=engine_url,
             engine_key=harness.ENGINE_KEY,
             max_model_len=args.max_model_len,
+            env=env,
         ) as (gateway_url, gateway_proc):
             callers = published.callers()
             warm = Workload(duration_s=3, stream_per_caller=True, max_tokens=4)
@@ -115,7 +125,7 @@ def analyse(
             )
             # The two parts: waiting for the user's next request (the one in flight at the
             # publish finishes on the old version), then that request's time to first token
-            # (which includes loading the new version into vLLM).
+            # (which includes loading the new version into vLLM unless it was preloaded).
             waits.append(max(0.0, first.started - publish["at"]))
             firsts.append(first.ttft_s or first.latency_s)
         else:
@@ -186,7 +196,7 @@ def report(result: dict[str, Any]) -> None:
             "",
         ),
         (
-            "  part: its TTFT (incl. load) p50 / p95",
+            "  part: its TTFT (incl. any load) p50 / p95",
             f"{s(swap['first_request_ttft_p50'])} / {s(swap['first_request_ttft_p95'])}",
             "",
         ),
@@ -237,6 +247,11 @@ def main() -> int:
     parser.add_argument("--versions", type=int, default=20, help="new versions per user")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument(
+        "--preload",
+        type=int,
+        help="the gateway's adapter_preload (default: its own, vLLM's --max-cpu-loras; 0: off)",
+    )
     parser.add_argument("--name", default="hot_swap")
     args = parser.parse_args()
     result = asyncio.run(benchmark(args))

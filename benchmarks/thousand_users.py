@@ -13,8 +13,16 @@ Reports completion tokens per second and its ratio to `shared` (target >= 0.8), 
 vLLM's CPU cache size replayed on the requests' adapter sequence (vLLM does not export its own),
 and the gateway's resident memory sampled every 2 s (target: flat).
 
+First contact: the phases start with no user (but the first) ever asked. The gateway preloads
+(`adapter_preload`, here `--preload`, default every user): at start-up it registers the most
+recently published users' adapters in vLLM, one at a time, so a user's first request does not
+pay a runtime load (vLLM's LRU of `--max-cpu-loras` still bounds adapter memory, as in steady
+state); the phases start once vLLM lists them all (the time it took is reported).
+`--preload 0` measures first contact without it (a runtime load per first request).
+
     python benchmarks/thousand_users.py                     # 1,000 users, 3 x 45 s
     python benchmarks/thousand_users.py --users 200 --seconds 20
+    python benchmarks/thousand_users.py --phases shared,uniform --preload 0
 """
 
 from __future__ import annotations
@@ -81,6 +89,18 @@ async def touch_all(gateway_url: str, callers: list[Caller], *, streams: int) ->
     return sum(not ok for ok in done)
 
 
+async def wait_preloaded(engine_url: str, count: int, timeout_s: float = 900) -> dict[str, Any]:
+    """Wait until vLLM lists `count` adapters (the gateway's start-up preload)."""
+    started = time.monotonic()
+    held = 0
+    while time.monotonic() - started < timeout_s:
+        held = len(await harness.registered(engine_url)) - 1  # less the base model
+        if held >= count:
+            break
+        await asyncio.sleep(1.0)
+    return {"adapters": held, "seconds": time.monotonic() - started}
+
+
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = harness.micro_model_dir()
     model = model_name(model_dir)
@@ -91,6 +111,12 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     print(f"published {len(users)} adapters in {time.monotonic() - started:.0f} s", flush=True)
     callers = published.callers()
     phases: dict[str, Any] = {}
+    preload = args.users if args.preload is None else args.preload
+    env = {
+        "FEDPERSONA_ENGINE__MAX_CPU_LORAS": str(args.max_cpu_loras),
+        "FEDPERSONA_ADAPTER_PRELOAD": str(preload),
+    }
+    warmed: dict[str, Any] = {"adapters": 0, "seconds": None}
     async with harness.vllm(
         model_dir,
         home,
@@ -104,7 +130,14 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             engine_url=engine_url,
             engine_key=harness.ENGINE_KEY,
             max_model_len=args.max_model_len,
+            env=env,
         ) as (gateway_url, gateway_proc):
+            if preload:
+                warmed = await wait_preloaded(engine_url, min(preload, args.users))
+                print(
+                    f"gateway preloaded {warmed['adapters']} adapters in {warmed['seconds']:.0f} s",
+                    flush=True,
+                )
             await run_load(Workload(duration_s=3, concurrency=4), callers[:1], [gateway_url])
             if args.warm_all:
                 started = time.monotonic()
@@ -114,7 +147,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     f"({failed} failed)",
                     flush=True,
                 )
-            for phase in PHASES:
+            for phase in args.phases:
                 workload = Workload(
                     duration_s=args.seconds,
                     concurrency=args.streams,
@@ -150,12 +183,13 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
     base = phases["shared"]["load"]["tokens_per_s"]
-    for phase in PHASES:
+    for phase in args.phases:
         phases[phase]["ratio_to_shared"] = phases[phase]["load"]["tokens_per_s"] / base
     return {
         "benchmark": "thousand_users",
         "machine": harness.machine(),
         "config": vars(args),
+        "preloaded": warmed,
         "phases": phases,
         "targets": {"errors": "0", "ratio_to_shared": ">= 0.8", "gateway_rss": "flat"},
     }
@@ -186,6 +220,12 @@ def report(result: dict[str, Any]) -> None:
             f"{rss[0]:.0f} -> {rss[-1]:.0f} (max {max(rss):.0f})",
         )
     Console(width=180).print(table)
+    warmed = result.get("preloaded") or {}
+    if warmed.get("seconds") is not None:
+        print(
+            f"preloaded by the gateway at start-up: {warmed['adapters']} adapters in "
+            f"{warmed['seconds']:.0f} s (before the phases)"
+        )
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -225,8 +265,19 @@ def main() -> int:
     parser.add_argument(
         "--warm-all", action="store_true", help="ask as every user once before the phases"
     )
+    parser.add_argument(
+        "--preload",
+        type=int,
+        help="the gateway's adapter_preload (default: --users, every adapter; 0: off)",
+    )
+    parser.add_argument(
+        "--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}"
+    )
     parser.add_argument("--name", default="thousand_users")
     args = parser.parse_args()
+    args.phases = [p for p in args.phases.split(",") if p]
+    if "shared" not in args.phases or not set(args.phases) <= set(PHASES):
+        parser.error(f"--phases: 'shared' (the baseline) and any of {', '.join(PHASES)}")
     result = asyncio.run(benchmark(args))
     report(result)
     path = harness.write_result(args.name, result)

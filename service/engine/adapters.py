@@ -1,4 +1,4 @@
-"""Which user adapters vLLM has loaded: hot-load on demand, pin while in use, evict LRU.
+"""Which user adapters vLLM has loaded: hot-load on demand, pin while in use, preload ahead.
 
 For each request, `AdapterManager.use(user)` asks the store whether the user's current served
 version changed (`AdapterStore.current_id`, one `stat` while it has not; so a newly published
@@ -6,7 +6,8 @@ version is served from the next request on, with no restart), makes sure vLLM ha
 under `engine_adapter_name(user, version id)` (owned by `fedpersona.adapters.refs`), and pins it
 until the request (including a whole stream) ends. A lock per adapter name makes concurrent
 first requests load it once. A user without a served adapter of their own gets a global one
-(`fedpersona.service.engine.cold_start` picks it).
+(`fedpersona.service.engine.cold_start` picks it). What is registered in the engine, and when it
+is unloaded or evicted, is `fedpersona.service.engine.registrations`' business.
 
 Capacity is vLLM's business: a registration is a name and a path, the weights live in vLLM's
 own LRU cache (`--max-cpu-loras`), which loads them again from the path when an evicted adapter
@@ -28,12 +29,6 @@ Preloading (`preload=N > 0`): `start()` (or, where nobody calls it, the first re
 (same lock, same eviction, the version it replaces superseded) but never over `max_loaded`. A
 failed preload changes nothing: the next request loads on demand and fails the same way.
 
-Invariant: a name is in `_loaded` only while vLLM has it registered (as far as we know). A load
-that fails leaves no entry; an unload removes the entry before it talks to vLLM, under the same
-per-name lock a loader takes, so a load and an unload of one name never interleave. When vLLM
-restarts it forgets every adapter: `reset()` forgets them here too, and a 404 from the engine
-for a name we think is loaded drops that name, so the next request loads it again.
-
 This module knows nothing about HTTP routes, API keys or request bodies.
 """
 
@@ -41,19 +36,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import weakref
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fedpersona.adapters import AdapterError, AdapterStore, Slot, Version
 from fedpersona.adapters.errors import InvalidName
 from fedpersona.adapters.refs import engine_adapter_name, parse_engine_adapter_name
 from fedpersona.service.engine.cold_start import ColdStart
 from fedpersona.service.engine.preload import AdapterPreloader
+from fedpersona.service.engine.registrations import Registration, Registrations
 from fedpersona.service.errors import AdapterLoadFailed, EngineRequestError, EngineUnavailable
 
 if TYPE_CHECKING:
@@ -61,15 +53,6 @@ if TYPE_CHECKING:
     from fedpersona.service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Loaded:
-    name: str
-    user: str
-    generation: int
-    refs: int = 0
-    superseded: bool = False
 
 
 class AdapterManager:
@@ -97,36 +80,27 @@ class AdapterManager:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
         if unload_grace_s < 0 or preload < 0:
             raise ValueError(f"unload_grace_s, preload must be >= 0: {unload_grace_s}, {preload}")
-        self._preload = preload if max_loaded is None else min(preload, max_loaded)
-        self._background = background and preload > 0
-        self._preloader: asyncio.Task[None] | None = None
-        # Whether this engine is where `user`'s requests go (a replica set narrows it).
-        self.prefers: Callable[[str], bool] = lambda _user: True
-        self._grace_s = unload_grace_s
-        self._cold_start = ColdStart(store, cold_start_method)
         self._store = store
         self._engine = engine
-        self._max_loaded = max_loaded
-        self._metrics = metrics
-        self._loaded: OrderedDict[str, _Loaded] = OrderedDict()  # least recently used first
-        self._newest: dict[str, str] = {}  # user -> name of the version last served to them
-        # Names whose unload failed: vLLM may still hold them, so reload them in place.
-        self._stale: set[str] = set()
-        # Locks live only while someone holds or waits on them (thousands of users, few active).
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._delayed: set[asyncio.Task[None]] = set()  # superseded unloads waiting for grace
-        self._generation = 0
+        self._cold_start = ColdStart(store, cold_start_method)
+        self._reg = Registrations(
+            engine=engine, max_loaded=max_loaded, unload_grace_s=unload_grace_s, metrics=metrics
+        )
         # user -> the served version read last time (re-read only when its id changed)
         self._versions: dict[str, Version] = {}
+        self._preload = preload if max_loaded is None else min(preload, max_loaded)
         self.preloader = AdapterPreloader(self, store) if preload > 0 else None
+        self._background = background and self.preloader is not None
+        self._preloading: asyncio.Task[None] | None = None
+        # Whether this engine is where `user`'s requests go (a replica set narrows it).
+        self.prefers: Callable[[str], bool] = lambda _user: True
 
     # -- public ----------------------------------------------------------------------------
 
     @property
     def loaded(self) -> list[str]:
         """Names registered in vLLM by this manager, least recently used first."""
-        return list(self._loaded)
+        return list(self._reg.entries)
 
     def use(self, user_id: str) -> AbstractAsyncContextManager[str | None]:
         """Pin `user_id`'s current adapter for the duration of a request.
@@ -140,25 +114,62 @@ class AdapterManager:
     def invalidate(self, name: str) -> None:
         """The engine answered 404 for `name`: forget it (the next `use` loads it again, in
         place)."""
-        entry = self._loaded.get(name)
-        if entry is not None:
-            self._forget(entry)
-        self._stale.add(name)
+        self._reg.invalidate(self._reg.entries.get(name), name)
 
     def reset(self) -> None:
         """Forget everything loaded: the engine restarted and lost its adapters."""
-        self._generation += 1
-        dropped = len(self._loaded)
-        self._loaded.clear()
-        self._newest.clear()
-        self._stale.clear()
-        if dropped:
-            logger.info("engine restarted: forgot %d loaded adapters", dropped)
+        self._reg.reset()
+
+    async def start(self) -> None:
+        """Reconcile with what the engine already holds (a gateway joining a shared engine),
+        then start preloading (if on).
+
+        Adopts every `u-<user>-<id>` that is `user`'s current version, unloads (after the grace)
+        the ones that are not; an engine that cannot be asked is left as it is."""
+        try:
+            names = await self._engine.models()
+        except (EngineUnavailable, EngineRequestError) as e:
+            logger.warning("could not list the engine's adapters at start-up: %s", e)
+            names = []
+        adopted = superseded = 0
+        for name in names:
+            try:
+                user, version_id = parse_engine_adapter_name(name)
+            except InvalidName:
+                continue  # the base model, or a name this gateway does not manage
+            if name in self._reg.entries:
+                continue
+            try:
+                current = self._current(user)
+            except AdapterLoadFailed:
+                continue  # unreadable store entry: leave the engine alone
+            is_current = current is not None and current.id == version_id
+            self._reg.adopt(name, user, current=is_current)
+            adopted += is_current
+            superseded += not is_current
+        if names:
+            logger.info(
+                "engine holds %d adapters: adopted %d current, unloading %d superseded",
+                adopted + superseded,
+                adopted,
+                superseded,
+            )
+        self._start_preloading()
+
+    async def aclose(self) -> None:
+        """Stop preloading and wait for background unloads to finish (at shutdown); delayed
+        ones are dropped (the next gateway to start reconciles them)."""
+        if self._preloading is not None:
+            self._preloading.cancel()
+            await asyncio.gather(self._preloading, return_exceptions=True)
+        await self._reg.aclose()
+
+    # -- preloading (`fedpersona.service.engine.preload` calls these) ----------------------
 
     @property
     def generation(self) -> int:
         """Bumped by `reset`: what was loaded before is gone."""
-        return self._generation
+        return self._reg.generation
 
     @property
     def preload_limit(self) -> int:
@@ -167,16 +178,15 @@ class AdapterManager:
 
     def serves(self, user_id: str) -> bool:
         """Whether a version of `user_id` is registered here for their requests."""
-        return user_id in self._newest
+        return user_id in self._reg.newest
+
+    def has_room(self) -> bool:
+        """Whether one more adapter fits without evicting one in use."""
+        return self._reg.has_room()
 
     def recent_users(self, limit: int) -> list[str]:
         """Up to `limit` users with a registered adapter, most recently used first."""
-        users: dict[str, None] = {}
-        for entry in reversed(self._loaded.values()):
-            if len(users) >= limit:
-                break
-            users[entry.user] = None
-        return list(users)
+        return self._reg.recent_users(limit)
 
     async def preload(self, user_id: str) -> str | None:
         """Load `user_id`'s current served version now, ahead of their next request, as a
@@ -190,89 +200,32 @@ class AdapterManager:
         version = self._current(user_id)
         if version is None:
             return None
+        reg = self._reg
         name = engine_adapter_name(user_id, version.id)
-        if name in self._loaded or not self.has_room():
+        if name in reg.entries or not reg.has_room():
             return None
-        async with self._lock(name):
-            if name in self._loaded or not self.has_room():
+        async with reg.lock(name):
+            if name in reg.entries or not reg.has_room():
                 return None
-            entry = await self._load(user_id, name, version)
+            entry = await reg.load(user_id, name, version)
         cached = self._versions.get(user_id)
         if cached is not None and cached.id == version.id:
-            self._make_newest(user_id, entry)
+            reg.make_newest(user_id, entry)
         else:  # a newer version was read meanwhile (and is served): this one is superseded
             entry.superseded = True
-            self._spawn(self._unload_later(entry))
+            reg.spawn(reg.unload_later(entry))
         return name
 
-    def has_room(self) -> bool:
-        """Whether one more adapter fits without evicting one in use (see `_make_room`)."""
-        if self._max_loaded is None or len(self._loaded) < self._max_loaded:
-            return True
-        return any(e.refs == 0 for e in self._loaded.values())
-
-    def _start_preloader(self) -> None:
-        if self.preloader is not None and self._background and self._preloader is None:
-            self._preloader = asyncio.get_running_loop().create_task(self.preloader.run())
-
-    async def start(self) -> None:
-        """Reconcile with what the engine already holds (a gateway joining a shared engine),
-        then start preloading (if on).
-
-        Adopts every `u-<user>-<id>` that is `user`'s current version, unloads (after the grace)
-        the ones that are not; an engine that cannot be asked is left as it is."""
-        try:
-            names = await self._engine.models()
-        except (EngineUnavailable, EngineRequestError) as e:
-            logger.warning("could not list the engine's adapters at start-up: %s", e)
-            self._start_preloader()
-            return
-        adopted = superseded = 0
-        for name in names:
-            try:
-                user, version_id = parse_engine_adapter_name(name)
-            except InvalidName:
-                continue  # the base model, or a name this gateway does not manage
-            if name in self._loaded:
-                continue
-            try:
-                current = self._current(user)
-            except AdapterLoadFailed:
-                continue  # unreadable store entry: leave the engine alone
-            entry = _Loaded(name=name, user=user, generation=self._generation)
-            self._loaded[name] = entry
-            if current is not None and current.id == version_id:
-                self._newest[user] = name
-                adopted += 1
-            else:
-                entry.superseded = True
-                self._spawn(self._unload_later(entry))
-                superseded += 1
-        logger.info(
-            "engine holds %d adapters: adopted %d current, unloading %d superseded",
-            adopted + superseded,
-            adopted,
-            superseded,
-        )
-        self._start_preloader()
-
-    async def aclose(self) -> None:
-        """Wait for background unloads to finish (at shutdown); delayed ones are dropped (the
-        next gateway to start reconciles them)."""
-        if self._preloader is not None:
-            self._preloader.cancel()
-            await asyncio.gather(self._preloader, return_exceptions=True)
-        for task in self._delayed:
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    def _start_preloading(self) -> None:
+        if self.preloader is not None and self._background and self._preloading is None:
+            self._preloading = asyncio.get_running_loop().create_task(self.preloader.run())
 
     # -- the request path ------------------------------------------------------------------
 
     @asynccontextmanager
     async def _use(self, user_id: str) -> AsyncIterator[str | None]:
-        if self._preloader is None and self._background:
-            self._start_preloader()  # an embedded engine: nobody called start()
+        if self._preloading is None and self._background:
+            self._start_preloading()  # an embedded engine: nobody called start()
         version = self._current(user_id)
         if version is None:
             yield None
@@ -283,13 +236,11 @@ class AdapterManager:
         except EngineRequestError as e:
             if e.status == 404:
                 # vLLM does not know the name: it restarted behind our back (external engine)
-                # or dropped it. Forget it so the next request loads it again (in place, in
-                # case it does hold the name after all).
-                self._forget(entry)
-                self._stale.add(entry.name)
+                # or dropped it; the next request loads it again.
+                self._reg.invalidate(entry, entry.name)
             raise
         finally:
-            self._release(entry)
+            self._reg.release(entry)
 
     def _current(self, user_id: str) -> Version | None:
         """The user's current served version, read in full only when its id changed."""
@@ -312,7 +263,7 @@ class AdapterManager:
             self._versions[user_id] = version
         return version
 
-    async def _acquire(self, user: str, version: Version) -> _Loaded:
+    async def _acquire(self, user: str, version: Version) -> Registration:
         try:
             return await self._acquire_version(user, version)
         except AdapterLoadFailed:
@@ -323,160 +274,18 @@ class AdapterManager:
                 raise
             return await self._acquire_version(user, newer)
 
-    async def _acquire_version(self, user: str, version: Version) -> _Loaded:
+    async def _acquire_version(self, user: str, version: Version) -> Registration:
+        reg = self._reg
         name = engine_adapter_name(user, version.id)
-        entry = self._loaded.get(name)
+        entry = reg.entries.get(name)
         if entry is None:
-            async with self._lock(name):
-                entry = self._loaded.get(name)
+            async with reg.lock(name):
+                entry = reg.entries.get(name)
                 if entry is None:
-                    entry = await self._load(user, name, version)
+                    entry = await reg.load(user, name, version)
                 entry.refs += 1
         else:
             entry.refs += 1
-        self._loaded.move_to_end(name)
-        self._make_newest(user, entry)
+        reg.entries.move_to_end(name)
+        reg.make_newest(user, entry)
         return entry
-
-    def _make_newest(self, user: str, entry: _Loaded) -> None:
-        """`entry` is the version `user` is served now; the one before it is superseded."""
-        entry.superseded = False
-        previous = self._newest.get(user)
-        self._newest[user] = name = entry.name
-        if previous is not None and previous != name:
-            old = self._loaded.get(previous)
-            if old is not None:
-                old.superseded = True
-                if old.refs == 0:
-                    self._spawn(self._unload_later(old))
-
-    def _release(self, entry: _Loaded) -> None:
-        entry.refs -= 1
-        if entry.refs > 0 or self._loaded.get(entry.name) is not entry:
-            return
-        if entry.superseded:
-            self._spawn(self._unload_later(entry))
-        elif self._max_loaded is not None and len(self._loaded) > self._max_loaded:
-            self._spawn(self._trim())
-
-    def _forget(self, entry: _Loaded) -> None:
-        if self._loaded.get(entry.name) is entry:
-            del self._loaded[entry.name]
-            if self._newest.get(entry.user) == entry.name:
-                del self._newest[entry.user]
-
-    # -- talking to vLLM -------------------------------------------------------------------
-
-    async def _load(self, user: str, name: str, version: Version) -> _Loaded:
-        """Load `name` (caller holds its lock and found it absent)."""
-        await self._make_room(user)
-        generation = self._generation
-        started = time.perf_counter()
-        try:
-            try:
-                if name in self._stale:
-                    await self._engine.load_lora(name, str(version.path), replace=True)
-                else:
-                    await self._engine.load_lora(name, str(version.path))
-            except EngineRequestError as e:
-                if e.status != 400 or name in self._stale:
-                    raise
-                # vLLM refuses a name it already holds with a 400: registered by a previous
-                # gateway process (vLLM kept running) or another replica. Version names are
-                # content hashes, so loading the same files in place is safe.
-                await self._engine.load_lora(name, str(version.path), replace=True)
-        except EngineRequestError as e:
-            logger.error(
-                "engine refused adapter %s from %s: %s %s", name, version.path, e.status, e.message
-            )
-            raise AdapterLoadFailed() from e
-        elapsed = time.perf_counter() - started
-        if generation != self._generation:
-            # The engine restarted while we loaded: we cannot tell which engine has it.
-            raise EngineUnavailable("The inference engine restarted; retry shortly.", retry_after=1)
-        self._stale.discard(name)
-        entry = _Loaded(name=name, user=user, generation=generation)
-        self._loaded[name] = entry
-        if self._metrics is not None:
-            self._metrics.adapter_loads.inc()
-            self._metrics.adapter_load_seconds.observe(elapsed)
-        logger.info("loaded adapter %s in %.3f s (%d loaded)", name, elapsed, len(self._loaded))
-        return entry
-
-    async def _make_room(self, user: str) -> None:
-        """Evict idle adapters until one more fits: first the version `user` is leaving, then
-        the least recently used. Nothing to do without a bound (vLLM's LRU makes room)."""
-        if self._max_loaded is None:
-            return
-        previous = self._loaded.get(self._newest.get(user, ""))
-        if len(self._loaded) >= self._max_loaded and previous is not None and previous.refs == 0:
-            await self._unload(previous, evicted=False)
-        while len(self._loaded) >= self._max_loaded:
-            victim = next((e for e in self._loaded.values() if e.refs == 0), None)
-            if victim is None:
-                # Every loaded adapter is pinned by a request: go over the bound for now;
-                # `_release` trims back once requests finish.
-                logger.warning(
-                    "all %d loaded adapters are in use; loading one more", self._max_loaded
-                )
-                return
-            await self._unload(victim, evicted=True)
-
-    async def _trim(self) -> None:
-        while self._max_loaded is not None and len(self._loaded) > self._max_loaded:
-            victim = next((e for e in self._loaded.values() if e.refs == 0), None)
-            if victim is None:
-                return
-            await self._unload(victim, evicted=True)
-
-    async def _unload_later(self, entry: _Loaded) -> None:
-        """Unload a superseded version once the grace has passed, if it is still superseded
-        and idle then (a rollback may have made it current again)."""
-        if self._grace_s > 0:
-            task = asyncio.current_task()
-            assert task is not None
-            self._delayed.add(task)
-            try:
-                await asyncio.sleep(self._grace_s)
-            finally:
-                self._delayed.discard(task)
-        if entry.superseded:
-            await self._unload(entry, evicted=False)
-
-    async def _unload(self, entry: _Loaded, *, evicted: bool) -> None:
-        """Unload `entry` if it is still registered and idle; otherwise do nothing."""
-        if self._loaded.get(entry.name) is not entry or entry.refs > 0:
-            return
-        # From here on a request for this name loads it again, in place (vLLM may still hold
-        # it until the unload below has run).
-        self._forget(entry)
-        self._stale.add(entry.name)
-        async with self._lock(entry.name):
-            if entry.name in self._loaded:
-                return  # reloaded in place while we waited for the lock: keep it
-            try:
-                await self._engine.unload_lora(entry.name)
-            except (EngineUnavailable, EngineRequestError) as e:
-                logger.warning("could not unload adapter %s: %s", entry.name, e)
-                return
-            if entry.generation == self._generation:
-                self._stale.discard(entry.name)
-        if self._metrics is not None:
-            self._metrics.adapter_unloads.inc()
-            if evicted:
-                self._metrics.adapter_evictions.inc()
-        logger.info("unloaded adapter %s (%s)", entry.name, "evicted" if evicted else "superseded")
-
-    # -- plumbing --------------------------------------------------------------------------
-
-    def _lock(self, name: str) -> asyncio.Lock:
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[name] = lock
-        return lock
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
