@@ -105,7 +105,10 @@ def write_preferences(store_root: Path, user: str, preferences: Preferences) -> 
     """Replace `user`'s preferences atomically; return the file written.
 
     Creates the user's directory below the store root if they have no slot yet. Only the
-    gateway (and the operator's CLI) writes here; the trainer only reads.
+    gateway (and the operator's CLI) writes here; the trainer only reads. This does not know
+    whether `user` still exists: a writer that can race deleting them orders the two (the gateway
+    writes under its registry's lock, with the user present), or a deleted user's directory
+    could be created again after its quarantine.
     """
     path = preferences_path(store_root, user)
     ensure_dir(path.parent)

@@ -4,7 +4,9 @@ The one place both `fedpersona users reward-mix` and the admin API (`PATCH /admi
 `POST /admin/users`) go through. The preference's format, range and place are the trainer's and
 the gateway's shared contract (`fedpersona.adapters.preferences`): the gateway writes the file
 into the user's directory of the adapter store, the trainer's clients read it each round. The
-registry only answers whether the user exists, so an unknown user is a 404 here as everywhere.
+registry answers whether the user exists (an unknown user is a 404 here as everywhere) and
+orders the write against deleting the user (`Registry.while_user_exists`): a deleted user never
+keeps a preferences file.
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ def set_reward_mix(
         preferences = Preferences(reward_mix=check_reward_mix(reward_mix, where=field))
     except InvalidPreferences as e:
         raise BadRequest(str(e), param=field) from e
-    registry.get_user(name)
-    try:
-        write_preferences(store_root, name, preferences)
-    except OSError as e:
-        logger.error("cannot write %s's preferences below %s: %s", name, store_root, e)
-        raise StoreUnwritable() from e
+    # Written only while the user exists, under the registry's write lock: a concurrent delete
+    # tombstones them either before (404, nothing written) or after the write (their store
+    # directory, preferences included, is then quarantined), never in between.
+    with registry.while_user_exists(name):
+        try:
+            write_preferences(store_root, name, preferences)
+        except OSError as e:
+            logger.error("cannot write %s's preferences below %s: %s", name, store_root, e)
+            raise StoreUnwritable() from e
     logger.info("reward mix of %s set to %g", name, preferences.reward_mix)
     return preferences

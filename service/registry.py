@@ -35,7 +35,8 @@ import hmac
 import math
 import secrets
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -280,6 +281,21 @@ class Registry:
             if cur.rowcount == 0:
                 raise UserNotFound()
         return self.get_user(name)
+
+    @contextmanager
+    def while_user_exists(self, name: str) -> Iterator[None]:
+        """Run the block under the registry's write lock, `name` present (else `UserNotFound`).
+
+        For what is kept about a user outside the database (their preferences file): a write in
+        the block happens wholly before or wholly after a concurrent `delete_user` (in any
+        process), never between its tombstone and the quarantine of their store directory that
+        follows it, so a deleted user keeps nothing. Keep the block short: other admin writes
+        wait for it (reads do not).
+        """
+        with self._connect(write=True) as db:
+            if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
+                raise UserNotFound()
+            yield
 
     def delete_user(self, name: str) -> Tombstone:
         """Remove the user and all their keys, and tombstone the name (see the module doc).

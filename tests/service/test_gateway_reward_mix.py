@@ -9,7 +9,10 @@ registry; the engine is the fake one (no chat is involved).
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fedpersona.adapters.preferences import (
@@ -159,3 +162,103 @@ def test_cli_sets_shows_lists_and_refuses(
     assert listed["reward_mix"] == 0.8 and listed["proxy_alpha"] == 1.0
     assert users_main([*home, "list"]) == 0
     assert "reward mix" in capsys.readouterr().out
+
+
+# ---- a PATCH racing a DELETE -------------------------------------------------------------------
+
+
+def _preferences_files(root: Path, name: str) -> dict[str, float]:
+    """Every preferences file below the store for `name` (live or quarantined): path -> mix."""
+    found = {}
+    for path in root.rglob("preferences.json"):
+        relative = path.relative_to(root).as_posix()
+        if f"/{name}/" in f"/{relative}" or f"/{name}." in f"/{relative}":
+            found[relative] = json.loads(path.read_text())["reward_mix"]
+    return found
+
+
+def test_a_delete_during_a_patch_waits_for_its_write_and_takes_the_file_along(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedpersona.service import accounts, preferences
+
+    root = gw.store.root
+    real_write = preferences.write_preferences
+    writer_excluded: list[bool] = []
+    deletions: list[object] = []
+    delete_thread: list[threading.Thread] = []
+
+    def delete_carol() -> None:
+        try:
+            deletions.append(
+                accounts.delete_user(
+                    gw.registry, name="carol", store_root=root, silos=gw.settings.layout.silos
+                )
+            )
+        except BaseException as e:  # asserted below
+            deletions.append(e)
+
+    def write_with_a_delete_racing(store_root: Path, user: str, prefs: object) -> Path:
+        # Between the PATCH's check that carol exists and its write: no registry writer (the
+        # delete's tombstone included) can get in now...
+        probe = sqlite3.connect(gw.registry.path, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            writer_excluded.append(False)
+            probe.execute("ROLLBACK")
+        except sqlite3.OperationalError as e:
+            writer_excluded.append("locked" in str(e))
+        finally:
+            probe.close()
+        # ...and a delete started now goes after the write, whenever its thread runs.
+        thread = threading.Thread(target=delete_carol)
+        thread.start()
+        delete_thread.append(thread)
+        return real_write(store_root, user, prefs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(preferences, "write_preferences", write_with_a_delete_racing)
+    answer = _patch(gw, "carol", '{"reward_mix": 0.9}')
+    (thread,) = delete_thread
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+
+    assert writer_excluded == [True]
+    assert answer.status_code == 200, answer.text  # the PATCH came first...
+    assert answer.json()["reward_mix"] == 0.9  # ...and answers what it wrote
+    (deletion,) = deletions
+    assert isinstance(deletion, accounts.Deletion), deletion
+    # The deleted name keeps no preferences: the file went into the quarantine with the user.
+    assert read_preferences(root, "carol") is None
+    (moved,) = _preferences_files(root, "carol").items()
+    assert moved[0].startswith(".quarantine/") and moved[1] == 0.9
+    assert _patch(gw, "carol", '{"reward_mix": 0.1}').status_code == 404
+    assert read_preferences(root, "carol") is None
+
+
+def test_a_patch_after_the_tombstone_writes_nothing(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedpersona.adapters import AdapterStore
+    from fedpersona.service import accounts, preferences
+    from fedpersona.service.registry import UserNotFound
+
+    root = gw.store.root
+    assert _patch(gw, "carol", '{"reward_mix": 0.9}').status_code == 200
+    outcomes: list[str] = []
+
+    class PatchBeforeQuarantine(AdapterStore):
+        def quarantine_user(self, user: str, *, label: str) -> Any:
+            # The delete committed its tombstone and has not moved the directory yet: the
+            # PATCH's own check (the route's 404 check came before) finds no user.
+            try:
+                preferences.set_reward_mix(gw.registry, name=user, reward_mix=0.1, store_root=root)
+                outcomes.append("written")
+            except UserNotFound:
+                outcomes.append("404")
+            return super().quarantine_user(user, label=label)
+
+    monkeypatch.setattr(accounts, "AdapterStore", PatchBeforeQuarantine)
+    assert gw.client.delete("/admin/users/carol", headers=ADMIN).status_code == 200
+    assert outcomes == ["404"]
+    assert read_preferences(root, "carol") is None
+    assert list(_preferences_files(root, "carol").values()) == [0.9]  # the quarantined one

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from fedpersona.service.db import Database, DatabaseUnavailable, open_database, redact_url
+from fedpersona.service.db import (
+    REGISTRY_WRITE_LOCK,
+    Database,
+    DatabaseUnavailable,
+    PostgresDatabase,
+    SqliteDatabase,
+    open_database,
+    redact_url,
+)
 from fedpersona.service.db_migrations import MIGRATIONS, SchemaTooNew, migrate, schema_version
 from fedpersona.service.errors import BadRequest, Conflict
 from fedpersona.service.registry import (
@@ -305,3 +313,51 @@ def test_missing_postgresql_binaries_fail_the_run_instead_of_skipping(
     monkeypatch.setattr(postgres, "DEBIAN_ROOT", tmp_path)
     with pytest.raises(pytest.fail.Exception, match="apt-get install -y postgresql"):
         postgres.require_binaries()
+
+
+# ---- ordering a user's files against deleting them ----------------------------------------------
+
+
+def _registry_writer_excluded(registry: Registry) -> bool:
+    """Whether another session trying to write the registry right now would have to wait."""
+    database = registry.database
+    if isinstance(database, SqliteDatabase):
+        probe = sqlite3.connect(database.path, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError as e:
+            return "locked" in str(e)
+        finally:
+            probe.close()
+    assert isinstance(database, PostgresDatabase)
+    with psycopg.connect(database.url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (REGISTRY_WRITE_LOCK,)).fetchone()
+        assert row is not None
+        if row[0]:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (REGISTRY_WRITE_LOCK,))
+        return not row[0]
+
+
+def test_while_user_exists_holds_off_deletes_not_reads(registry: Registry) -> None:
+    registry.create_user("carol")
+    key = registry.issue_key("carol").api_key
+    assert not _registry_writer_excluded(registry)
+    seen: list[object] = []
+    with registry.while_user_exists("carol"):
+        assert _registry_writer_excluded(registry)  # delete_user (any writer) waits for us
+        reader = threading.Thread(target=lambda: seen.append(registry.authenticate(key)))
+        reader.start()
+        reader.join(timeout=60)  # reads are not held off
+        assert not reader.is_alive() and seen and seen[0] is not None
+    assert not _registry_writer_excluded(registry)
+    registry.delete_user("carol")
+    with pytest.raises(UserNotFound), registry.while_user_exists("carol"):
+        pytest.fail("the block must not run for a deleted user")
+    with pytest.raises(UserNotFound), registry.while_user_exists("nobody"):
+        pytest.fail("the block must not run for an unknown user")
+    registry.create_user("dave")
+    with pytest.raises(OSError, match="disk full"), registry.while_user_exists("dave"):
+        raise OSError("disk full")  # a failed file write: propagated, the lock released
+    assert not _registry_writer_excluded(registry)

@@ -34,13 +34,16 @@ from pydantic import BaseModel, Field
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminAccess])
 
 
-def _user(user: User, store_root: Path) -> UserOut:
-    """The wire form of `user`; reads their reward mix from the store (call it in a thread)."""
+def _user(user: User, store_root: Path, *, reward_mix: float | None = None) -> UserOut:
+    """The wire form of `user`; reads their reward mix from the store unless given (call it in
+    a thread)."""
     return UserOut(
         name=user.name,
         created_at=user.created_at,
         proxy_alpha=user.proxy_alpha,
-        reward_mix=preferences.reward_mix_of(store_root, user.name),
+        reward_mix=preferences.reward_mix_of(store_root, user.name)
+        if reward_mix is None
+        else reward_mix,
         active_keys=user.active_keys,
     )
 
@@ -111,8 +114,10 @@ async def update_user(name: str, body: UserUpdate, services: ServicesDep) -> Use
     """Set the fields given (validated before anything is written); the others stay."""
     registry, root = services.registry, services.store.root
     user = await asyncio.to_thread(registry.get_user, name)  # 404 before any write
+    written = None
     if body.reward_mix is not None:
-        await asyncio.to_thread(
+        # Ordered against a concurrent DELETE of the user (see `preferences.set_reward_mix`).
+        written = await asyncio.to_thread(
             preferences.set_reward_mix,
             registry,
             name=name,
@@ -121,7 +126,9 @@ async def update_user(name: str, body: UserUpdate, services: ServicesDep) -> Use
         )
     if body.proxy_alpha is not None:
         user = await asyncio.to_thread(registry.set_proxy_alpha, name, body.proxy_alpha)
-    return await asyncio.to_thread(_user, user, root)
+    # The mix just written, not re-read: a DELETE right after may have moved the file already.
+    mix = None if written is None else written.reward_mix
+    return await asyncio.to_thread(_user, user, root, reward_mix=mix)
 
 
 @router.delete("/users/{name}")
