@@ -5,9 +5,10 @@ A gateway learns of a publish only from the store (a trainer writes `current.jso
 volume; the gateway's store is read-only): `AdapterStore.current_id` costs one `stat` while a
 slot is unchanged. `AdapterPreloader` polls it, in the background, for two sets of users:
 
-- every `POLL_S`, the `RECENT_USERS` users this engine served most recently: a new version of
-  theirs is loaded at once, replacing their old one (`AdapterManager.preload`: the old one is
-  superseded, unloaded as today), so their next request does not pay the load;
+- every `POLL_S`, the `RECENT_USERS` users whose adapters here were used most recently: a new
+  version of theirs is loaded at once, replacing their old one (`AdapterManager.preload`: the
+  old one is superseded and unloaded as after a request), so their next request does not pay
+  the load;
 - every `SCAN_S`, every user in the store, most recently published first: their current
   version is loaded while the engine holds fewer than `AdapterManager.preload_limit` adapters
   and this engine is where their requests go (`AdapterManager.prefers`; a replica set narrows

@@ -34,6 +34,8 @@ def make_settings(home: Path, **overrides: Any) -> Settings:
         "admin_key": ADMIN_KEY,
         "rate_limit_rpm": 0,
         "engine": {"served_model_name": BASE_MODEL, "max_model_len": 256, "max_cpu_loras": 4},
+        # These tests check loading on demand; preloading has its own (test_adapter_preload).
+        "adapter_preload": 0,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

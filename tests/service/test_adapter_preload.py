@@ -240,3 +240,24 @@ def test_a_replica_set_warms_each_user_on_their_first_replica_only(
     for url, engine in engines.items():
         home = {name_of(store, u) for u in users if rendezvous_order(u, urls)[0] == url}
         assert set(engine.registered) == home
+
+
+def test_the_gateway_preloads_a_published_version_before_any_request(make_gateway: Any) -> None:
+    # The app wires the preloader from its settings. With the engine it supervises, nobody
+    # calls start(): preloading starts with the first request.
+    gw = make_gateway(adapter_preload=4)
+    assert gw.chat("alice").status_code == 200
+    deadline = time.monotonic() + 30
+    while name_of(gw.store, "bob") not in gw.engine.loaded:  # warmed, never asked
+        assert time.monotonic() < deadline, "bob was not preloaded"
+        time.sleep(0.05)
+    publish(gw.store, "alice", 7)  # a round publishes alice's next version
+    new = name_of(gw.store, "alice")
+    while new not in gw.engine.loaded:
+        assert time.monotonic() < deadline, "alice's new version was not preloaded"
+        time.sleep(0.05)
+    loads = len(gw.engine.load_calls)
+    assert gw.chat("alice").status_code == 200
+    assert gw.chat("bob").status_code == 200
+    assert gw.engine.last["model"] == name_of(gw.store, "bob")
+    assert len(gw.engine.load_calls) == loads  # neither request paid a load
