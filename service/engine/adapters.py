@@ -154,7 +154,7 @@ class AdapterManager:
                 adopted,
                 superseded,
             )
-        self._start_preloading()
+        self.start_preloading()
 
     async def aclose(self) -> None:
         """Stop preloading and wait for background unloads to finish (at shutdown); delayed
@@ -216,7 +216,9 @@ class AdapterManager:
             reg.spawn(reg.unload_later(entry))
         return name
 
-    def _start_preloading(self) -> None:
+    def start_preloading(self) -> None:
+        """Start the background preloader (if on) without reconciling: an embedded engine,
+        which starts empty and whose supervisor resets this manager on every restart."""
         if self.preloader is not None and self._background and self._preloading is None:
             self._preloading = asyncio.get_running_loop().create_task(self.preloader.run())
 
@@ -225,7 +227,7 @@ class AdapterManager:
     @asynccontextmanager
     async def _use(self, user_id: str) -> AsyncIterator[str | None]:
         if self._preloading is None and self._background:
-            self._start_preloading()  # an embedded engine: nobody called start()
+            self.start_preloading()  # an embedded engine: nobody called start()
         version = self._current(user_id)
         if version is None:
             yield None

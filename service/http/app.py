@@ -151,6 +151,9 @@ def create_app(
                 supervisor.on_restart(reset)
             await supervisor.start()
             watcher = asyncio.create_task(_report_engine_start(supervisor))
+            start_preloading = getattr(adapters, "start_preloading", None)
+            if start_preloading is not None:  # warm the engine as soon as it answers
+                start_preloading()
         try:
             yield
         finally:

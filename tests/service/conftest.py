@@ -29,6 +29,7 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
     def build(
         *,
         rounds: Any = None,
+        supervisor: Any = None,
         users: tuple[str, ...] = ("alice", "bob", "carol"),
         with_adapters: tuple[str, ...] = ("alice", "bob"),
         **overrides: Any,
@@ -44,7 +45,12 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
             if user in with_adapters:
                 served[user] = store.publish_lora(Slot.user_served(user), tiny_lora(seed=i))
         app = create_app(
-            settings, engine=engine, store=store, registry=registry, rounds_controller=rounds
+            settings,
+            engine=engine,
+            store=store,
+            registry=registry,
+            rounds_controller=rounds,
+            supervisor=supervisor,
         )
         client = TestClient(app)
         client.__enter__()

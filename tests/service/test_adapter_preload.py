@@ -242,9 +242,49 @@ def test_a_replica_set_warms_each_user_on_their_first_replica_only(
         assert set(engine.registered) == home
 
 
+class _StartedEngine:
+    """What the app asks of an engine supervisor (embedded mode), for an engine already up."""
+
+    state = "ready"
+
+    def __init__(self) -> None:
+        self.restart_hooks: list[Any] = []
+
+    async def start(self) -> None:
+        pass
+
+    def on_restart(self, hook: Any) -> None:
+        self.restart_hooks.append(hook)
+
+    async def wait_ready(self) -> None:
+        pass
+
+    async def stop(self, grace_s: float = 0.0, *, wait_idle: Any = None) -> None:
+        pass
+
+    class launch:  # mirrors EngineSupervisor.launch
+        base_url = "http://engine.invalid"
+
+
+def test_an_embedded_engine_is_warmed_at_start_up_before_any_request(make_gateway: Any) -> None:
+    # With the engine the gateway supervises nobody calls start(): the app's start-up starts
+    # preloading itself, so the first users' first requests do not pay the loads.
+    supervisor = _StartedEngine()
+    gw = make_gateway(adapter_preload=4, supervisor=supervisor)
+    deadline = time.monotonic() + 30
+    while {name_of(gw.store, u) for u in ("alice", "bob")} - set(gw.engine.loaded):
+        assert time.monotonic() < deadline, "the engine was not warmed at start-up"
+        time.sleep(0.05)
+    assert gw.engine.load_calls, "warmed by preloading"
+    loads = len(gw.engine.load_calls)
+    assert gw.chat("alice").status_code == 200
+    assert len(gw.engine.load_calls) == loads  # the first request paid no load
+    assert len(supervisor.restart_hooks) == 1  # an engine restart resets what is loaded
+
+
 def test_the_gateway_preloads_a_published_version_before_any_request(make_gateway: Any) -> None:
-    # The app wires the preloader from its settings. With the engine it supervises, nobody
-    # calls start(): preloading starts with the first request.
+    # The app wires the preloader from its settings. Without a supervisor or reconciliation
+    # (an engine handed in), preloading starts with the first request.
     gw = make_gateway(adapter_preload=4)
     assert gw.chat("alice").status_code == 200
     deadline = time.monotonic() + 30

@@ -239,7 +239,14 @@ def test_a_lost_database_is_a_503_not_a_crash(postgres_url: str, tmp_path: Path)
 )
 @given(
     steps=st.lists(
-        st.tuples(st.floats(0.0, 3.0), st.sampled_from(["alice", "bob"])), min_size=1, max_size=12
+        # Steps on a microsecond grid, like the database's own clock (extract(epoch ...)): a
+        # subnormal step would make PostgreSQL's float8 product raise "underflow", a case no
+        # real clock produces.
+        st.tuples(
+            st.floats(0.0, 3.0).map(lambda dt: round(dt, 6)), st.sampled_from(["alice", "bob"])
+        ),
+        min_size=1,
+        max_size=12,
     ),
     rate=st.sampled_from([0.5, 2.0, 7.0]),
     burst=st.integers(1, 4),
