@@ -67,6 +67,30 @@ SMALL_GRID: dict[str, list[dict[str, Any]]] = {
 QUICK_GRID: dict[str, list[dict[str, Any]]] = {
     "pftt": [{"personal_round": True}, {"personal_round": True, "global_rank": "quarter"}]
 }
+# The learning rate searched per method on validation (`--grid lr`): every trainable method of
+# the headline comparison gets the same two candidates, the benchmark's 5e-3 and twice it (the
+# per-round curves were still falling at round 3). PFTT keeps the personalization-round choice
+# its validation made on this population before (without); PerFIT its default (without).
+LR_CANDIDATES = (5e-3, 1e-2)
+LR_GRID: dict[str, list[dict[str, Any]]] = {
+    method: [{**fixed, "lr": lr} for lr in LR_CANDIDATES]
+    for method, fixed in (
+        ("fedavg", {}),
+        ("pftt", {"personal_round": False}),
+        ("perfit", {"personal_round": False}),
+        ("local", {}),
+        ("fedavg-ft", {}),
+    )
+}
+GRIDS = {"full": GRID, "small": SMALL_GRID, "lr": LR_GRID}
+# Candidate keys that are training settings (RoundSpec), not method options.
+SPEC_KEYS = frozenset({"lr", "local_steps", "batch_size"})
+
+
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A chosen candidate -> (RoundSpec updates, the method's own options)."""
+    spec = {k: v for k, v in options.items() if k in SPEC_KEYS}
+    return spec, {k: v for k, v in options.items() if k not in SPEC_KEYS}
 
 
 def resolve(options: dict[str, Any], rank: int) -> dict[str, Any]:
@@ -130,17 +154,25 @@ def select(
         scores[method] = []
         for i, candidate in enumerate(candidates):
             options = resolve(candidate, spec.rank)
+            # Each candidate's score is kept as it finishes: a resumed search skips it.
+            done = work / "validation" / f"{method}-{i}.json"
+            saved = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else None
+            if saved is not None and saved["options"] == options:
+                scores[method].append(saved)
+                continue
+            spec_update, method_options = split_options(options)
             result = compare(
                 home=val_home,
                 out=work / "validation" / f"{method}-{i}",
                 methods=[method],
                 users=users,
-                spec=spec.model_copy(update={"seed": 0}),
+                spec=spec.model_copy(update={**spec_update, "seed": 0}),
                 base_model=base,
                 cpus=cpus,
-                options={method: options},
+                options={method: method_options},
             )
             scores[method].append({"options": options, "validation_ppl": result.mean(method)})
+            done.write_text(json.dumps(scores[method][-1]), encoding="utf-8")
         best = min(scores[method], key=lambda s: s["validation_ppl"])
         chosen[method] = best["options"]
     return chosen, scores
@@ -215,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--no-select", action="store_true", help="skip the validation search")
     parser.add_argument(
-        "--grid", choices=("full", "small"), default="full", help="validation candidates"
+        "--grid", choices=tuple(GRIDS), default="full", help="validation candidates"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run on the micro model")
     parser.add_argument(
@@ -291,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("base model %s ready after %.0f s", base.name, time.monotonic() - started)
 
     spec = spec_from_args(args, users=tuple(users))
-    full = GRID if args.grid == "full" else SMALL_GRID
-    grid = {} if args.no_select else (QUICK_GRID if args.quick else full)
+    grid = {} if args.no_select else (QUICK_GRID if args.quick else GRIDS[args.grid])
     grid = {m: candidates for m, candidates in grid.items() if m in methods}
     selection_file = work / "selection.json"
     args.resume = args.resume or args.report_only
@@ -312,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out / (
         args.stem or f"personalization-{args.population}{'-quick' if args.quick else ''}"
     )
-    wire_dtype = str(get_method("pftt", **chosen.get("pftt", {})).wire_dtype)  # type: ignore[attr-defined]
+    wire_dtype = str(get_method("pftt", **split_options(chosen.get("pftt", {}))[1]).wire_dtype)  # type: ignore[attr-defined]
     fedavg_at = uplink_at_wire_dtype(
         base=base, rank=spec.rank, clients=len(users), wire_dtype=wire_dtype
     )
@@ -340,15 +371,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.report_only:
             continue
         else:
+            spec_update, method_options = split_options(chosen.get(method, {}))
             one = compare(
                 home=home,
                 out=out,
                 methods=[method],
                 users=users,
-                spec=spec.model_copy(update={"seed": seed}),
+                spec=spec.model_copy(update={**spec_update, "seed": seed}),
                 base_model=base.path,
                 cpus=args.cpus,
-                options=chosen,
+                options={method: method_options},
                 per_round=args.convergence_seeds is None or seed < args.convergence_seeds,
             )
             save(one, out, stem=done.stem)
@@ -369,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
                 "users": users,
                 "convergence_seeds": args.convergence_seeds,
                 "methods": methods,
+                "lr_by_method": {
+                    m: split_options(chosen.get(m, {}))[0].get("lr", spec.lr) for m in methods
+                },
                 "command": command,
                 **facts,
             },
