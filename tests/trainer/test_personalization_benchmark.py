@@ -148,3 +148,22 @@ def test_methods_subset_reports_targets_it_cannot_judge_as_not_run(
     pending = bench.report([run], methods=["base", "fedavg", "pftt", "perfit"], **common)
     assert "perfit_10pct_below_fedavg" not in pending["targets_met"]
     assert "perfit_10pct_below_fedavg" not in pending["targets_not_run"]
+
+
+def test_learning_rate_grid_gives_every_method_the_same_candidates() -> None:
+    """`--grid lr`: each trainable method of the headline comparison is searched over the same
+    learning rates; a candidate's `lr` goes to the run's settings, never to the method's own
+    options (which `get_method` would reject). No training."""
+    from fedpersona.trainer.methods import get_method
+
+    bench = _load()
+    grid = bench.GRIDS["lr"]
+    assert set(grid) == {"fedavg", "pftt", "perfit", "local", "fedavg-ft"}
+    for method, candidates in grid.items():
+        assert sorted(c["lr"] for c in candidates) == sorted(bench.LR_CANDIDATES), method
+        for candidate in candidates:
+            spec_update, options = bench.split_options(bench.resolve(candidate, 8))
+            assert spec_update == {"lr": candidate["lr"]}
+            assert "lr" not in options
+            get_method(method, **options)  # the method accepts what is left
+    assert bench.split_options({"personal_round": True}) == ({}, {"personal_round": True})
