@@ -13,6 +13,8 @@ Layout below the store root (one directory tree; on Kubernetes a ReadWriteMany v
     .quarantine/<user>.<stamp>.<label>/ a deleted user's slots (served, personal, expert),
                                         moved out whole by `quarantine_user`; never read again
     .locks/<slot key>.lock              one flock per slot, held by its publisher
+    published.json                      the latest publish (slot, id): replaced after each
+                                        `current.json` swap, a hint for readers (`announce.py`)
 
 A version id is the first 16 hex digits of a SHA-256 over the adapter files' names and bytes,
 so publishing the same content twice gives the same id (the second publish only makes it
@@ -72,6 +74,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedpersona.adapters.announce import announce
 from fedpersona.adapters.durable import ensure_dir, fsync_dir, fsync_file, write_json_atomic
 from fedpersona.adapters.errors import (
     InvalidAdapter,
@@ -319,6 +322,7 @@ class AdapterStore:
                     before_replace=lambda: _step("manifest written"),
                 )
                 _step("current swapped")
+                announce(self.root, slot, version.id)  # one stat tells readers: see announce.py
             self._apply_retention(slot, keep=version.id)
         logger.info("published %s@%s", slot.path, version.id)
         return version

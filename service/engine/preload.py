@@ -3,12 +3,15 @@ the most recently published users at start-up.
 
 A gateway learns of a publish only from the store (a trainer writes `current.json` on a shared
 volume; the gateway's store is read-only): `AdapterStore.current_id` costs one `stat` while a
-slot is unchanged. `AdapterPreloader` polls it, in the background, for two sets of users:
+slot is unchanged, and the store's publish stamp (`fedpersona.adapters.announce`) one `stat` for
+the whole store. `AdapterPreloader` looks at the stamp every `NOTICE_S` and polls the slots, in
+the background, for two sets of users:
 
-- every `POLL_S`, the `RECENT_USERS` users whose adapters here were used most recently: a new
-  version of theirs is loaded at once, replacing their old one (`AdapterManager.preload`: the
-  old one is superseded and unloaded as after a request), so their next request does not pay
-  the load;
+- when the stamp changed, and at the latest every `POLL_S`, the `RECENT_USERS` users whose
+  adapters here were used most recently, and the user the stamp names: a new version of theirs
+  is loaded at once, replacing their old one (`AdapterManager.preload`: the old one is
+  superseded and unloaded as after a request), so their next request does not pay the load
+  (without the stamp, a request arriving within `POLL_S` of a publish would);
 - every `SCAN_S`, every user in the store, most recently published first: their current
   version is loaded while the engine holds fewer than `AdapterManager.preload_limit` adapters
   and this engine is where their requests go (`AdapterManager.prefers`; a replica set narrows
@@ -32,7 +35,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from fedpersona.adapters import AdapterError, AdapterStore, Slot
+from fedpersona.adapters import AdapterError, AdapterStore, Slot, SlotKind
+from fedpersona.adapters.announce import PublishWatch
 from fedpersona.service.errors import AdapterLoadFailed, EngineUnavailable
 
 if TYPE_CHECKING:
@@ -40,7 +44,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.2  # recently served users: a publish is noticed within this
+NOTICE_S = 0.02  # the store's publish stamp: a publish is noticed within this
+POLL_S = 0.2  # recently served users, without a stamp change (a missed or unwritten stamp)
 SCAN_S = 5.0  # every user in the store (start-up warming, new users)
 RECENT_USERS = 64
 
@@ -53,12 +58,15 @@ class AdapterPreloader:
         manager: AdapterManager,
         store: AdapterStore,
         *,
+        notice_s: float = NOTICE_S,
         poll_s: float = POLL_S,
         scan_s: float = SCAN_S,
         recent: int = RECENT_USERS,
     ) -> None:
         self._manager = manager
         self._store = store
+        self._watch = PublishWatch(store.root)
+        self._notice_s = notice_s
         self._poll_s = poll_s
         self._scan_s = scan_s
         self._recent = recent
@@ -67,25 +75,37 @@ class AdapterPreloader:
 
     async def run(self) -> None:
         """Poll forever (cancel to stop); a failing round is logged and the next one runs."""
-        scanned_at = float("-inf")
+        scanned_at = polled_at = float("-inf")
         while True:
-            scan = time.monotonic() - scanned_at >= self._scan_s
-            try:
-                await self.step(scan=scan)
-            except Exception:  # the preloader must outlive any one bad round
-                logger.exception("adapter preload round failed")
-            if scan:
-                scanned_at = time.monotonic()
-            await asyncio.sleep(self._poll_s)
+            now = time.monotonic()
+            scan = now - scanned_at >= self._scan_s
+            noticed = self._watch.changed()
+            if noticed or scan or now - polled_at >= self._poll_s:
+                first = self._announced_user() if noticed else None
+                try:
+                    await self.step(scan=scan, first=first)
+                except Exception:  # the preloader must outlive any one bad round
+                    logger.exception("adapter preload round failed")
+                polled_at = time.monotonic()
+                if scan:
+                    scanned_at = polled_at
+            await asyncio.sleep(self._notice_s)
 
-    async def step(self, *, scan: bool) -> list[str]:
-        """One round: the recently served users, and with `scan` every user in the store.
-        Returns the adapter names loaded."""
+    def _announced_user(self) -> str | None:
+        """The user whose served slot the store's latest publish named, if it was one."""
+        slot = self._watch.last_slot()
+        return slot.user if slot is not None and slot.kind is SlotKind.USER_SERVED else None
+
+    async def step(self, *, scan: bool, first: str | None = None) -> list[str]:
+        """One round: `first` (the user a publish named), the recently served users, and with
+        `scan` every user in the store. Returns the adapter names loaded."""
         manager = self._manager
         if manager.generation != self._generation:  # the engine restarted: start over
             self._generation = manager.generation
             self._seen.clear()
         recent = manager.recent_users(self._recent)
+        if first is not None and first not in recent:
+            recent = [first, *recent]
         loaded: list[str] = []
         if await self._preload_each(recent, loaded) and scan and self._has_room():
             others = await asyncio.to_thread(self._changed, set(recent))

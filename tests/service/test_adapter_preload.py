@@ -301,3 +301,60 @@ def test_the_gateway_preloads_a_published_version_before_any_request(make_gatewa
     assert gw.chat("bob").status_code == 200
     assert gw.engine.last["model"] == name_of(gw.store, "bob")
     assert len(gw.engine.load_calls) == loads  # neither request paid a load
+
+
+def test_a_publish_is_noticed_through_the_store_stamp_not_the_slow_polls(
+    store: AdapterStore,
+) -> None:
+    """The store's publish stamp wakes the preloader: with the per-slot poll and the store scan
+    both a minute apart, a new user's first version and a served user's next one are still
+    loaded within a fraction of a second of their publish."""
+    engine = RecordingEngine()
+
+    async def models() -> list[str]:
+        return [BASE, *engine.registered]
+
+    engine.models = models  # type: ignore[attr-defined]
+    m = manager(store, engine, max_loaded=None, preload=4)
+    m.preloader = AdapterPreloader(m, store, notice_s=0.01, poll_s=60.0, scan_s=60.0)
+
+    async def loaded_within(name: str, seconds: float) -> float:
+        started = time.monotonic()
+        while name not in engine.registered:
+            assert time.monotonic() - started < seconds, f"{name} not preloaded in {seconds} s"
+            await asyncio.sleep(0.01)
+        return time.monotonic() - started
+
+    async def main() -> None:
+        await m.start()
+        await asyncio.sleep(0.05)  # the start-up scan is done: the next one is a minute away
+        publish(store, "alice", 1)  # a new user: only the stamp names them
+        await loaded_within(name_of(store, "alice"), 2.0)
+        await ask(m, "alice")
+        publish(store, "alice", 2)  # a served user's next version
+        await loaded_within(name_of(store, "alice"), 2.0)
+        await m.aclose()
+
+    run(main())
+    assert len(engine.loads()) == 2  # neither request nor poll loaded anything
+
+
+def test_the_publish_stamp_is_a_hint_a_publish_never_fails_on(
+    store: AdapterStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedpersona.adapters.announce import STAMP_FILE, PublishWatch
+
+    watch = PublishWatch(store.root)
+    assert not watch.changed() and watch.last_slot() is None  # nothing published yet
+    publish(store, "alice", 1)
+    assert watch.changed() and not watch.changed()  # once per publish
+    assert watch.last_slot() == Slot.user_served("alice")
+    publish(store, "alice", 1)  # the same content again: nothing changes, no stamp
+    assert not watch.changed()
+    # The stamp cannot be written (a directory in its place): the publish still completes.
+    (store.root / STAMP_FILE).unlink()
+    (store.root / STAMP_FILE).mkdir()
+    version = publish(store, "alice", 2)
+    assert store.current_id(Slot.user_served("alice")) == version.id
+    assert "publish stamp" in caplog.text
+    assert watch.last_slot() is None
