@@ -14,10 +14,13 @@ and the adapter names vLLM holds (`/v1/models`, sampled every second; target: bo
 The gateway preloads (`adapter_preload`, default: vLLM's `--max-cpu-loras`): it loads a user's
 new version as soon as the store shows it, so the user's next request does not pay the load;
 `--preload 0` turns that off (every new version loaded by its first request, as before).
+It notices a publish through the store's publish stamp (every 0.02 s); `--publish-watch 0`
+leaves only the per-slot poll (every 0.2 s), for an A/B of the two.
 
     python benchmarks/hot_swap.py                          # 8 users, 60 s, 20 versions each
     python benchmarks/hot_swap.py --seconds 20 --versions 5
     python benchmarks/hot_swap.py --preload 0 --name hot_swap_no_preload
+    python benchmarks/hot_swap.py --publish-watch 0 --name hot_swap_poll_only
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     env = {"FEDPERSONA_ENGINE__MAX_CPU_LORAS": str(max_cpu_loras)}  # what the engine runs with
     if args.preload is not None:
         env["FEDPERSONA_ADAPTER_PRELOAD"] = str(args.preload)
+    if args.publish_watch is not None:
+        env["FEDPERSONA_ADAPTER_PUBLISH_WATCH_S"] = str(args.publish_watch)
     async with harness.vllm(
         model_dir,
         home,
@@ -251,6 +256,12 @@ def main() -> int:
         "--preload",
         type=int,
         help="the gateway's adapter_preload (default: its own, vLLM's --max-cpu-loras; 0: off)",
+    )
+    parser.add_argument(
+        "--publish-watch",
+        type=float,
+        help="the gateway's adapter_publish_watch_s (default: its own, 0.02 s; 0: off, the "
+        "0.2 s per-slot poll alone)",
     )
     parser.add_argument("--name", default="hot_swap")
     args = parser.parse_args()

@@ -187,6 +187,14 @@ class Settings(BaseSettings):
         "appear) the most recently published users fill up to this many; None: "
         "engine.max_cpu_loras (vLLM's adapter cache); 0: off (each first request loads)",
     )
+    adapter_publish_watch_s: float = Field(
+        default=0.02,
+        ge=0,
+        le=5.0,
+        description="how often preloading looks at the store's publish stamp (one stat for the "
+        "whole store) to load a new version as soon as it is published; 0: off (the per-slot "
+        "poll alone, every 0.2 s)",
+    )
 
     @model_validator(mode="after")
     def _refuse_weak_admin_key(self) -> Settings:

@@ -44,7 +44,7 @@ from fedpersona.adapters import AdapterError, AdapterStore, Slot, Version
 from fedpersona.adapters.errors import InvalidName
 from fedpersona.adapters.refs import engine_adapter_name, parse_engine_adapter_name
 from fedpersona.service.engine.cold_start import ColdStart
-from fedpersona.service.engine.preload import AdapterPreloader
+from fedpersona.service.engine.preload import NOTICE_S, AdapterPreloader
 from fedpersona.service.engine.registrations import Registration, Registrations
 from fedpersona.service.errors import AdapterLoadFailed, EngineRequestError, EngineUnavailable
 
@@ -68,6 +68,7 @@ class AdapterManager:
         cold_start_method: str | None = None,
         unload_grace_s: float = 0.0,
         preload: int = 0,
+        preload_notice_s: float = NOTICE_S,
         background: bool = True,
     ) -> None:
         """`max_loaded`: most adapters kept registered (None: no bound here, vLLM's LRU bounds
@@ -75,7 +76,9 @@ class AdapterManager:
         superseded version stays registered after its last request here (other gateways may
         not have read the newer version yet). `preload`: most adapters registered ahead of
         requests (0: off; a served user's new version replaces their old one, at any count);
-        with `background=False` its rounds run only when `preloader.step()` is called."""
+        `preload_notice_s`: how often the preloader looks at the store's publish stamp (0: never,
+        the 0.2 s per-slot poll alone); with `background=False` its rounds run only when
+        `preloader.step()` is called."""
         if max_loaded is not None and max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
         if unload_grace_s < 0 or preload < 0:
@@ -89,7 +92,9 @@ class AdapterManager:
         # user -> the served version read last time (re-read only when its id changed)
         self._versions: dict[str, Version] = {}
         self._preload = preload if max_loaded is None else min(preload, max_loaded)
-        self.preloader = AdapterPreloader(self, store) if preload > 0 else None
+        self.preloader = (
+            AdapterPreloader(self, store, notice_s=preload_notice_s) if preload > 0 else None
+        )
         self._background = background and self.preloader is not None
         self._preloading: asyncio.Task[None] | None = None
         # Whether this engine is where `user`'s requests go (a replica set narrows it).

@@ -65,8 +65,9 @@ class AdapterPreloader:
     ) -> None:
         self._manager = manager
         self._store = store
-        self._watch = PublishWatch(store.root)
-        self._notice_s = notice_s
+        # notice_s 0: no stamp watch, the per-slot poll alone (every poll_s)
+        self._watch = PublishWatch(store.root) if notice_s > 0 else None
+        self._notice_s = notice_s if notice_s > 0 else poll_s
         self._poll_s = poll_s
         self._scan_s = scan_s
         self._recent = recent
@@ -79,7 +80,7 @@ class AdapterPreloader:
         while True:
             now = time.monotonic()
             scan = now - scanned_at >= self._scan_s
-            noticed = self._watch.changed()
+            noticed = self._watch is not None and self._watch.changed()
             if noticed or scan or now - polled_at >= self._poll_s:
                 first = self._announced_user() if noticed else None
                 try:
@@ -93,7 +94,7 @@ class AdapterPreloader:
 
     def _announced_user(self) -> str | None:
         """The user whose served slot the store's latest publish named, if it was one."""
-        slot = self._watch.last_slot()
+        slot = self._watch.last_slot() if self._watch is not None else None
         return slot.user if slot is not None and slot.kind is SlotKind.USER_SERVED else None
 
     async def step(self, *, scan: bool, first: str | None = None) -> list[str]:

@@ -32,6 +32,7 @@ def build_adapter_manager(
         preload=settings.engine.max_cpu_loras
         if settings.adapter_preload is None
         else settings.adapter_preload,
+        preload_notice_s=settings.adapter_publish_watch_s,
     )
 
 

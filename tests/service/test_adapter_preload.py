@@ -358,3 +358,33 @@ def test_the_publish_stamp_is_a_hint_a_publish_never_fails_on(
     assert store.current_id(Slot.user_served("alice")) == version.id
     assert "publish stamp" in caplog.text
     assert watch.last_slot() is None
+
+
+def test_without_the_stamp_watch_a_publish_waits_for_the_per_slot_poll(
+    store: AdapterStore,
+) -> None:
+    """`adapter_publish_watch_s = 0` (e.g. a filesystem where the extra stat is unwanted): the
+    preloader sees a new version only at its next poll."""
+    from fedpersona.service.settings import Settings
+
+    engine = RecordingEngine()
+
+    async def models() -> list[str]:
+        return [BASE, *engine.registered]
+
+    engine.models = models  # type: ignore[attr-defined]
+    m = manager(store, engine, max_loaded=None, preload=4, preload_notice_s=0)
+    assert m.preloader is not None
+    m.preloader = AdapterPreloader(m, store, notice_s=0, poll_s=60.0, scan_s=60.0)
+
+    async def main() -> None:
+        await m.start()
+        await asyncio.sleep(0.05)
+        publish(store, "alice", 1)
+        await asyncio.sleep(0.5)
+        assert not engine.registered  # the next poll is a minute away
+        await m.aclose()
+
+    run(main())
+    with pytest.raises(ValueError, match="adapter_publish_watch_s"):
+        Settings(adapter_publish_watch_s=-1)  # type: ignore[call-arg]
