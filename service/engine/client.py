@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import httpx
+from fedpersona.service.engine import stream_http
+from fedpersona.service.engine.stream_http import HttpxReader, LeanReader, Reader, StreamPool
 from fedpersona.service.errors import EngineRequestError, EngineUnavailable
 
 logger = logging.getLogger(__name__)
@@ -63,19 +65,50 @@ def renamed_chunk(line: bytes, *, engine_model: str, public_model: str) -> bytes
     escaped, so an unescaped `"model":"<name>"` can only be the key itself; requiring exactly
     one occurrence rules out a nested `model` key.
     """
-    if not line.startswith(b"data: {") or b'"usage"' in line or b'"error"' in line:
-        return None
-    if b'"system_fingerprint"' in line:
-        return None  # the slow path drops it: it names the engine's version
-    needle = b'"model":' + json.dumps(engine_model).encode()
-    if line.count(needle) != 1:
-        return None
-    return line.replace(needle, b'"model":' + json.dumps(public_model).encode(), 1) + b"\n\n"
+    return Renamer(engine_model, public_model)(line)
+
+
+class Renamer:
+    """`renamed_chunk` for one stream, its two needles encoded once rather than per line."""
+
+    __slots__ = ("_needle", "_public")
+
+    def __init__(self, engine_model: str, public_model: str) -> None:
+        self._needle = b'"model":' + json.dumps(engine_model).encode()
+        self._public = b'"model":' + json.dumps(public_model).encode()
+
+    def __call__(self, line: bytes) -> bytes | None:
+        if not line.startswith(b"data: {") or b'"usage"' in line or b'"error"' in line:
+            return None
+        if b'"system_fingerprint"' in line:
+            return None  # the slow path drops it: it names the engine's version
+        if line.count(self._needle) != 1:
+            return None
+        return line.replace(self._needle, self._public, 1) + b"\n\n"
 
 
 def chunk_has_content(line: bytes) -> bool:
     """Whether a (fast-path) chunk line carries generated text, for time-to-first-token."""
     return b'"content":"' in line and b'"content":""' not in line
+
+
+def stream_batches(engine: Any, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+    """`engine.stream_chat_batches(body)`, or for an engine without it (a test double), its
+    `stream_chat` lines one per list."""
+    batches = getattr(engine, "stream_chat_batches", None)
+    if batches is not None:
+        return batches(body)  # type: ignore[no-any-return]
+    return _single_lines(engine.stream_chat(body))
+
+
+async def _single_lines(lines: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    try:
+        async for line in lines:
+            yield [line]
+    finally:
+        aclose = getattr(lines, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class EngineClient:
@@ -95,7 +128,8 @@ class EngineClient:
         `gate` is checked before every chat and every adapter load or unload."""
         self.base_url = base_url.rstrip("/")
         self._gate = gate
-        # Chat requests spread over several connection pools: httpcore scans every connection
+        # Streamed chat requests that go through httpx (see `_lean` below for the others)
+        # spread over several connection pools: httpcore scans every connection
         # of a pool (a readability poll per idle one) each time a request starts or ends, so
         # one pool costs O(streams) per request; measured, that scan was a third of the
         # gateway's CPU at 64 streams (benchmarks/relay_capacity.py).
@@ -116,6 +150,17 @@ class EngineClient:
             for _ in range(1 if transport is not None else POOLS)
         ]
         self._pool_load = [0] * len(self._pools)
+        # Streamed chat requests, the hot path, skip httpx where they can (see stream_http).
+        self._lean: StreamPool | None = None
+        if transport is None and stream_http.supported(self.base_url):
+            self._lean = StreamPool(
+                self.base_url,
+                headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+                connect_timeout_s=connect_timeout_s,
+                read_timeout_s=request_timeout_s,
+                max_idle=KEEPALIVE,
+                keepalive_expiry_s=KEEPALIVE_EXPIRY_S,
+            )
         self._client = self._pools[0]  # adapter loads, probes
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -172,60 +217,100 @@ class EngineClient:
         `EngineRequestError` before the first line, so the caller can still answer with an error
         status. Closing the iterator early closes the connection, which makes vLLM abort.
         """
+        batches = self.stream_chat_batches(body)
+        try:
+            async for batch in batches:
+                for line in batch:
+                    yield line
+        finally:
+            await batches.aclose()
+
+    async def stream_chat_batches(self, body: dict[str, Any]) -> AsyncGenerator[list[bytes], None]:
+        """`stream_chat`, with the lines that arrived in one read handed out as one list (never
+        empty): the relay then writes them to its client in one send. Under load, when several
+        tokens are waiting, that is less work per token; alone, each list holds one line."""
         self._enter()
+        reader: Reader | None = None
+        try:
+            reader = await self._open_reader(body)
+            pending = b""
+            while True:
+                try:
+                    data = await reader.read()
+                except httpx.TransportError as e:
+                    raise self._unavailable(e) from e
+                if not data:
+                    break
+                pending = pending + data if pending else data
+                if b"\n" not in data:
+                    continue
+                *lines, pending = pending.split(b"\n")
+                batch = [line for raw in lines if (line := raw.rstrip(b"\r"))]
+                if not batch:
+                    continue
+                if DONE_LINE in batch:
+                    # Read the (empty) rest before handing out the last line: callers stop at
+                    # [DONE], and a fully read response returns its connection to the pool
+                    # instead of closing it (a new TCP connection per request otherwise).
+                    try:
+                        await reader.finish()
+                    except httpx.TransportError as e:
+                        raise self._unavailable(e) from e
+                yield batch
+            if pending.strip():
+                yield [pending.rstrip(b"\r")]
+        finally:
+            if reader is not None:
+                await reader.aclose()
+            self._exit()
+
+    async def _open_reader(self, body: dict[str, Any]) -> Reader:
+        """Send a streamed chat request and wait for its status; an error status raises
+        `EngineRequestError`, a transport failure `EngineUnavailable`."""
+        content = json.dumps(body).encode()
+        if self._lean is not None:
+            try:
+                conn = await self._lean.open(content)
+            except httpx.TransportError as e:
+                raise self._unavailable(e) from e
+            reader: Reader = LeanReader(self._lean, conn)
+        else:
+            reader = await self._httpx_reader(content)
+        if reader.status != 200:
+            try:
+                error = await reader.error_response()
+            except httpx.TransportError as e:
+                await reader.aclose()
+                raise self._unavailable(e) from e
+            await reader.aclose()
+            raise EngineRequestError(error.status_code, _envelope(error))
+        return reader
+
+    async def _httpx_reader(self, content: bytes) -> Reader:
         # The pool with the fewest open streams; a stream stops counting once its connection
         # is back in the pool (read to the end), even if the caller keeps the iterator open.
         pool = min(range(len(self._pools)), key=self._pool_load.__getitem__)
         self._pool_load[pool] += 1
-        held = True
+        held = [True]
 
         def release() -> None:
-            nonlocal held
-            if held:
-                held = False
+            if held[0]:
+                held[0] = False
                 self._pool_load[pool] -= 1
 
+        client = self._pools[pool]
+        request = client.build_request(
+            "POST", "/v1/chat/completions", content=content, headers=_JSON
+        )
         try:
-            client = self._pools[pool]
-            request = client.build_request(
-                "POST", "/v1/chat/completions", content=json.dumps(body), headers=_JSON
-            )
-            try:
-                response = await client.send(request, stream=True)
-            except httpx.TransportError as e:
-                raise self._unavailable(e) from e
-            try:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise EngineRequestError(response.status_code, _envelope(response))
-                chunks = response.aiter_bytes()
-                pending = b""
-                async for chunk in chunks:
-                    pending += chunk
-                    if b"\n" not in chunk:
-                        continue
-                    *lines, pending = pending.split(b"\n")
-                    for line in lines:
-                        line = line.rstrip(b"\r")
-                        if line == DONE_LINE:
-                            # Read the (empty) rest before handing out the last line: callers
-                            # stop at [DONE], and a fully read response returns its connection
-                            # to the pool instead of closing it (a new TCP connection per
-                            # request otherwise).
-                            async for _ in chunks:
-                                pass
-                            release()
-                        if line:
-                            yield line
-                if pending.strip():
-                    yield pending.rstrip(b"\r")
-            except httpx.TransportError as e:
-                raise self._unavailable(e) from e
-            finally:
-                await response.aclose()
-        finally:
+            response = await client.send(request, stream=True)
+        except httpx.TransportError as e:
             release()
-            self._exit()
+            raise self._unavailable(e) from e
+        except BaseException:
+            release()
+            raise
+        return HttpxReader(response, release)
 
     # -- adapters --------------------------------------------------------------------------
 
@@ -268,6 +353,8 @@ class EngineClient:
         return response.status_code == 200
 
     async def aclose(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
         for client in self._pools:
             await client.aclose()
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from fedpersona.adapters import AdapterError, AdapterStore, Slot, SlotKind, Version
 from fedpersona.adapters.errors import InvalidName
 from fedpersona.adapters.refs import ExpertRef, parse_engine_adapter_name, proxy_xargs
-from fedpersona.service.engine.client import chunk_has_content, renamed_chunk
+from fedpersona.service.engine.client import Renamer, chunk_has_content, stream_batches
 from fedpersona.service.errors import (
     AdapterLoadFailed,
     BadRequest,
@@ -168,11 +168,11 @@ class ChatService:
             async with AsyncExitStack() as stack:
                 body, served = await self._engine_body(request, route=route, user=user, stack=stack)
                 if request.stream:
-                    first, lines = await self._open_stream(body, stack=stack)
+                    first, batches = await self._open_stream(body, stack=stack)
                     # The relay owns the adapter pin and the engine stream from here on.
                     relay = self._relay(
                         first,
-                        lines,
+                        batches,
                         route=route,
                         kind=served.kind,
                         engine_model=body["model"],
@@ -260,19 +260,19 @@ class ChatService:
 
     async def _open_stream(
         self, body: dict[str, Any], *, stack: AsyncExitStack
-    ) -> tuple[bytes, AsyncIterator[bytes]]:
-        lines = aiter(self.engine.stream_chat(body))
-        stack.push_async_callback(_close_iterator, lines)
+    ) -> tuple[list[bytes], AsyncIterator[list[bytes]]]:
+        batches = aiter(stream_batches(self.engine, body))
+        stack.push_async_callback(_close_iterator, batches)
         try:
-            first = await anext(lines)
+            first = await anext(batches)
         except StopAsyncIteration as e:
             raise UpstreamError("The inference engine closed the stream without answering.") from e
-        return first, lines
+        return first, batches
 
     async def _relay(
         self,
-        first: bytes,
-        lines: AsyncIterator[bytes],
+        first: list[bytes],
+        batches: AsyncIterator[list[bytes]],
         *,
         route: ModelRoute,
         kind: ServedKind,
@@ -281,36 +281,40 @@ class ChatService:
         stack: AsyncExitStack,
         started: float,
     ) -> AsyncIterator[bytes]:
+        """The client's SSE events: what the engine sent in one read goes out as one write."""
         label = kind.value
         self.metrics.streams_in_flight.inc()
+        rename = Renamer(engine_model, route.public_name)
         first_token_seen = False
         done = False
         try:
-            line: bytes | None = first
-            while line is not None:
-                # Content chunks (all but the last few) are renamed without a JSON round trip.
-                fast = renamed_chunk(
-                    line, engine_model=engine_model, public_model=route.public_name
-                )
-                if fast is not None:
-                    if not first_token_seen and chunk_has_content(line):
-                        first_token_seen = True
-                        self.metrics.ttft_seconds.labels(label).observe(
-                            time.perf_counter() - started
-                        )
-                    yield fast
-                    line = await anext(lines, None)
-                    continue
-                payload = _sse_payload(line)
-                if payload == b"[DONE]":
-                    done = True
-                    break
-                event = _parse_event(payload) if payload is not None else None
-                if event is not None:
+            batch: list[bytes] | None = first
+            while batch is not None and not done:
+                out: list[bytes] = []
+                for line in batch:
+                    # Content chunks (all but the last few) are renamed without a JSON round
+                    # trip.
+                    fast = rename(line)
+                    if fast is not None:
+                        if not first_token_seen and chunk_has_content(line):
+                            first_token_seen = True
+                            self.metrics.ttft_seconds.labels(label).observe(
+                                time.perf_counter() - started
+                            )
+                        out.append(fast)
+                        continue
+                    payload = _sse_payload(line)
+                    if payload == b"[DONE]":
+                        done = True
+                        break
+                    event = _parse_event(payload) if payload is not None else None
+                    if event is None:
+                        continue
                     if "error" in event:
                         self.metrics.stream_errors.inc()
-                        yield sse_event({"error": _public_error(event["error"])})
-                        yield DONE_EVENT
+                        out.append(sse_event({"error": _public_error(event["error"])}))
+                        out.append(DONE_EVENT)
+                        yield b"".join(out)
                         return
                     if event.get("usage"):
                         self._count_usage(event["usage"], kind)
@@ -319,24 +323,26 @@ class ChatService:
                         self.metrics.ttft_seconds.labels(label).observe(
                             time.perf_counter() - started
                         )
-                    out = _rewrite_chunk(
+                    rewritten = _rewrite_chunk(
                         event, public_name=route.public_name, include_usage=include_usage
                     )
-                    if out is not None:
-                        yield sse_event(out)
-                line = await anext(lines, None)
+                    if rewritten is not None:
+                        out.append(sse_event(rewritten))
+                if done:
+                    out.append(DONE_EVENT)
+                if out:
+                    yield out[0] if len(out) == 1 else b"".join(out)
+                if not done:
+                    batch = await anext(batches, None)
             if not done:
                 raise UpstreamError("The inference engine ended the stream early.")
-            yield DONE_EVENT
         except GatewayError as e:
             self.metrics.stream_errors.inc()
             logger.warning("stream failed midway: %s", e)
-            yield sse_event(e.envelope())
-            yield DONE_EVENT
+            yield sse_event(e.envelope()) + DONE_EVENT
         except EngineRequestError as e:
             self.metrics.stream_errors.inc()
-            yield sse_event(self._engine_error(e).envelope())
-            yield DONE_EVENT
+            yield sse_event(self._engine_error(e).envelope()) + DONE_EVENT
         finally:
             self.metrics.streams_in_flight.dec()
             self.metrics.chat_seconds.labels(label, "true").observe(time.perf_counter() - started)
@@ -366,7 +372,7 @@ class ChatService:
             self.metrics.completion_tokens.labels(kind).inc(completion)
 
 
-async def _close_iterator(iterator: AsyncIterator[bytes]) -> None:
+async def _close_iterator(iterator: AsyncIterator[Any]) -> None:
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         with suppress(Exception):

@@ -1,0 +1,209 @@
+"""The lean streamed-chat path (`stream_http`) against raw HTTP servers, and the relay's batches.
+
+`EngineClient` takes this path for a plain `http://` engine without a test transport; what it
+must keep from the httpx path: lines whatever the chunking, error statuses as
+`EngineRequestError` with vLLM's envelope, transport failures as `EngineUnavailable`, the
+engine key on the request, connection reuse after `[DONE]`, and an aborted connection when
+the caller stops early (vLLM aborts the generation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from fedpersona.service.engine.client import EngineClient
+from fedpersona.service.errors import EngineRequestError, EngineUnavailable
+from gateway_harness import Gateway
+from test_gateway_chat import sse_events
+
+Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    lines = head.split(b"\r\n")
+    length = next(int(h.split(b":")[1]) for h in lines if h.lower().startswith(b"content-length"))
+    return head + await reader.readexactly(length)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+OK_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+async def _serve(
+    handler: Handler, main: Callable[[str], Awaitable[Any]], closed: list[bool] | None = None
+) -> Any:
+    """Run `main(base_url)` against a server that answers each request with `handler`;
+    `closed` gets an entry for each connection the client closed."""
+    closed = [] if closed is None else closed
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await _read_request(reader)) is not None:
+            await handler(request, writer)
+        closed.append(True)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return await main(f"http://127.0.0.1:{port}")
+    finally:
+        server.close()
+
+
+def test_lines_arriving_together_come_as_one_batch_and_split_lines_are_joined() -> None:
+    async def handler(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD)
+        # Three events in one write; then one event split over two writes mid-line.
+        writer.write(b"".join(_chunk(b'data: {"n":%d}\n\n' % i) for i in range(3)))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(_chunk(b'data: {"n":'))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(_chunk(b"3}\r\n\r\n") + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+
+    async def main(url: str) -> list[list[bytes]]:
+        c = EngineClient(url)
+        assert c._lean is not None  # the lean path, not httpx
+        try:
+            return [batch async for batch in c.stream_chat_batches({})]
+        finally:
+            await c.aclose()
+
+    batches = asyncio.run(_serve(handler, main))
+    assert batches[0] == [b'data: {"n":0}', b'data: {"n":1}', b'data: {"n":2}']
+    assert [line for batch in batches[1:] for line in batch] == [b'data: {"n":3}', b"data: [DONE]"]
+
+
+def test_error_status_raises_with_the_envelope_and_the_key_is_sent() -> None:
+    seen: list[bytes] = []
+
+    async def handler(request: bytes, writer: asyncio.StreamWriter) -> None:
+        seen.append(request)
+        error = {"message": "too long", "type": "BadRequestError", "param": None, "code": 400}
+        body = json.dumps({"error": error}).encode()
+        writer.write(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+
+    async def main(url: str) -> EngineRequestError:
+        c = EngineClient(url, api_key="engine-secret")
+        try:
+            with pytest.raises(EngineRequestError) as e:
+                async for _ in c.stream_chat({"model": "m"}):
+                    pass
+            assert c.in_flight == 0
+            return e.value
+        finally:
+            await c.aclose()
+
+    error = asyncio.run(_serve(handler, main))
+    assert error.status == 400 and error.message == "too long"
+    head, _, body = seen[0].partition(b"\r\n\r\n")
+    assert b"authorization: bearer engine-secret" in head.lower()
+    assert head.startswith(b"POST /v1/chat/completions HTTP/1.1")
+    assert json.loads(body) == {"model": "m"}
+
+
+def test_connection_lost_midway_is_unavailable() -> None:
+    async def handler(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + _chunk(b'data: {"n":0}\n\n'))
+        await writer.drain()
+        writer.close()
+
+    async def main(url: str) -> list[bytes]:
+        c = EngineClient(url)
+        lines: list[bytes] = []
+        try:
+            with pytest.raises(EngineUnavailable):
+                async for line in c.stream_chat({}):
+                    lines.append(line)
+            assert c.in_flight == 0
+            return lines
+        finally:
+            await c.aclose()
+
+    assert asyncio.run(_serve(handler, main)) == [b'data: {"n":0}']
+
+
+def test_a_silent_engine_times_out() -> None:
+    async def handler(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async def main(url: str) -> None:
+        c = EngineClient(url, request_timeout_s=0.2)
+        try:
+            with pytest.raises(EngineUnavailable, match="timed out"):
+                async for _ in c.stream_chat({}):
+                    pass
+        finally:
+            await c.aclose()
+
+    asyncio.run(_serve(handler, main))
+
+
+def test_stopping_early_closes_the_connection() -> None:
+    """A caller that stops before [DONE] (its client left) must drop the connection: that is
+    what makes vLLM abort the generation. The next request opens a new one."""
+    connections: list[asyncio.StreamWriter] = []
+    closed: list[bool] = []
+
+    async def handler(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if writer not in connections:
+            connections.append(writer)
+        writer.write(OK_HEAD + _chunk(b'data: {"n":0}\n\n'))
+        await writer.drain()
+        await asyncio.sleep(0.2)  # more would follow; the client is gone by then
+
+    async def main(url: str) -> None:
+        c = EngineClient(url)
+        try:
+            for _ in range(2):
+                stream = c.stream_chat({})
+                assert await anext(stream) == b'data: {"n":0}'
+                await stream.aclose()  # type: ignore[attr-defined]
+                assert c.in_flight == 0
+            await asyncio.sleep(0.4)  # the handlers' sleeps end, then the server sees EOF
+            assert len(closed) == 2  # both connections closed by the client, not reused
+        finally:
+            await c.aclose()
+
+    asyncio.run(_serve(handler, main, closed))
+    assert len(connections) == 2
+
+
+def test_the_relay_writes_each_batch_once_and_says_the_same(gw: Gateway) -> None:
+    """An engine whose lines arrive several at a time: the client gets the same events as
+    line by line (renamed, usage stripped, [DONE] last)."""
+    expected = sse_events(gw.chat("alice", stream=True).text)
+    single = gw.engine.stream_chat
+
+    async def grouped(body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+        lines = [line async for line in single(body)]
+        for i in range(0, len(lines), 3):
+            yield lines[i : i + 3]
+
+    gw.engine.stream_chat_batches = grouped  # type: ignore[attr-defined]
+    response = gw.chat("alice", stream=True)
+    assert response.status_code == 200
+    assert sse_events(response.text) == expected
+    assert expected[-1] == "[DONE]"
+    assert all(json.loads(e)["model"] == "personal" for e in expected[:-1])
