@@ -53,6 +53,8 @@ class Services:
     )
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # `async`: FastAPI runs a plain `def` dependency in its thread pool, a thread hand-off per
+    # request for an attribute read.
     services: Services = request.app.state.services
     return services

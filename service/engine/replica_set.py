@@ -34,14 +34,14 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fedpersona.service.engine.adapters import AdapterManager
-from fedpersona.service.engine.client import EngineClient
+from fedpersona.service.engine.client import EngineClient, stream_batches
 from fedpersona.service.engine.replicas import (
     DEFAULT_LOAD_FACTOR,
     candidates,
@@ -331,37 +331,50 @@ class ReplicaSet:
             return await self._send(body, lambda r, b: r.client.chat(b), stack)
 
     def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        return self._lines(body)
+
+    async def _lines(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        batches = self._stream(body)
+        try:
+            async for batch in batches:
+                for line in batch:
+                    yield line
+        finally:
+            await batches.aclose()
+
+    def stream_chat_batches(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+        """`stream_chat`, the lines of one read together (`EngineClient.stream_chat_batches`)."""
         return self._stream(body)
 
-    async def _stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[list[bytes], None]:
         """The stream of the first replica that sends a first line that is not a server error
         (failover before it, as `_send`). From the first line on, a failure reaches the caller
         as it is (the client may hold part of the answer): never retried, never duplicated."""
 
         async def open_stream(
             replica: Replica, send: dict[str, Any]
-        ) -> tuple[bytes, AsyncIterator[bytes]]:
-            lines = aiter(replica.client.stream_chat(send))
-            stack.push_async_callback(_aclose, lines)
+        ) -> tuple[list[bytes], AsyncIterator[list[bytes]]]:
+            batches = aiter(stream_batches(replica.client, send))
+            stack.push_async_callback(_aclose, batches)
             try:
-                first = await anext(lines, None)
-                if first is None:
+                first = await anext(batches, None)
+                if not first:
                     raise EngineUnavailable(
                         "The inference engine closed the stream without answering."
                     )
-                error = _server_error(first)
+                error = _server_error(first[0])
                 if error is not None:
                     raise error
             except BaseException:
-                await _aclose(lines)  # let the failed replica's connection go now
+                await _aclose(batches)  # let the failed replica's connection go now
                 raise
-            return first, lines
+            return first, batches
 
         async with AsyncExitStack() as stack:
-            first, lines = await self._send(body, open_stream, stack)
+            first, batches = await self._send(body, open_stream, stack)
             yield first
-            async for line in lines:
-                yield line
+            async for batch in batches:
+                yield batch
 
     async def health(self) -> bool:
         """True when some replica answers /health."""
@@ -392,7 +405,7 @@ class ReplicaSet:
             await replica.client.aclose()
 
 
-async def _aclose(lines: AsyncIterator[bytes]) -> None:
+async def _aclose(lines: AsyncIterator[Any]) -> None:
     aclose = getattr(lines, "aclose", None)
     if aclose is not None:
         with contextlib.suppress(Exception):

@@ -12,12 +12,17 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_engine import BASE_MODEL
+from fedpersona.adapters import AdapterStore, Slot
 from fedpersona.service.engine.client import EngineClient
 from fedpersona.service.errors import EngineRequestError, EngineUnavailable
 from gateway_harness import Gateway
+from support.lora import random_lora
 from test_gateway_chat import sse_events
 
 Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
@@ -207,3 +212,41 @@ def test_the_relay_writes_each_batch_once_and_says_the_same(gw: Gateway) -> None
     assert sse_events(response.text) == expected
     assert expected[-1] == "[DONE]"
     assert all(json.loads(e)["model"] == "personal" for e in expected[:-1])
+
+
+def test_a_replica_set_hands_batches_on_and_fails_over_on_a_first_batch_error(
+    tmp_path: Path,
+) -> None:
+    """The first-line failover holds for batches: a server error as the first line of the
+    first batch moves the stream to the next replica; the batches of the answer pass as
+    they are."""
+    from test_replicas import URLS, Engine, by, home_and_next, replica_set, served
+
+    store = AdapterStore(tmp_path / "store", max_rank=16)
+    user = "user3"
+    lora = random_lora(seed=3, r=8, targets=("q_proj",), layers=(0,), base_model=BASE_MODEL)
+    store.publish_lora(Slot.user_served(user), lora)
+
+    async def in_pairs(engine: Engine, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+        lines = [line async for line in engine.stream_chat(body)]
+        for i in range(0, len(lines), 2):
+            yield lines[i : i + 2]
+
+    replicas, engines = replica_set(store, URLS)
+    for engine in engines.values():
+        engine.stream_chat_batches = partial(in_pairs, engine)  # type: ignore[attr-defined]
+    home, fallback = home_and_next(user, engines)
+    home.first_line = b'data: {"error":{"message":"dead","code":500}}'
+    home.probe_ok = False
+
+    async def main() -> list[list[bytes]]:
+        async with replicas.use(user) as name:
+            body = {"model": name or BASE_MODEL, "messages": []}
+            return [batch async for batch in replicas.stream_chat_batches(body)]
+
+    batches = asyncio.run(main())
+    assert all(len(batch) <= 2 for batch in batches) and len(batches[0]) == 2
+    answer = "".join(str(line) for batch in batches for line in batch)
+    assert by(fallback, answer) and "dead" not in answer
+    assert batches[-1][-1] == b"data: [DONE]"
+    assert fallback.last["model"] == served(store, user)
