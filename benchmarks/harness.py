@@ -317,6 +317,17 @@ async def registered(url: str) -> list[str]:
         return [card["id"] for card in response.json()["data"]]
 
 
+async def counter(gateway_url: str, name: str) -> float:
+    """A gateway counter's value from its `/metrics` (summed over labels; 0 if absent)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(f"{gateway_url}/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(f"{name}_total")
+    )
+
+
 def temp_home(prefix: str, reuse: Path | None = None) -> Path:
     """A new temporary home, or `reuse` (created if missing) to keep published users."""
     if reuse is not None:

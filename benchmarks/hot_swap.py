@@ -98,12 +98,18 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.sleep(1.0)
 
             rss_before = gateway_proc.rss_mb()
+            names = ("fedpersona_adapter_loads", "fedpersona_adapter_preloads")
+            before = [await harness.counter(gateway_url, n) for n in names]
             load, _, _ = await asyncio.gather(
                 run_load(workload, callers, [gateway_url]), publisher(), sampler()
             )
+            after = [await harness.counter(gateway_url, n) for n in names]
             rss_after = gateway_proc.rss_mb()
+    loads, preloads = (a - b for a, b in zip(after, before, strict=True))
     return analyse(args, load.records, load.summary(), publishes, registered, started) | {
         "gateway_rss_mb": {"before": rss_before, "after": rss_after},
+        # Loads during the run: those the preloader made, and the rest, each paid by a request.
+        "adapter_loads": {"all": loads, "preloaded": preloads, "by_requests": loads - preloads},
     }
 
 
@@ -191,6 +197,12 @@ def report(result: dict[str, Any]) -> None:
     rows = [
         ("requests / failed", f"{load['requests']} / {load['errors']}", "0 failed"),
         ("publishes", str(result["publishes"]), ""),
+        (
+            "adapter loads: preloaded / paid by a request",
+            f"{result['adapter_loads']['preloaded']:.0f} / "
+            f"{result['adapter_loads']['by_requests']:.0f}",
+            "",
+        ),
         ("publish -> first answer p50", s(swap["p50"]), ""),
         ("publish -> first answer p95", s(swap["p95"]), "<= 1 s"),
         ("publish -> first answer max", s(swap["max"]), ""),

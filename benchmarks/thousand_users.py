@@ -63,13 +63,7 @@ def lru_hit_rate(records: list[Record], size: int) -> float | None:
 
 
 async def adapter_loads(gateway_url: str) -> float:
-    async with httpx.AsyncClient(timeout=10) as client:
-        text = (await client.get(f"{gateway_url}/metrics")).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("fedpersona_adapter_loads_total")
-    )
+    return await harness.counter(gateway_url, "fedpersona_adapter_loads")
 
 
 async def touch_all(gateway_url: str, callers: list[Caller], *, streams: int) -> int:

@@ -5,8 +5,9 @@ two apps in one process never share counters. Labels are bounded: route template
 and what answered a chat (`ServedKind`: `personal`, `global`, `base`); never a user id, key or
 free-form model name.
 
-`fedpersona.service.engine.adapters.AdapterManager` updates `adapter_loads`, `adapter_unloads`,
-`adapter_evictions` and `adapter_load_seconds`.
+`fedpersona.service.engine.adapters.AdapterManager` updates `adapter_loads`, `adapter_preloads`
+(the loads its preloader made: `adapter_loads - adapter_preloads` were paid by a request),
+`adapter_unloads`, `adapter_evictions` and `adapter_load_seconds`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,12 @@ class Metrics:
         )
         self.adapter_loads = Counter(
             "fedpersona_adapter_loads", "LoRA adapters loaded into the engine", registry=r
+        )
+        self.adapter_preloads = Counter(
+            "fedpersona_adapter_preloads",
+            "adapters loaded ahead of any request for them, a subset of loads (the rest were "
+            "loaded by a request, which waited for it)",
+            registry=r,
         )
         self.adapter_unloads = Counter(
             "fedpersona_adapter_unloads", "LoRA adapters unloaded from the engine", registry=r

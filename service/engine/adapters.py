@@ -85,6 +85,7 @@ class AdapterManager:
             raise ValueError(f"unload_grace_s, preload must be >= 0: {unload_grace_s}, {preload}")
         self._store = store
         self._engine = engine
+        self._metrics = metrics
         self._cold_start = ColdStart(store, cold_start_method)
         self._reg = Registrations(
             engine=engine, max_loaded=max_loaded, unload_grace_s=unload_grace_s, metrics=metrics
@@ -213,6 +214,8 @@ class AdapterManager:
             if name in reg.entries or not reg.has_room():
                 return None
             entry = await reg.load(user_id, name, version)
+        if self._metrics is not None:
+            self._metrics.adapter_preloads.inc()
         cached = self._versions.get(user_id)
         if cached is not None and cached.id == version.id:
             reg.make_newest(user_id, entry)

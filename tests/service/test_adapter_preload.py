@@ -388,3 +388,27 @@ def test_without_the_stamp_watch_a_publish_waits_for_the_per_slot_poll(
     run(main())
     with pytest.raises(ValueError, match="adapter_publish_watch_s"):
         Settings(adapter_publish_watch_s=-1)  # type: ignore[call-arg]
+
+
+def test_preloads_are_counted_apart_from_loads_a_request_paid(store: AdapterStore) -> None:
+    """`fedpersona_adapter_preloads_total` counts the loads made ahead of requests, so an
+    operator (and the hot-swap benchmark) can tell how many loads a request waited for."""
+    from fedpersona.service.metrics import Metrics
+
+    engine = RecordingEngine()
+    metrics = Metrics()
+    publish(store, "alice", 1)
+    m, preloader = by_hand(store, engine, max_loaded=None, preload=4, metrics=metrics)
+
+    def sample(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name)
+
+    async def main() -> None:
+        await ask(m, "alice")  # on demand: a load the request paid
+        publish(store, "alice", 2)
+        await preloader.step(scan=False)  # ahead of the next request
+        await ask(m, "alice")
+
+    run(main())
+    assert sample("fedpersona_adapter_loads_total") == 2
+    assert sample("fedpersona_adapter_preloads_total") == 1
