@@ -9,16 +9,24 @@ silo per user with reward mixes lambda in {0, 0.5, 1}, trains on Flower's Simula
 then, for every user and each of base / pfit / shared, samples completions of the user's
 held-out prompts from the model that user is served (the published `users/<u>/served` adapter;
 the bare base model for `base`) and reports the mean helpfulness and safety reward, the user's
-mixed reward, and the KL to the base model along the samples (exact per-token KL, summed over a
-completion). Uplink bytes per round come from the run records. Targets (checked, printed, in
-the JSON): every user's mixed reward is higher under pfit than under the shared policy; the
-lambda=1 user is more helpful and less safe than the lambda=0 user under pfit; pfit's uplink
-per round is at most half of the dense baseline's.
+mixed reward (each with its standard error over the samples), and the KL to the base model
+along the samples (exact per-token KL, summed over a completion). Uplink bytes per round come
+from the run records. Targets (checked on the mean of the seeds, printed with the number of
+seeds each held in, in the JSON): every user's mixed reward is higher under pfit than under
+the shared policy; the lambda=1 user is more helpful and less safe than the lambda=0 user under
+pfit; pfit's uplink per round is at most half of the dense baseline's.
 
-    python benchmarks/pfit.py --quick            # micro model, minutes (the test runs this)
-    python benchmarks/pfit.py --base-model DIR   # any fedpersona model dir, more rounds/steps
+Hyper-parameters are chosen with `--split val`: the same runs, scored on validation prompts
+carved from each user's training prompts (never trained on); the held-out prompts are scored
+only by the final runs (`--split heldout`, the default).
 
-Writes `<out>/pfit[-quick].json` and `.png` (helpfulness vs safety per user and model).
+    python benchmarks/pfit.py --quick                    # micro model, minutes (the test)
+    python benchmarks/pfit.py --seeds 0 1                # tiny model, the reported numbers
+    python benchmarks/pfit.py --split val --lr 1e-3 --tag lr1e-3    # choosing lr
+    python benchmarks/pfit.py --base-model DIR           # any fedpersona model dir
+
+Writes `<out>/pfit[-quick][-val][-TAG].json` and `.png` (helpfulness vs safety per user and
+model, seed mean, bars: spread between seeds); the JSON keeps every seed's numbers too.
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pfit_report import combine, evaluate, plot, report, summarize  # noqa: E402
+
 # user -> (persona, lambda). One persona for all: users differ only in their reward mix (and in
 # which prompts they drew), so a difference between them is the mix's doing, not their data's.
 MIXES: dict[str, tuple[str, float]] = {
@@ -40,7 +51,12 @@ MIXES: dict[str, tuple[str, float]] = {
     "mixed": ("chef", 0.5),
     "helpful": ("chef", 1.0),
 }
-MODELS = ("base", "pfit", "shared")
+# Chosen on validation prompts carved from training prompts, never on the held-out ones (see
+# docs/benchmarks.md, PFIT): of 1e-3 and 3e-3, the higher KL-regularized validation reward
+# (reward - kl_coef * KL, what RLOO maximizes) for lambda 0 and 1. Adam on RLOO's noisy
+# gradient moves every LoRA weight by about lr per step whatever the signal: the earlier 1e-2
+# drifted the micro policy by 4-6 nats of KL without raising its reward.
+DEFAULT_LR = 1e-3
 
 log = logging.getLogger("benchmarks.pfit")
 
@@ -48,55 +64,133 @@ log = logging.getLogger("benchmarks.pfit")
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="micro model, few rounds and steps")
-    p.add_argument("--base-model", type=Path, default=None, help="base model dir (default micro)")
+    p.add_argument(
+        "--base-model",
+        type=Path,
+        default=None,
+        help="base model dir (default: the tiny model, the micro one with --quick)",
+    )
     p.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-pfit")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="RL steps per client and round")
-    p.add_argument("--lr", type=float, default=1e-2, help="RL learning rate (Adam)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="RL learning rate (Adam)")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty to the base model")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument(
+        "--split",
+        choices=("heldout", "val"),
+        default="heldout",
+        help="score the held-out prompts, or the validation prompts carved from each user's "
+        "training prompts (for choosing hyper-parameters; never trained on either way)",
+    )
+    p.add_argument("--samples", type=int, default=None, help="samples per evaluation prompt")
+    p.add_argument("--tag", default="", help="suffix of the result files' names")
     return p.parse_args(argv)
+
+
+def carve_validation(silos: dict[str, Path], val_dir: Path, n_val: int) -> dict[str, Path]:
+    """Move the last `n_val` training chats of every silo to `<val_dir>/<user>/eval.jsonl`.
+
+    Training never sees them; they are what hyper-parameters are chosen on, so the held-out
+    prompts stay untouched until the final numbers. Returns user -> validation silo."""
+    out: dict[str, Path] = {}
+    for user, silo in silos.items():
+        lines = (silo / "train.jsonl").read_text(encoding="utf-8").splitlines()
+        if len(lines) <= n_val:
+            raise ValueError(f"{silo}: {len(lines)} training chats, cannot carve {n_val}")
+        (silo / "train.jsonl").write_text("\n".join(lines[:-n_val]) + "\n", encoding="utf-8")
+        (val_dir / user).mkdir(parents=True, exist_ok=True)
+        (val_dir / user / "eval.jsonl").write_text("\n".join(lines[-n_val:]) + "\n")
+        out[user] = val_dir / user
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from fedpersona.adapters.preferences import Preferences, write_preferences
-    from fedpersona.trainer.commands.eval import method_home, traffic, train_method
-    from fedpersona.trainer.data.personas import write_silos
-    from fedpersona.trainer.models.basemodel import MICRO, build_models
-    from fedpersona.trainer.models.rewards import (
-        MICRO_REWARDS,
-        SMALL_REWARDS,
-        build_reward_models,
-    )
-    from fedpersona.trainer.rounds.records import RoundSpec
+    from fedpersona.trainer.models.basemodel import build_models
+    from fedpersona.trainer.models.recipe import MICRO, TINY
+    from fedpersona.trainer.models.rewards import MICRO_REWARDS, SMALL_REWARDS, build_reward_models
 
     started = time.monotonic()
     rounds = args.rounds or (2 if args.quick else 4)
     steps = args.steps or (4 if args.quick else 12)
     base_dir = args.base_model
     if base_dir is None:
+        # The micro model has had 4 pretraining steps: it emits byte noise, on which no RL step
+        # can find the safety reward's direction (measured: see docs/benchmarks.md, PFIT). The
+        # tiny one writes the personas' sentences, which the reward models were trained on.
+        recipe = MICRO if args.quick else TINY
         base_dir = build_models(
-            REPO / ".cache" / "models" / f"micro-{MICRO.hash()}", MICRO, progress=False
+            REPO / ".cache" / "models" / f"{recipe.name}-{recipe.hash()}", recipe, progress=False
         ).large.path
     work = args.work / ("quick" if args.quick else "full")
     rewards_dir = work / "rewards"
     infos = build_reward_models(rewards_dir, MICRO_REWARDS if args.quick else SMALL_REWARDS)
+    mixes = {u: lam for u, (_, lam) in MIXES.items()}
+    per_seed = {
+        seed: run_seed(args, seed=seed, work=work / f"seed{seed}", base_dir=base_dir,
+                       rewards_dir=rewards_dir, rounds=rounds, steps=steps, infos=infos)
+        for seed in args.seeds
+    }  # fmt: skip
+    result = combine(per_seed, mixes)
+    result["split"] = args.split
+    result["settings"] = {
+        "quick": args.quick,
+        "base_model": str(base_dir),
+        "rounds": rounds,
+        "rl_steps": steps,
+        "lr": args.lr,
+        "kl_coef": args.kl_coef,
+        "users": {u: {"persona": p, "reward_mix": lam} for u, (p, lam) in MIXES.items()},
+        "shared_reward_mix": statistics.fmean(mixes.values()),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = ("pfit-quick" if args.quick else "pfit") + ("-val" if args.split == "val" else "")
+    stem += f"-{args.tag}" if args.tag else ""
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(result, mixes, args.out / f"{stem}.png")
+    report(result)
+    return 0
+
+
+def run_seed(
+    args: argparse.Namespace,
+    *,
+    seed: int,
+    work: Path,
+    base_dir: Path,
+    rewards_dir: Path,
+    rounds: int,
+    steps: int,
+    infos: Any,
+) -> dict[str, Any]:
+    """Both methods' federated runs and the evaluation of one seed (its own prompts)."""
+    from fedpersona.adapters.preferences import Preferences, write_preferences
+    from fedpersona.trainer.commands.eval import method_home, traffic, train_method
+    from fedpersona.trainer.data.personas import write_silos
+    from fedpersona.trainer.rlhf.rloo import load_prompts
+    from fedpersona.trainer.rounds.records import RoundSpec
+
     home = work / "home"
+    n_val = 4 if args.quick else 8
     silos = write_silos(
         home / "silos",
         {u: persona for u, (persona, _) in MIXES.items()},
-        n_train=16 if args.quick else 48,
-        n_eval=4 if args.quick else 8,
-        seed=args.seed,
+        n_train=(12 if args.quick else 40) + n_val,
+        n_eval=4 if args.quick else 16,
+        seed=seed,
     )
+    val = carve_validation(silos, work / "val", n_val)
     mean_mix = statistics.fmean(lam for _, lam in MIXES.values())
-    common = {"rewards_dir": str(rewards_dir)}
+    # Both methods get the same RL: rounds, steps, prompts and samples per step, lr, KL.
+    common = {"rewards_dir": str(rewards_dir), "kl_coef": args.kl_coef}
     options = {"pfit": common, "fedrlhf": {**common, "reward_mix": mean_mix}}
     spec = RoundSpec(
-        algorithm="pfit", rounds=rounds, local_steps=steps, lr=args.lr, rank=8, seed=args.seed
+        algorithm="pfit", rounds=rounds, local_steps=steps, lr=args.lr, rank=8, seed=seed
     )
     users = list(MIXES)
     out = work / "runs"
@@ -116,170 +210,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         uplink[method] = traffic(out, method, runs[method])[0]
     stores = {"pfit": out / "pfit" / "store", "shared": out / "fedrlhf" / "store"}
+    where = val if args.split == "val" else silos
     scores = evaluate(
         base_dir=base_dir,
         rewards_dir=rewards_dir,
-        silos=silos,
+        prompts={u: load_prompts(where[u], "eval") for u in MIXES},
+        mixes={u: lam for u, (_, lam) in MIXES.items()},
         stores=stores,
-        samples=4,
+        samples=args.samples or (4 if args.quick else 8),
         max_new_tokens=24,
-        seed=args.seed,
+        seed=seed,
     )
-    result = summarize(scores, uplink=uplink, reward_models=infos)
-    result["settings"] = {
-        "quick": args.quick,
-        "base_model": str(base_dir),
-        "rounds": rounds,
-        "rl_steps": steps,
-        "lr": args.lr,
-        "users": {u: {"persona": p, "reward_mix": lam} for u, (p, lam) in MIXES.items()},
-        "shared_reward_mix": mean_mix,
-        "runs": runs,
-        "seconds": round(time.monotonic() - started, 1),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "pfit-quick" if args.quick else "pfit"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    plot(result, args.out / f"{stem}.png")
-    report(result)
-    return 0
-
-
-def evaluate(
-    *,
-    base_dir: Path,
-    rewards_dir: Path,
-    silos: dict[str, Path],
-    stores: dict[str, Path],
-    samples: int,
-    max_new_tokens: int,
-    seed: int,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """model -> user -> {helpfulness, safety, mixed, kl} on the user's held-out prompts."""
-    import numpy as np
-    from fedpersona.adapters import AdapterStore, Slot
-    from fedpersona.trainer.flower.apps import model_info
-    from fedpersona.trainer.learn.lora_train import load_base_model, load_tokenizer
-    from fedpersona.trainer.rlhf.mix import mixed_reward
-    from fedpersona.trainer.rlhf.rloo import exact_kl, load_prompts, prompt_text, sample
-    from fedpersona.trainer.rlhf.scorer import RewardPair
-    from peft import PeftModel
-
-    info = model_info(base_dir)
-    tokenizer = load_tokenizer(base_dir)
-    rewards = RewardPair.load(rewards_dir)
-    out: dict[str, dict[str, dict[str, float]]] = {m: {} for m in MODELS}
-    for user, silo in silos.items():
-        lam = MIXES[user][1]
-        prompts = load_prompts(silo, "eval")
-        for model_name in MODELS:
-            base = load_base_model(info)
-            if model_name == "base":
-                model: Any = base
-            else:
-                store = AdapterStore(stores[model_name])
-                version = store.current(Slot.user_served(user))
-                if version is None:
-                    raise RuntimeError(f"{model_name}: nothing served to {user}")
-                model = PeftModel.from_pretrained(base, str(version.path))
-            help_, safe, kls = [], [], []
-            for i, prompt in enumerate(prompts):
-                rollout = sample(
-                    model,
-                    tokenizer,
-                    prompt,
-                    n=samples,
-                    max_new_tokens=max_new_tokens,
-                    temperature=1.0,
-                    seed=seed * 1000 + i,
-                )
-                s = rewards.score([prompt_text(prompt)] * samples, rollout.texts)
-                help_.extend(s.helpfulness.tolist())
-                safe.extend(s.safety.tolist())
-                if model_name != "base":
-                    kls.extend(exact_kl(model, rollout).tolist())
-            h, sf = float(np.mean(help_)), float(np.mean(safe))
-            out[model_name][user] = {
-                "helpfulness": h,
-                "safety": sf,
-                "mixed": float(mixed_reward(np.array([h]), np.array([sf]), lam)[0]),
-                "kl": float(np.mean(kls)) if kls else 0.0,
-            }
-    return out
-
-
-def summarize(
-    scores: dict[str, dict[str, dict[str, float]]], *, uplink: dict[str, float], reward_models: Any
-) -> dict[str, Any]:
-    pfit, shared = scores["pfit"], scores["shared"]
-    ratio = uplink["pfit"] / uplink["fedrlhf"] if uplink["fedrlhf"] else float("nan")
-    low = min(MIXES, key=lambda u: MIXES[u][1])
-    high = max(MIXES, key=lambda u: MIXES[u][1])
-    targets = {
-        "mixed_reward_pfit_above_shared": {u: pfit[u]["mixed"] > shared[u]["mixed"] for u in MIXES},
-        "lambda1_more_helpful_than_lambda0": pfit[high]["helpfulness"] > pfit[low]["helpfulness"],
-        "lambda0_safer_than_lambda1": pfit[low]["safety"] > pfit[high]["safety"],
-        "uplink_ratio_at_most_half": ratio <= 0.5,
-    }
-    return {
-        "per_user": scores,
-        "uplink_bytes_per_round": uplink,
-        "uplink_ratio_pfit_vs_dense": ratio,
-        "targets": targets,
-        "reward_models": {
-            i.objective: {
-                "heldout_pairwise_accuracy": i.heldout_accuracy,
-                "train_pairwise_accuracy": i.train_accuracy,
-                "heldout_pairs": i.heldout_pairs,
-                "train_pairs": i.train_pairs,
-            }
-            for i in reward_models
-        },
-    }
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5))
-    markers = {"base": "o", "pfit": "*", "shared": "s"}
-    colors = {"safe": "tab:green", "mixed": "tab:orange", "helpful": "tab:red"}
-    for model, by_user in result["per_user"].items():
-        for user, s in by_user.items():
-            lam = MIXES[user][1]
-            ax.scatter(
-                s["helpfulness"],
-                s["safety"],
-                marker=markers[model],
-                color=colors[user],
-                s=120 if model == "pfit" else 60,
-                label=f"{model}, {user} (λ={lam})",
-            )
-    ax.set_xlabel("mean helpfulness reward (held-out prompts)")
-    ax.set_ylabel("mean safety reward")
-    ax.set_title("PFIT: each user's served model")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def report(result: dict[str, Any]) -> None:
-    lines = [f"{'model':8} {'user':8} {'help':>7} {'safe':>7} {'mixed':>7} {'KL':>7}"]
-    for model, by_user in result["per_user"].items():
-        for user, s in by_user.items():
-            lines.append(
-                f"{model:8} {user:8} {s['helpfulness']:7.3f} {s['safety']:7.3f} "
-                f"{s['mixed']:7.3f} {s['kl']:7.3f}"
-            )
-    lines.append(f"uplink per round: {result['uplink_bytes_per_round']}")
-    lines.append(f"uplink ratio pfit / dense: {result['uplink_ratio_pfit_vs_dense']:.3f}")
-    lines.append(f"targets: {json.dumps(result['targets'])}")
-    lines.append(f"reward models: {json.dumps(result['reward_models'])}")
-    sys.stdout.write("\n".join(lines) + "\n")
+    result = summarize(
+        scores, mixes={u: lam for u, (_, lam) in MIXES.items()}, uplink=uplink, reward_models=infos
+    )
+    result["runs"] = runs
+    return result
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 from fedpersona.adapters.preferences import DEFAULT_REWARD_MIX
 from fedpersona.trainer.errors import AggregationError, MethodError
 from fedpersona.trainer.methods import LoraSpec, Product, Shares, TrainConfig, get_method
-from fedpersona.trainer.methods.pfit import FedRlhf, Pfit
+from fedpersona.trainer.methods.pfit import FedRlhf, Pfit, rl_seed
 from fedpersona.trainer.rlhf.sparsity import module_of, sparse_mean, top_modules
 
 KEY = "base_model.model.model.layers.{l}.self_attn.{p}.lora_{w}.weight"
@@ -128,6 +128,18 @@ def test_the_users_mix_applies_unless_the_method_fixes_one() -> None:
     for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(MethodError, match="reward_mix"):
             dataclasses.replace(CONFIG, reward_mix=bad)
+
+
+def test_the_rl_seed_differs_per_round_and_user_and_is_reproducible() -> None:
+    # One seed for every round would replay round one's prompt batches and samples.
+    seeds = {
+        (r, u): rl_seed(CONFIG, round_idx=r, silo=Path("/silos") / u)
+        for r in (1, 2, 3)
+        for u in ("alice", "bob")
+    }
+    assert len(set(seeds.values())) == len(seeds)
+    assert seeds[(2, "bob")] == rl_seed(CONFIG, round_idx=2, silo=Path("/elsewhere/bob"))
+    assert all(0 <= s < 2**31 for s in seeds.values())
 
 
 @pytest.mark.slow

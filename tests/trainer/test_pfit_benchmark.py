@@ -36,3 +36,51 @@ def test_pfit_benchmark_quick(micro_models, tmp_path: Path) -> None:
     assert result["targets"]["uplink_ratio_at_most_half"] is True
     for objective in ("helpfulness", "safety"):
         assert 0.5 < result["reward_models"][objective]["heldout_pairwise_accuracy"] <= 1.0
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_pfit", REPO / "benchmarks" / "pfit.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_validation_prompts_are_carved_from_training_and_never_trained_on(tmp_path: Path) -> None:
+    bench = _bench()
+    silo = tmp_path / "silos" / "ann"
+    silo.mkdir(parents=True)
+    chats = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) for i in range(6)]
+    (silo / "train.jsonl").write_text("\n".join(chats) + "\n")
+    val = bench.carve_validation({"ann": silo}, tmp_path / "val", 2)
+    assert (silo / "train.jsonl").read_text().splitlines() == chats[:4]
+    assert (val["ann"] / "eval.jsonl").read_text().splitlines() == chats[4:]
+    with pytest.raises(ValueError, match="cannot carve"):
+        bench.carve_validation({"ann": silo}, tmp_path / "val2", 4)
+
+
+def test_seeds_are_combined_and_targets_counted_per_seed() -> None:
+    bench = _bench()
+    from pfit_report import combine, summarize
+
+    mixes = {u: lam for u, (_, lam) in bench.MIXES.items()}
+
+    def scores(shift: float) -> dict:
+        row = {"helpfulness": 0.0, "safety": 0.0, "mixed": 0.0, "kl": 0.0}
+        out = {m: {u: dict(row) for u in mixes} for m in ("base", "pfit", "shared")}
+        for u, lam in mixes.items():
+            out["pfit"][u].update(helpfulness=lam, safety=1 - lam, mixed=1.0 + shift)
+        return out
+
+    per_seed = {
+        s: summarize(scores(shift), mixes=mixes, uplink={"pfit": 1.0, "fedrlhf": 4.0},
+                     reward_models=[])
+        for s, shift in ((0, -2.0), (1, 0.0), (2, 0.5))
+    }  # fmt: skip
+    result = combine(per_seed, mixes)
+    assert result["seeds"] == [0, 1, 2]
+    assert result["per_user"]["pfit"]["safe"]["mixed"] == pytest.approx(0.5)
+    assert result["targets"]["mixed_reward_pfit_above_shared"]["safe"] is True
+    assert result["targets_held_in_seeds"]["mixed_reward_pfit_above_shared"]["safe"] == 2
+    assert result["targets_held_in_seeds"]["lambda0_safer_than_lambda1"] == 3
+    assert result["mixed_pfit_minus_shared"]["mixed"] == [-1.0, 1.0, 1.5]

@@ -55,6 +55,7 @@ from fedpersona.trainer.methods.base import (
     Shares,
     TrainConfig,
     adapter_from_params,
+    order_seed,
     without_uploads,
 )
 from fedpersona.trainer.rlhf.sparsity import module_of, sparse_mean, top_modules
@@ -66,6 +67,17 @@ if TYPE_CHECKING:
 
 GLOBAL = "global"
 PERSONAL = "personal"
+
+
+def rl_seed(config: TrainConfig, *, round_idx: int, silo: Path) -> int:
+    """One client's RL seed for one round: run seed, round and user (`order_seed`'s words).
+
+    RLOO draws its prompt order and its samples from this seed. The run seed alone would replay
+    the same prompt batches with the same sampling seeds every round (and leave half of a silo's
+    prompts unseen with 12 steps of 2 prompts on 48), so every round would redo round one's data.
+    """
+    words = order_seed(config, round_idx=round_idx, silo=silo)
+    return int(np.random.SeedSequence(list(words)).generate_state(1)[0]) % (2**31)
 
 
 @dataclass(frozen=True)
@@ -186,7 +198,7 @@ class Pfit(LoraMethod):
         rl = RlConfig(
             steps=config.steps,
             lr=config.lr,
-            seed=config.seed,
+            seed=rl_seed(config, round_idx=local.round_idx, silo=local.silo),
             prompts_per_step=self.prompts_per_step,
             samples=self.samples,
             max_new_tokens=self.max_new_tokens,
