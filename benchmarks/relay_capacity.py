@@ -7,7 +7,14 @@ and through two (requests alternate between them), rounds interleaved. Reports p
 completion tokens per second, the ratio to direct, TTFT p50/p95, and the CPU milliseconds each
 process spent per 1,000 relayed tokens (gateway, stub engine, and this load client), measured
 with psutil over the round. Targets: ratio >= 0.8 at 16 and 64 streams for one gateway process;
-throughput that grows with gateway processes.
+throughput that grows with gateway processes. Each round also records CPU ms per request and the
+machine's load average.
+
+The gateway relays what one engine read brought in one write, so under load its client gets
+several events per network read where the stub sends one per event: through the gateway the load
+client spends less CPU per token than direct, and on a machine whose cores are the bound the
+ratio can exceed 1. It then says the machine is the bound; the gateway's CPU per 1,000 tokens
+says what the relay costs.
 
 All processes share this machine's cores: where client + engine + gateway need more CPU than
 there is, the ratio is bounded by the machine, not only by the gateway; the CPU per 1,000
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import pstats
 import statistics
 import sys
@@ -47,6 +55,7 @@ async def measure(
     result = await run_load(workload, callers, targets)
     summary = result.summary()
     tokens = max(summary["tokens"], 1)
+    requests = max(summary["requests"], 1)
     cpu: dict[str, float] = {}
     for p, b in zip(procs, before, strict=True):
         kind = "gateways" if p.name.startswith("gateway") else p.name
@@ -59,6 +68,9 @@ async def measure(
         "ttft_p50_ms": summary["ttft_ms"]["p50"],
         "ttft_p95_ms": summary["ttft_ms"]["p95"],
         "cpu_ms_per_1k_tokens": {k: v * 1e6 / tokens for k, v in cpu.items()},
+        "cpu_ms_per_request": {k: v * 1e3 / requests for k, v in cpu.items()},
+        # The machine's 1-minute load average after the round: other jobs share these cores.
+        "load_avg_1m": os.getloadavg()[0],
     }
 
 
@@ -131,6 +143,10 @@ def summarize(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
                     k: statistics.median(r["cpu_ms_per_1k_tokens"][k] for r in runs)
                     for k in cpu_keys
                 },
+                "cpu_ms_per_request": {
+                    k: statistics.median(r["cpu_ms_per_request"][k] for r in runs) for k in cpu_keys
+                },
+                "load_avg_1m": [r.get("load_avg_1m") for r in runs],
             }
     return out
 
@@ -143,6 +159,7 @@ def report(result: dict[str, Any]) -> None:
     for column in ("streams", "setup", "tok/s", "ratio", "TTFT p50", "TTFT p95", "errors"):
         table.add_column(column, justify="right")
     table.add_column("CPU ms / 1k tokens", justify="left")
+    table.add_column("gateway CPU ms / request", justify="right")
     for streams, by_setup in result["summary"].items():
         for name, s in by_setup.items():
             cpu = ", ".join(f"{k} {v:.0f}" for k, v in s["cpu_ms_per_1k_tokens"].items())
@@ -155,6 +172,7 @@ def report(result: dict[str, Any]) -> None:
                 f"{s['ttft_p95_ms']:.1f}",
                 str(s["errors"]),
                 cpu,
+                f"{s['cpu_ms_per_request'].get('gateways', float('nan')):.2f}",
             )
     Console(width=180).print(table)
 
