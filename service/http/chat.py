@@ -166,9 +166,10 @@ class ChatService:
             # Engine errors leave the `async with` unmapped, so the adapter pin sees them (a 404
             # tells the adapter manager that vLLM lost the adapter), then they are translated.
             async with AsyncExitStack() as stack:
-                body, served = await self._engine_body(request, route=route, user=user, stack=stack)
+                body, lookup = await self._engine_body(request, route=route, user=user, stack=stack)
                 if request.stream:
                     first, batches = await self._open_stream(body, stack=stack)
+                    served = BASE if lookup is None else await lookup
                     # The relay owns the adapter pin and the engine stream from here on.
                     relay = self._relay(
                         first,
@@ -182,6 +183,7 @@ class ChatService:
                     )
                     return ChatOutcome(relay, served)
                 answer = await self.engine.chat(body)
+                served = BASE if lookup is None else await lookup
         except EngineRequestError as e:
             raise self._engine_error(e, body=body) from e
         self._count_usage(answer.get("usage"), served.kind)
@@ -199,14 +201,19 @@ class ChatService:
         route: ModelRoute,
         user: User,
         stack: AsyncExitStack,
-    ) -> tuple[dict[str, Any], Served]:
+    ) -> tuple[dict[str, Any], asyncio.Future[Served] | None]:
+        """The engine body, and the look-up of what serves it (None: the base model)."""
         engine_model = self.config.base_model
-        served = BASE
+        lookup: asyncio.Future[Served] | None = None
         if route.kind is ModelKind.PERSONAL:
             lora = await stack.enter_async_context(self.adapters.use(user.name))
             if lora is not None:
                 engine_model = check_engine_name(user.name, lora)
-                served = await asyncio.to_thread(self._served, user.name, lora)
+                # Which slot that version is, read in a thread while the engine request goes
+                # out: only the response's header and the metrics need it, after the engine's
+                # first answer, so the thread hand-off is not on the time to first token.
+                lookup = asyncio.ensure_future(asyncio.to_thread(self._served, user.name, lora))
+                stack.callback(_forget, lookup)
         body = request.engine_body(model=engine_model)
         if route.kind is ModelKind.PERSONAL and self.config.proxy_tuning:
             expert = await asyncio.to_thread(self._current_expert, user.name)
@@ -214,7 +221,7 @@ class ChatService:
                 body["vllm_xargs"] = proxy_xargs(
                     ExpertRef(expert.slot, expert.id), alpha=user.proxy_alpha
                 )
-        return body, served
+        return body, lookup
 
     def _served(self, user: str, engine_name: str) -> Served:
         """Which store version `engine_name` (`u-<user>-<id>`) is: the user's own served
@@ -370,6 +377,12 @@ class ChatService:
             self.metrics.prompt_tokens.labels(kind).inc(prompt)
         if isinstance(completion, int) and completion >= 0:
             self.metrics.completion_tokens.labels(kind).inc(completion)
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    """Let `task` finish on its own, its outcome read so that a failure is not reported as
+    never retrieved (the request failed first; its error is the one that counts)."""
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 async def _close_iterator(iterator: AsyncIterator[Any]) -> None:
