@@ -13,13 +13,14 @@ connection, keep-alive connections reused last-in first-out and dropped after
 `keepalive_expiry_s` idle (before vLLM's uvicorn closes them at 5 s). Failures are raised as
 httpx's own exception types (`ConnectError`, `ReadTimeout`, ...), so `EngineClient` maps them
 to `EngineUnavailable` exactly as it maps httpx's. `EngineClient` falls back to httpx where this
-does not apply (`https://`, a test transport, no httptools).
+does not apply (`https://`, a proxy set in the environment, a test transport, no httptools).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -36,8 +37,15 @@ HIGH_WATER = 1 << 20
 
 
 def supported(base_url: str) -> bool:
-    """Whether `StreamPool` can talk to `base_url` (plain HTTP, httptools installed)."""
-    return httptools is not None and urlsplit(base_url).scheme == "http"
+    """Whether `StreamPool` can talk to `base_url`: plain HTTP, httptools installed, and no
+    proxy from the environment for it (httpx would use one; this client does not)."""
+    parts = urlsplit(base_url)
+    if httptools is None or parts.scheme != "http":
+        return False
+    proxies = urllib.request.getproxies_environment()
+    if proxies.get("http") or proxies.get("all"):
+        return bool(urllib.request.proxy_bypass_environment(parts.netloc, proxies))
+    return True
 
 
 class StreamConnection(asyncio.Protocol):

@@ -250,3 +250,16 @@ def test_a_replica_set_hands_batches_on_and_fails_over_on_a_first_batch_error(
     assert by(fallback, answer) and "dead" not in answer
     assert batches[-1][-1] == b"data: [DONE]"
     assert fallback.last["model"] == served(store, user)
+
+
+def test_the_lean_path_only_where_httpx_would_not_do_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedpersona.service.engine.stream_http import supported
+
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert supported("http://127.0.0.1:8000")
+    assert not supported("https://vllm:8000")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")
+    assert not supported("http://vllm:8000")  # httpx would go through the proxy
+    monkeypatch.setenv("NO_PROXY", "vllm")
+    assert supported("http://vllm:8000")
