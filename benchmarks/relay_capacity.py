@@ -133,9 +133,17 @@ def summarize(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
         for name, runs in by_setup.items():
             tps = statistics.median(r["tokens_per_s"] for r in runs)
             cpu_keys = runs[0]["cpu_ms_per_1k_tokens"].keys()
+            paired = [
+                r["tokens_per_s"] / d["tokens_per_s"]
+                for r, d in zip(runs, by_setup["direct"], strict=True)
+                if d["tokens_per_s"] > 0
+            ]
             out[streams][name] = {
                 "tokens_per_s": tps,
                 "ratio_to_direct": tps / direct,
+                # Each round against the direct round just before it: the load of other jobs on
+                # this machine drifts between rounds, less within one.
+                "ratio_paired_rounds": statistics.median(paired) if paired else None,
                 "ttft_p50_ms": statistics.median(r["ttft_p50_ms"] for r in runs),
                 "ttft_p95_ms": statistics.median(r["ttft_p95_ms"] for r in runs),
                 "errors": sum(r["errors"] for r in runs),
