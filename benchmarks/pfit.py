@@ -87,7 +87,41 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--samples", type=int, default=None, help="samples per evaluation prompt")
     p.add_argument("--tag", default="", help="suffix of the result files' names")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="train nothing: combine the seeds of these result files (same settings) into one",
+    )
     return p.parse_args(argv)
+
+
+def merge(args: argparse.Namespace) -> int:
+    """One result from the seeds of several runs of identical settings (a later seed added)."""
+    files = [json.loads(path.read_text()) for path in args.merge]
+
+    def identity(result: dict[str, Any]) -> tuple[Any, ...]:
+        settings = {k: v for k, v in result["settings"].items() if k != "seconds"}
+        return result["split"], settings
+
+    if any(identity(f) != identity(files[0]) for f in files[1:]):
+        raise SystemExit("--merge: the files differ in their split or settings")
+    per_seed = {int(s): r for f in files for s, r in f["per_seed"].items()}
+    mixes = {u: lam for u, (_, lam) in MIXES.items()}
+    result = combine(per_seed, mixes)
+    result["split"] = files[0]["split"]
+    result["settings"] = {
+        **files[0]["settings"],
+        "seconds": sum(f["settings"]["seconds"] for f in files),
+        "merged_from": [str(p) for p in args.merge],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "pfit" + (f"-{args.tag}" if args.tag else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(result, mixes, args.out / f"{stem}.png")
+    report(result)
+    return 0
 
 
 def carve_validation(silos: dict[str, Path], val_dir: Path, n_val: int) -> dict[str, Path]:
@@ -109,6 +143,8 @@ def carve_validation(silos: dict[str, Path], val_dir: Path, n_val: int) -> dict[
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.merge:
+        return merge(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from fedpersona.trainer.models.basemodel import build_models
     from fedpersona.trainer.models.recipe import MICRO, TINY
