@@ -82,7 +82,19 @@ LR_GRID: dict[str, list[dict[str, Any]]] = {
         ("fedavg-ft", {}),
     )
 }
-GRIDS = {"full": GRID, "small": SMALL_GRID, "lr": LR_GRID}
+# After the learning rate (`--grid split`, same work folder: the first candidates are the lr
+# search's choices, reused): PFTT's global/personal rank split, PerFIT's personalization round.
+SPLIT_GRID: dict[str, list[dict[str, Any]]] = {
+    "pftt": [
+        {"personal_round": False, "lr": 5e-3},
+        {"personal_round": False, "global_rank": "quarter", "lr": 5e-3},
+    ],
+    "perfit": [
+        {"personal_round": False, "lr": 5e-3},
+        {"personal_round": True, "lr": 5e-3},
+    ],
+}
+GRIDS = {"full": GRID, "small": SMALL_GRID, "lr": LR_GRID, "split": SPLIT_GRID}
 # Candidate keys that are training settings (RoundSpec), not method options.
 SPEC_KEYS = frozenset({"lr", "local_steps", "batch_size"})
 
