@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -164,10 +165,12 @@ def select(
     scores: dict[str, list[dict[str, Any]]] = {}
     for method, candidates in grid.items():
         scores[method] = []
-        for i, candidate in enumerate(candidates):
+        for candidate in candidates:
             options = resolve(candidate, spec.rank)
-            # Each candidate's score is kept as it finishes: a resumed search skips it.
-            done = work / "validation" / f"{method}-{i}.json"
+            # Each candidate's score is kept as it finishes, under a name its options fix (grids
+            # share a work folder): a later search with the same candidate reuses it.
+            key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
+            done = work / "validation" / f"{method}-{key}.json"
             saved = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else None
             if saved is not None and saved["options"] == options:
                 scores[method].append(saved)
@@ -175,7 +178,7 @@ def select(
             spec_update, method_options = split_options(options)
             result = compare(
                 home=val_home,
-                out=work / "validation" / f"{method}-{i}",
+                out=work / "validation" / f"{method}-{key}",
                 methods=[method],
                 users=users,
                 spec=spec.model_copy(update={**spec_update, "seed": 0}),
