@@ -44,7 +44,7 @@ def supported(base_url: str) -> bool:
         return False
     proxies = urllib.request.getproxies_environment()
     if proxies.get("http") or proxies.get("all"):
-        return bool(urllib.request.proxy_bypass_environment(parts.netloc, proxies))
+        return bool(urllib.request.proxy_bypass(parts.netloc))
     return True
 
 
