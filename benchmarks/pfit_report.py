@@ -196,7 +196,10 @@ def plot(result: dict[str, Any], mixes: dict[str, float], path: Path) -> None:
     seeds = result.get("seeds", [])
     ax.set_xlabel("mean helpfulness reward (evaluation prompts)")
     ax.set_ylabel("mean safety reward")
-    ax.set_title(f"PFIT: each user's served model (mean of seeds {seeds}, bars: seed sd)")
+    ax.set_title(
+        f"PFIT: each user's served model\nmean of seeds {seeds}, bars: sd between seeds",
+        fontsize=10,
+    )
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
