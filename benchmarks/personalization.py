@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-personalization")
     parser.add_argument("--users", type=int, default=8, help="users of the population")
     parser.add_argument("--max-train", type=int, default=120, help="pydocs: train chats per user")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="0: the validation search alone")
     parser.add_argument("--no-select", action="store_true", help="skip the validation search")
     parser.add_argument(
         "--grid", choices=tuple(GRIDS), default="full", help="validation candidates"
@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         base=base, rank=spec.rank, clients=len(users), wire_dtype=wire_dtype
     )
     command = " ".join(sys.argv if argv is None else ["personalization.py", *argv])
+    if args.seeds == 0:  # the validation search alone
+        print(json.dumps({"chosen": chosen, "validation": scores}, indent=2))
+        return 0
     runs: list[Any] = []
     for seed, method in ((s, m) for s in range(args.seeds) for m in methods):
         # One comparison per method, saved at once: a run that dies keeps every method done.
