@@ -101,6 +101,17 @@ def stream_batches(engine: Any, body: dict[str, Any]) -> AsyncIterator[list[byte
     return _single_lines(engine.stream_chat(body))
 
 
+async def flatten(batches: AsyncGenerator[list[bytes], None]) -> AsyncGenerator[bytes, None]:
+    """The lines of a batched stream one by one (`stream_chat` over `stream_chat_batches`);
+    closing it closes the batched stream."""
+    try:
+        async for batch in batches:
+            for line in batch:
+                yield line
+    finally:
+        await batches.aclose()
+
+
 async def _single_lines(lines: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
     try:
         async for line in lines:
@@ -210,20 +221,14 @@ class EngineClient:
         finally:
             self._exit()
 
-    async def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    def stream_chat(self, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
         """Stream a chat completion: yields each non-empty SSE line without its terminator.
 
         Lines look like `b'data: {...}'` and end with `b'data: [DONE]'`. An error status raises
         `EngineRequestError` before the first line, so the caller can still answer with an error
         status. Closing the iterator early closes the connection, which makes vLLM abort.
         """
-        batches = self.stream_chat_batches(body)
-        try:
-            async for batch in batches:
-                for line in batch:
-                    yield line
-        finally:
-            await batches.aclose()
+        return flatten(self.stream_chat_batches(body))
 
     async def stream_chat_batches(self, body: dict[str, Any]) -> AsyncGenerator[list[bytes], None]:
         """`stream_chat`, with the lines that arrived in one read handed out as one list (never

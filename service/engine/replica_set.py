@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fedpersona.service.engine.adapters import AdapterManager
-from fedpersona.service.engine.client import EngineClient, stream_batches
+from fedpersona.service.engine.client import EngineClient, flatten, stream_batches
 from fedpersona.service.engine.replicas import (
     DEFAULT_LOAD_FACTOR,
     candidates,
@@ -331,16 +331,7 @@ class ReplicaSet:
             return await self._send(body, lambda r, b: r.client.chat(b), stack)
 
     def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        return self._lines(body)
-
-    async def _lines(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        batches = self._stream(body)
-        try:
-            async for batch in batches:
-                for line in batch:
-                    yield line
-        finally:
-            await batches.aclose()
+        return flatten(self._stream(body))
 
     def stream_chat_batches(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
         """`stream_chat`, the lines of one read together (`EngineClient.stream_chat_batches`)."""
