@@ -24,6 +24,8 @@ from fedpersona.service.settings import Settings
 
 
 class DatabaseRateLimiter(RateLimiter):
+    blocking = True  # a round trip to the database
+
     def __init__(
         self,
         database: Database,

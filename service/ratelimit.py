@@ -22,6 +22,9 @@ class _Bucket:
 
 
 class RateLimiter:
+    # Whether `acquire` may block (I/O): callers on the event loop hand it to a thread if so.
+    blocking = False
+
     def __init__(
         self,
         *,

@@ -22,7 +22,6 @@ from fastapi import Depends, Request
 from fedpersona.service.errors import AuthenticationFailed, PermissionDenied, RateLimited
 from fedpersona.service.http.middleware import MISSING_KEY as _MISSING
 from fedpersona.service.http.middleware import USER_STATE
-from fedpersona.service.ratelimit import RateLimiter
 from fedpersona.service.registry import User
 from fedpersona.service.state import Services, get_services
 from starlette.concurrency import run_in_threadpool
@@ -71,10 +70,10 @@ async def rate_limited_user(
 ) -> User:
     limiter = services.limiter
     if limiter is not None:
-        if type(limiter) is RateLimiter:  # in memory: a lock and a few additions
-            retry_after = limiter.acquire(user.name)
-        else:  # a database-backed limiter may block
+        if limiter.blocking:  # a database-backed limiter: a round trip
             retry_after = await run_in_threadpool(limiter.acquire, user.name)
+        else:  # in memory: a lock and a few additions
+            retry_after = limiter.acquire(user.name)
         if retry_after is not None:
             services.metrics.rate_limited.inc()
             raise RateLimited(retry_after=retry_after)
