@@ -89,6 +89,11 @@ def redact_url(url: str) -> str:
 
 class Database(ABC):
     dialect: Dialect
+    # Whether one indexed read is quicker than handing it to a thread: true for SQLite (a local
+    # file; in WAL mode a reader never waits for a writer), so the gateway's per-request key
+    # check runs inline on the event loop (~50 us) rather than in a thread (~135 us idle, more
+    # when the loop is busy). False for PostgreSQL: a network round trip stays off the loop.
+    quick_reads: bool = False
 
     @abstractmethod
     def transaction(self, *, write: bool = False) -> AbstractContextManager[Transaction]:
@@ -222,6 +227,7 @@ class _SqlitePool:
 
 class SqliteDatabase(Database):
     dialect: Dialect = "sqlite"
+    quick_reads = True
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

@@ -196,6 +196,7 @@ def create_app(
         authenticate_user=registry.authenticate,
         check_admin=app.state.admin_guard.check,
         metrics_key=settings.metrics_key.get_secret_value(),
+        authenticate_inline=registry.database.quick_reads,
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -209,11 +209,17 @@ class ChatService:
             lora = await stack.enter_async_context(self.adapters.use(user.name))
             if lora is not None:
                 engine_model = check_engine_name(user.name, lora)
-                # Which slot that version is, read in a thread while the engine request goes
-                # out: only the response's header and the metrics need it, after the engine's
-                # first answer, so the thread hand-off is not on the time to first token.
-                lookup = asyncio.ensure_future(asyncio.to_thread(self._served, user.name, lora))
-                stack.callback(_forget, lookup)
+                own = self._own_version(user.name, lora)
+                if own is not None:
+                    lookup = asyncio.get_running_loop().create_future()
+                    lookup.set_result(own)
+                else:
+                    # A global adapter's version (cold start), or one superseded since: which
+                    # slot it is may take a scan of the store, so it is read in a thread while
+                    # the engine request goes out (only the response's header and the metrics
+                    # need it, after the engine's first answer).
+                    lookup = asyncio.ensure_future(asyncio.to_thread(self._served, user.name, lora))
+                    stack.callback(_forget, lookup)
         body = request.engine_body(model=engine_model)
         if route.kind is ModelKind.PERSONAL and self.config.proxy_tuning:
             expert = await asyncio.to_thread(self._current_expert, user.name)
@@ -222,6 +228,18 @@ class ChatService:
                     ExpertRef(expert.slot, expert.id), alpha=user.proxy_alpha
                 )
         return body, lookup
+
+    def _own_version(self, user: str, engine_name: str) -> Served | None:
+        """`engine_name` as the user's own served version when it is the slot's current one
+        (one `stat` of a cached pointer, quicker than a thread hand-off), else None."""
+        try:
+            _, version_id = parse_engine_adapter_name(engine_name)
+            own = Slot.user_served(user)
+            if self.store.current_id(own) == version_id:
+                return Served(ServedKind.PERSONAL, f"{own.path}@{version_id}")
+        except (InvalidName, AdapterError):
+            pass  # `_served` tells (and logs) the rest
+        return None
 
     def _served(self, user: str, engine_name: str) -> Served:
         """Which store version `engine_name` (`u-<user>-<id>`) is: the user's own served

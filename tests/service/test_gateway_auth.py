@@ -122,3 +122,56 @@ def test_admin_user_and_key_lifecycle(gw: Gateway) -> None:
     assert gw.client.get("/admin/users/dave", headers=admin).status_code == 404
     second_key = second.json()["api_key"]
     assert _chat(gw, {"Authorization": f"Bearer {second_key}"}).status_code == 401
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_key_check_stays_on_the_loop_only_for_quick_reads(inline: bool) -> None:
+    """SQLite's key check (~50 us) runs on the event loop, a database round trip in a thread."""
+    import asyncio
+    import threading
+
+    from fedpersona.service.db import PostgresDatabase, SqliteDatabase
+    from fedpersona.service.http.middleware import USER_STATE, AuthenticateFirst
+    from fedpersona.service.registry import User
+
+    assert SqliteDatabase.quick_reads and not PostgresDatabase.quick_reads
+    threads: list[int] = []
+    reached: list[User] = []
+
+    def authenticate(token: str) -> User | None:
+        threads.append(threading.get_ident())
+        return User(name="alice", created_at=0.0, proxy_alpha=1.0) if token == "KEY" else None
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        reached.append(scope["state"][USER_STATE])
+
+    def deny(token: str | None) -> None:
+        raise AssertionError("not an admin path")
+
+    middleware = AuthenticateFirst(
+        app, authenticate_user=authenticate, check_admin=deny, authenticate_inline=inline
+    )
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(b"authorization", b"Bearer KEY")],
+    }
+
+    async def call() -> int:
+        await middleware(scope, None, None)  # type: ignore[arg-type]
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(call())
+    assert [u.name for u in reached] == ["alice"]
+    assert (threads == [loop_thread]) is inline
+
+
+def test_gateway_on_sqlite_checks_keys_on_the_loop(gw: Gateway) -> None:
+    from fedpersona.service.http.middleware import AuthenticateFirst
+
+    layer = gw.client.app.middleware_stack  # type: ignore[attr-defined]
+    while layer is not None and not isinstance(layer, AuthenticateFirst):
+        layer = getattr(layer, "app", None)
+    assert layer is not None and layer._authenticate_inline
+    assert gw.chat("alice").status_code == 200

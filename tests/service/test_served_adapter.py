@@ -56,3 +56,25 @@ def test_cold_start_names_the_global_adapter(make_gateway: GatewayFactory) -> No
     mine = gw.store.publish_lora(Slot.user_served("carol"), tiny_lora(6))
     assert gw.chat("carol").headers[HEADER] == f"users/carol/served@{mine.id}"
     assert chats(gw, "personal") == 1
+
+
+def test_own_version_is_told_without_a_thread(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Naming the user's own current version takes one cached `stat`, so it is read on the
+    loop; only a version that is not (a global one at cold start) is looked up in a thread."""
+    import asyncio
+
+    handed: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def spy(func, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        handed.append(getattr(func, "__name__", repr(func)))
+        return await to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", spy)
+    for stream in (False, True):
+        response = gw.chat("alice", stream=stream)
+        assert response.headers[HEADER] == f"users/alice/served@{gw.served['alice'].id}"
+    assert "_served" not in handed
+    glob = gw.store.publish_lora(Slot.global_adapter("pftt"), tiny_lora(5))
+    assert gw.chat("carol").headers[HEADER] == f"global/adapters/pftt@{glob.id}"
+    assert "_served" in handed
