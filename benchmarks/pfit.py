@@ -24,6 +24,11 @@ only by the final runs (`--split heldout`, the default).
     python benchmarks/pfit.py --seeds 0 1                # tiny model, the reported numbers
     python benchmarks/pfit.py --split val --lr 1e-3 --tag lr1e-3    # choosing lr
     python benchmarks/pfit.py --base-model DIR           # any fedpersona model dir
+    python benchmarks/pfit.py --rescore results/pfit-3seeds.json --tag 3seeds   # re-score
+
+`--rescore` trains nothing: it scores again the adapters a finished run left in its work folder
+(same seeds, split and sampling seeds, so the same numbers) and writes the result with what later
+versions of the scoring add (the per-prompt paired personal-minus-shared difference).
 
 Writes `<out>/pfit[-quick][-val][-TAG].json` and `.png` (helpfulness vs safety per user and
 model, seed mean, bars: spread between seeds); the JSON keeps every seed's numbers too.
@@ -88,6 +93,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=None, help="samples per evaluation prompt")
     p.add_argument("--tag", default="", help="suffix of the result files' names")
     p.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        help="train nothing: score again the adapters of this result file's run (its work "
+        "folder must hold them) and write the result anew",
+    )
+    p.add_argument(
         "--merge",
         type=Path,
         nargs="+",
@@ -146,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         return merge(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.rescore:
+        return rescore(args)
     from fedpersona.trainer.models.basemodel import build_models
     from fedpersona.trainer.models.recipe import MICRO, TINY
-    from fedpersona.trainer.models.rewards import MICRO_REWARDS, SMALL_REWARDS, build_reward_models
+    from fedpersona.trainer.models.rewards import build_reward_models
 
     started = time.monotonic()
     rounds = args.rounds or (2 if args.quick else 4)
@@ -164,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         ).large.path
     work = args.work / ("quick" if args.quick else "full")
     rewards_dir = work / "rewards"
-    infos = build_reward_models(rewards_dir, MICRO_REWARDS if args.quick else SMALL_REWARDS)
+    infos = build_reward_models(rewards_dir, _reward_recipe(args.quick))
     mixes = {u: lam for u, (_, lam) in MIXES.items()}
     per_seed = {
         seed: run_seed(args, seed=seed, work=work / f"seed{seed}", base_dir=base_dir,
@@ -208,7 +222,6 @@ def run_seed(
     from fedpersona.adapters.preferences import Preferences, write_preferences
     from fedpersona.trainer.commands.eval import method_home, traffic, train_method
     from fedpersona.trainer.data.personas import write_silos
-    from fedpersona.trainer.rlhf.rloo import load_prompts
     from fedpersona.trainer.rounds.records import RoundSpec
 
     home = work / "home"
@@ -220,7 +233,7 @@ def run_seed(
         n_eval=4 if args.quick else 16,
         seed=seed,
     )
-    val = carve_validation(silos, work / "val", n_val)
+    carve_validation(silos, work / "val", n_val)
     mean_mix = statistics.fmean(lam for _, lam in MIXES.values())
     # Both methods get the same RL: rounds, steps, prompts and samples per step, lr, KL.
     common = {"rewards_dir": str(rewards_dir), "kl_coef": args.kl_coef}
@@ -245,8 +258,32 @@ def run_seed(
             options=options,
         )
         uplink[method] = traffic(out, method, runs[method])[0]
+    result = score_seed(
+        args, seed=seed, work=work, base_dir=base_dir, rewards_dir=rewards_dir, infos=infos,
+        uplink=uplink,
+    )  # fmt: skip
+    result["runs"] = runs
+    return result
+
+
+def score_seed(
+    args: argparse.Namespace,
+    *,
+    seed: int,
+    work: Path,
+    base_dir: Path,
+    rewards_dir: Path,
+    infos: Any,
+    uplink: dict[str, float],
+) -> dict[str, Any]:
+    """Evaluate one seed's served adapters (left in `work` by `run_seed`) and summarize."""
+    from fedpersona.trainer.rlhf.rloo import load_prompts
+
+    out = work / "runs"
     stores = {"pfit": out / "pfit" / "store", "shared": out / "fedrlhf" / "store"}
-    where = val if args.split == "val" else silos
+    where = {
+        u: (work / "val" / u if args.split == "val" else work / "home" / "silos" / u) for u in MIXES
+    }
     scores = evaluate(
         base_dir=base_dir,
         rewards_dir=rewards_dir,
@@ -257,11 +294,60 @@ def run_seed(
         max_new_tokens=24,
         seed=seed,
     )
-    result = summarize(
+    return summarize(
         scores, mixes={u: lam for u, (_, lam) in MIXES.items()}, uplink=uplink, reward_models=infos
     )
-    result["runs"] = runs
-    return result
+
+
+def rescore(args: argparse.Namespace) -> int:
+    """Score again the adapters a finished run left behind; training and uplink are kept."""
+    from fedpersona.trainer.models.rewards import build_reward_models
+
+    old = json.loads(args.rescore.read_text())
+    settings = old["settings"]
+    if args.split != old["split"]:
+        raise SystemExit(f"--rescore: {args.rescore} was scored on {old['split']!r}")
+    quick = bool(settings["quick"])
+    args.quick = quick
+    base_dir = Path(settings["base_model"])
+    work = args.work / ("quick" if quick else "full")
+    rewards_dir = work / "rewards"
+    recipe = _reward_recipe(quick)
+    infos = build_reward_models(rewards_dir, recipe)
+    mixes = {u: lam for u, (_, lam) in MIXES.items()}
+    per_seed: dict[int, dict[str, Any]] = {}
+    for key, previous in old["per_seed"].items():
+        seed = int(key)
+        result = score_seed(
+            args, seed=seed, work=work / f"seed{seed}", base_dir=base_dir,
+            rewards_dir=rewards_dir, infos=infos, uplink=previous["uplink_bytes_per_round"],
+        )  # fmt: skip
+        result["runs"] = previous.get("runs", {})
+        drift = max(
+            abs(result["per_user"][m][u][k] - previous["per_user"][m][u][k])
+            for m in previous["per_user"]
+            for u in previous["per_user"][m]
+            for k in ("helpfulness", "safety", "mixed", "kl")
+        )
+        log.info("seed %d re-scored; largest change from the file's numbers %.2e", seed, drift)
+        result["rescore_max_abs_change"] = drift
+        per_seed[seed] = result
+    result = combine(per_seed, mixes)
+    result["split"] = old["split"]
+    result["settings"] = {**settings, "rescored_from": str(args.rescore)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = ("pfit-quick" if quick else "pfit") + ("-val" if args.split == "val" else "")
+    stem += f"-{args.tag}" if args.tag else ""
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(result, mixes, args.out / f"{stem}.png")
+    report(result)
+    return 0
+
+
+def _reward_recipe(quick: bool) -> Any:
+    from fedpersona.trainer.models.rewards import MICRO_REWARDS, SMALL_REWARDS
+
+    return MICRO_REWARDS if quick else SMALL_REWARDS
 
 
 if __name__ == "__main__":

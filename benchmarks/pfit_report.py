@@ -5,6 +5,12 @@ prompts carved from their training prompts) from the model that user is served a
 with both reward models; `summarize` turns one seed's scores into targets; `combine` averages
 seeds (each seed draws other prompts and other RL samples) and checks the targets on the mean,
 with the number of seeds each one held in.
+
+`paired` is the personal-minus-shared difference of a user's mixed reward with its standard
+error over the evaluation prompts: both models answer the same prompts with the same sampling
+seeds, so a prompt is the unit (its samples are averaged first; samples of one prompt are not
+independent of each other). That tells a tie from a loss, which the two models' separate
+standard errors cannot.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 MODELS = ("base", "pfit", "shared")
 METRICS = ("helpfulness", "safety", "mixed", "kl")
+REWARDS = ("helpfulness", "safety", "mixed")
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -36,9 +43,10 @@ def evaluate(
     samples: int,
     max_new_tokens: int,
     seed: int,
-) -> dict[str, dict[str, dict[str, float]]]:
+) -> dict[str, dict[str, dict[str, Any]]]:
     """model -> user -> {helpfulness, safety, mixed, kl} and their standard errors (`*_se`,
-    over the samples) on the user's evaluation prompts."""
+    over the samples) on the user's evaluation prompts, and each reward's mean per prompt
+    (`*_per_prompt`, in prompt order, for the paired comparison)."""
     from fedpersona.adapters import AdapterStore, Slot
     from fedpersona.trainer.flower.apps import model_info
     from fedpersona.trainer.learn.lora_train import load_base_model, load_tokenizer
@@ -50,7 +58,7 @@ def evaluate(
     info = model_info(base_dir)
     tokenizer = load_tokenizer(base_dir)
     rewards = RewardPair.load(rewards_dir)
-    out: dict[str, dict[str, dict[str, float]]] = {m: {} for m in MODELS}
+    out: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in MODELS}
     for user, user_prompts in prompts.items():
         lam = mixes[user]
         for model_name in MODELS:
@@ -83,15 +91,61 @@ def evaluate(
                     values["kl"].extend([0.0] * samples)
                 else:
                     values["kl"].extend(exact_kl(model, rollout).tolist())
-            scores: dict[str, float] = {}
+            scores: dict[str, Any] = {}
             for metric, vs in values.items():
                 scores[metric], scores[f"{metric}_se"] = _mean_se(vs)
+            for metric in REWARDS:
+                vs = values[metric]
+                scores[f"{metric}_per_prompt"] = [
+                    statistics.fmean(vs[i : i + samples]) for i in range(0, len(vs), samples)
+                ]
             out[model_name][user] = scores
     return out
 
 
+def paired(
+    scores: dict[str, dict[str, dict[str, Any]]], metric: str = "mixed"
+) -> dict[str, dict[str, float]]:
+    """user -> pfit minus shared on `metric`: the mean over prompts of the per-prompt
+    difference, its standard error over prompts, and the number of prompts. Empty for scores
+    without per-prompt means (results written before they were kept)."""
+    out: dict[str, dict[str, float]] = {}
+    for user, pfit in scores["pfit"].items():
+        a, b = pfit.get(f"{metric}_per_prompt"), scores["shared"][user].get(f"{metric}_per_prompt")
+        if not a or not b or len(a) != len(b):
+            continue
+        mean, se = _mean_se([x - y for x, y in zip(a, b, strict=True)])
+        out[user] = {"mean": mean, "se": se, "prompts": float(len(a))}
+    return out
+
+
+def pool_paired(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """The seeds' paired differences per user: each seed's, their mean, the evaluation's standard
+    error of that mean (`se_eval`: prompts only, the trained policies held fixed), the spread
+    between seeds (`seed_sd`, which also holds the training's randomness) and `se_seeds`
+    (seed_sd / sqrt(seeds)). Only users every seed has."""
+    if not per_seed:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for user in per_seed[0]:
+        if not all(user in p for p in per_seed):
+            continue
+        rows = [p[user] for p in per_seed]
+        means = [r["mean"] for r in rows]
+        k = len(rows)
+        seed_sd = statistics.stdev(means) if k > 1 else 0.0
+        out[user] = {
+            "per_seed": rows,
+            "mean": statistics.fmean(means),
+            "se_eval": math.sqrt(sum(r["se"] ** 2 for r in rows)) / k,
+            "seed_sd": seed_sd,
+            "se_seeds": seed_sd / math.sqrt(k),
+        }
+    return out
+
+
 def targets(
-    scores: dict[str, dict[str, dict[str, float]]], mixes: dict[str, float], ratio: float
+    scores: dict[str, dict[str, dict[str, Any]]], mixes: dict[str, float], ratio: float
 ) -> dict[str, Any]:
     pfit, shared = scores["pfit"], scores["shared"]
     low = min(mixes, key=lambda u: mixes[u])
@@ -105,7 +159,7 @@ def targets(
 
 
 def summarize(
-    scores: dict[str, dict[str, dict[str, float]]],
+    scores: dict[str, dict[str, dict[str, Any]]],
     *,
     mixes: dict[str, float],
     uplink: dict[str, float],
@@ -117,6 +171,7 @@ def summarize(
         "uplink_bytes_per_round": uplink,
         "uplink_ratio_pfit_vs_dense": ratio,
         "targets": targets(scores, mixes, ratio),
+        "paired_mixed_pfit_minus_shared": paired(scores),
         "reward_models": {
             i.objective: {
                 "heldout_pairwise_accuracy": i.heldout_accuracy,
@@ -162,6 +217,9 @@ def combine(per_seed: dict[int, dict[str, Any]], mixes: dict[str, float]) -> dic
             ]
             for u in mixes
         },
+        "paired_mixed_pfit_minus_shared": pool_paired(
+            [per_seed[s].get("paired_mixed_pfit_minus_shared", {}) for s in seeds]
+        ),
         "uplink_ratio_pfit_vs_dense": ratio,
         "targets": targets(mean, mixes, ratio),
         "targets_held_in_seeds": held,
@@ -216,6 +274,12 @@ def report(result: dict[str, Any]) -> None:
                 f"{s['mixed']:7.3f} {s['kl']:7.3f}"
             )
     lines.append(f"mixed, pfit - shared, per seed: {json.dumps(result['mixed_pfit_minus_shared'])}")
+    for user, p in result.get("paired_mixed_pfit_minus_shared", {}).items():
+        seeds = ", ".join(f"{r['mean']:+.3f} (se {r['se']:.3f})" for r in p["per_seed"])
+        lines.append(
+            f"paired over prompts, {user}: {seeds}; mean {p['mean']:+.3f}, "
+            f"se_eval {p['se_eval']:.3f}, seed sd {p['seed_sd']:.3f}"
+        )
     lines.append(f"uplink ratio pfit / dense: {result['uplink_ratio_pfit_vs_dense']:.3f}")
     lines.append(f"targets (seed mean): {json.dumps(result['targets'])}")
     lines.append(f"targets held in seeds: {json.dumps(result['targets_held_in_seeds'])}")

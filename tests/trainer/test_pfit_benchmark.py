@@ -84,3 +84,25 @@ def test_seeds_are_combined_and_targets_counted_per_seed() -> None:
     assert result["targets_held_in_seeds"]["mixed_reward_pfit_above_shared"]["safe"] == 2
     assert result["targets_held_in_seeds"]["lambda0_safer_than_lambda1"] == 3
     assert result["mixed_pfit_minus_shared"]["mixed"] == [-1.0, 1.0, 1.5]
+
+
+def test_paired_difference_is_per_prompt_with_its_standard_error_over_prompts() -> None:
+    _bench()  # puts benchmarks/ on the path
+    from pfit_report import paired, pool_paired
+
+    scores = {
+        "pfit": {"ann": {"mixed_per_prompt": [1.0, 2.0, 3.0, 4.0]}, "old": {"mixed": 1.0}},
+        "shared": {"ann": {"mixed_per_prompt": [0.0, 2.0, 2.0, 4.0]}, "old": {"mixed": 0.0}},
+    }
+    diff = paired(scores)
+    # Differences 1, 0, 1, 0: mean 0.5, sd 0.577, se 0.289; users without per-prompt means
+    # (results written before they were kept) are left out, not guessed.
+    assert set(diff) == {"ann"}
+    assert diff["ann"]["mean"] == pytest.approx(0.5)
+    assert diff["ann"]["se"] == pytest.approx(0.5773503 / 2)
+    assert diff["ann"]["prompts"] == 4
+    pooled = pool_paired([{"ann": {"mean": 0.1, "se": 0.3}}, {"ann": {"mean": -0.1, "se": 0.4}}])
+    assert pooled["ann"]["mean"] == pytest.approx(0.0)
+    assert pooled["ann"]["se_eval"] == pytest.approx(0.25)  # sqrt(0.09 + 0.16) / 2
+    assert pooled["ann"]["seed_sd"] == pytest.approx(0.1414214)
+    assert pool_paired([]) == {}
