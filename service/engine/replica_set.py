@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -42,6 +41,7 @@ from typing import Any, TypeVar
 
 from fedpersona.service.engine.adapters import AdapterManager
 from fedpersona.service.engine.client import EngineClient, flatten, stream_batches
+from fedpersona.service.engine.events import aclose_quietly, server_error
 from fedpersona.service.engine.replicas import (
     DEFAULT_LOAD_FACTOR,
     candidates,
@@ -346,18 +346,18 @@ class ReplicaSet:
             replica: Replica, send: dict[str, Any]
         ) -> tuple[list[bytes], AsyncIterator[list[bytes]]]:
             batches = aiter(stream_batches(replica.client, send))
-            stack.push_async_callback(_aclose, batches)
+            stack.push_async_callback(aclose_quietly, batches)
             try:
                 first = await anext(batches, None)
                 if not first:
                     raise EngineUnavailable(
                         "The inference engine closed the stream without answering."
                     )
-                error = _server_error(first[0])
+                error = server_error(first[0])
                 if error is not None:
                     raise error
             except BaseException:
-                await _aclose(batches)  # let the failed replica's connection go now
+                await aclose_quietly(batches)  # let the failed replica's connection go now
                 raise
             return first, batches
 
@@ -394,27 +394,3 @@ class ReplicaSet:
         for replica in self.replicas:
             await replica.adapters.aclose()
             await replica.client.aclose()
-
-
-async def _aclose(lines: AsyncIterator[Any]) -> None:
-    aclose = getattr(lines, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()
-
-
-def _server_error(line: bytes) -> EngineRequestError | None:
-    """A stream line that is a server error event (vLLM reports a failure after its 200 status
-    as `data: {"error": {..., "code": 500}}`), as the error; None for any other line."""
-    if not line.startswith(b"data:") or b'"error"' not in line:
-        return None
-    try:
-        event = json.loads(line[5:])
-    except ValueError:
-        return None
-    error = event.get("error") if isinstance(event, dict) else None
-    if not isinstance(error, dict):
-        return None
-    code = error.get("code")
-    status = code if isinstance(code, int) else 500
-    return EngineRequestError(status, event) if status >= 500 else None

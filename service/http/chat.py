@@ -24,14 +24,19 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, suppress
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fedpersona.adapters import AdapterError, AdapterStore, Slot, SlotKind, Version
-from fedpersona.adapters.errors import InvalidName
-from fedpersona.adapters.refs import ExpertRef, parse_engine_adapter_name, proxy_xargs
+from fedpersona.adapters import AdapterError, AdapterStore, Slot, Version
+from fedpersona.adapters.refs import ExpertRef, proxy_xargs
 from fedpersona.service.engine.client import Renamer, chunk_has_content, stream_batches
+from fedpersona.service.engine.events import (
+    aclose_quietly,
+    event_has_content,
+    parse_event,
+    sse_payload,
+)
 from fedpersona.service.errors import (
     AdapterLoadFailed,
     BadRequest,
@@ -41,6 +46,7 @@ from fedpersona.service.errors import (
     UpstreamError,
 )
 from fedpersona.service.http.protocol import ChatCompletionRequest
+from fedpersona.service.http.served import BASE, Served, ServedLookup
 from fedpersona.service.metrics import Metrics, ServedKind
 from fedpersona.service.registry import User
 from fedpersona.service.routing import (
@@ -55,19 +61,6 @@ logger = logging.getLogger(__name__)
 
 DONE_EVENT = b"data: [DONE]\n\n"
 ADAPTER_HEADER = "x-fedpersona-adapter"
-BASE_ADAPTER = "base"  # the header's value when the base model answered
-GLOBAL_SLOTS_TTL_S = 5.0
-
-
-@dataclass(frozen=True)
-class Served:
-    """What the engine answers a request with: `adapter` is `<slot>@<version id>` or `base`."""
-
-    kind: ServedKind
-    adapter: str = BASE_ADAPTER
-
-
-BASE = Served(ServedKind.BASE)
 
 
 @dataclass(frozen=True)
@@ -122,9 +115,7 @@ class ChatService:
         self.adapters = adapters
         self.store = store
         self.metrics = metrics
-        # Global adapter version id -> its slot; global slots listed at most every TTL seconds.
-        self._global_versions: dict[str, Slot] = {}
-        self._globals_read_at = -GLOBAL_SLOTS_TTL_S
+        self.served_lookup = ServedLookup(store)
 
     async def complete(
         self, request: ChatCompletionRequest, *, user: User
@@ -209,7 +200,7 @@ class ChatService:
             lora = await stack.enter_async_context(self.adapters.use(user.name))
             if lora is not None:
                 engine_model = check_engine_name(user.name, lora)
-                own = self._own_version(user.name, lora)
+                own = self.served_lookup.own(user.name, lora)
                 if own is not None:
                     lookup = asyncio.get_running_loop().create_future()
                     lookup.set_result(own)
@@ -218,7 +209,9 @@ class ChatService:
                     # slot it is may take a scan of the store, so it is read in a thread while
                     # the engine request goes out (only the response's header and the metrics
                     # need it, after the engine's first answer).
-                    lookup = asyncio.ensure_future(asyncio.to_thread(self._served, user.name, lora))
+                    lookup = asyncio.ensure_future(
+                        asyncio.to_thread(self.served_lookup.find, user.name, lora)
+                    )
                     stack.callback(_forget, lookup)
         body = request.engine_body(model=engine_model)
         if route.kind is ModelKind.PERSONAL and self.config.proxy_tuning:
@@ -228,49 +221,6 @@ class ChatService:
                     ExpertRef(expert.slot, expert.id), alpha=user.proxy_alpha
                 )
         return body, lookup
-
-    def _own_version(self, user: str, engine_name: str) -> Served | None:
-        """`engine_name` as the user's own served version when it is the slot's current one
-        (one `stat` of a cached pointer, quicker than a thread hand-off), else None."""
-        try:
-            _, version_id = parse_engine_adapter_name(engine_name)
-            own = Slot.user_served(user)
-            if self.store.current_id(own) == version_id:
-                return Served(ServedKind.PERSONAL, f"{own.path}@{version_id}")
-        except (InvalidName, AdapterError):
-            pass  # `_served` tells (and logs) the rest
-        return None
-
-    def _served(self, user: str, engine_name: str) -> Served:
-        """Which store version `engine_name` (`u-<user>-<id>`) is: the user's own served
-        version, or (cold start) a global adapter's. A version that is neither any more was
-        the user's own (superseded since)."""
-        try:
-            _, version_id = parse_engine_adapter_name(engine_name)
-        except InvalidName:
-            return Served(ServedKind.PERSONAL, engine_name)
-        own = Slot.user_served(user)
-        try:
-            if self.store.current_id(own) != version_id:
-                slot = self._global_slot(version_id)
-                if slot is not None:
-                    return Served(ServedKind.GLOBAL, f"{slot.path}@{version_id}")
-        except AdapterError as e:
-            logger.warning("store: cannot tell which slot serves %s: %s", engine_name, e)
-        return Served(ServedKind.PERSONAL, f"{own.path}@{version_id}")
-
-    def _global_slot(self, version_id: str) -> Slot | None:
-        slot = self._global_versions.get(version_id)
-        now = time.monotonic()
-        if slot is None and now - self._globals_read_at >= GLOBAL_SLOTS_TTL_S:
-            self._globals_read_at = now
-            for candidate in self.store.slots():
-                if candidate.kind is SlotKind.GLOBAL_ADAPTER:
-                    current = self.store.current_id(candidate)
-                    if current is not None:
-                        self._global_versions[current] = candidate
-            slot = self._global_versions.get(version_id)
-        return slot
 
     def _current_expert(self, user: str) -> Version | None:
         """The user's own proxy expert, else the federation's, else None."""
@@ -287,7 +237,7 @@ class ChatService:
         self, body: dict[str, Any], *, stack: AsyncExitStack
     ) -> tuple[list[bytes], AsyncIterator[list[bytes]]]:
         batches = aiter(stream_batches(self.engine, body))
-        stack.push_async_callback(_close_iterator, batches)
+        stack.push_async_callback(aclose_quietly, batches)
         try:
             first = await anext(batches)
         except StopAsyncIteration as e:
@@ -328,11 +278,11 @@ class ChatService:
                             )
                         out.append(fast)
                         continue
-                    payload = _sse_payload(line)
+                    payload = sse_payload(line)
                     if payload == b"[DONE]":
                         done = True
                         break
-                    event = _parse_event(payload) if payload is not None else None
+                    event = parse_event(payload) if payload is not None else None
                     if event is None:
                         continue
                     if "error" in event:
@@ -343,7 +293,7 @@ class ChatService:
                         return
                     if event.get("usage"):
                         self._count_usage(event["usage"], kind)
-                    if not first_token_seen and _has_content(event):
+                    if not first_token_seen and event_has_content(event):
                         first_token_seen = True
                         self.metrics.ttft_seconds.labels(label).observe(
                             time.perf_counter() - started
@@ -401,38 +351,6 @@ def _forget(task: asyncio.Future[Any]) -> None:
     """Let `task` finish on its own, its outcome read so that a failure is not reported as
     never retrieved (the request failed first; its error is the one that counts)."""
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-
-async def _close_iterator(iterator: AsyncIterator[Any]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        with suppress(Exception):
-            await aclose()
-
-
-def _sse_payload(line: bytes) -> bytes | None:
-    """The data of one SSE line, or None for comments, other fields and blank lines."""
-    line = line.strip()
-    if not line.startswith(b"data:"):
-        return None
-    return line[5:].strip()
-
-
-def _parse_event(payload: bytes) -> dict[str, Any] | None:
-    try:
-        event = json.loads(payload)
-    except ValueError:
-        logger.warning("dropping unreadable stream chunk from the engine")
-        return None
-    return event if isinstance(event, dict) else None
-
-
-def _has_content(event: dict[str, Any]) -> bool:
-    for choice in event.get("choices") or ():
-        delta = choice.get("delta") or {}
-        if delta.get("content"):
-            return True
-    return False
 
 
 def _names_our_expert(error: EngineRequestError, body: dict[str, Any] | None) -> bool:

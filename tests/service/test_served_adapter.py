@@ -67,14 +67,14 @@ def test_own_version_is_told_without_a_thread(gw: Gateway, monkeypatch: pytest.M
     to_thread = asyncio.to_thread
 
     async def spy(func, /, *args, **kwargs):  # type: ignore[no-untyped-def]
-        handed.append(getattr(func, "__name__", repr(func)))
+        handed.append(getattr(func, "__qualname__", repr(func)))
         return await to_thread(func, *args, **kwargs)
 
     monkeypatch.setattr(asyncio, "to_thread", spy)
     for stream in (False, True):
         response = gw.chat("alice", stream=stream)
         assert response.headers[HEADER] == f"users/alice/served@{gw.served['alice'].id}"
-    assert "_served" not in handed
+    assert "ServedLookup.find" not in handed
     glob = gw.store.publish_lora(Slot.global_adapter("pftt"), tiny_lora(5))
     assert gw.chat("carol").headers[HEADER] == f"global/adapters/pftt@{glob.id}"
-    assert "_served" in handed
+    assert "ServedLookup.find" in handed
