@@ -80,6 +80,11 @@ def test_built_reward_models_rank_held_out_pairs(reward_models: Path) -> None:
     assert help_marker["heldout_accuracy"] >= 0.9
     assert safe_marker["heldout_accuracy"] >= 0.7
     assert help_marker["license"] == "Apache-2.0" and "persona" in help_marker["source"]
+    # Held-out accuracy depends on the CPU kernels and libraries of the build (rounding decides
+    # a few unseen phrases), so a marker says which ones made it.
+    assert {"torch", "transformers", "tokenizers", "torch_cpu_capability"} <= set(
+        safe_marker["environment"]
+    )
     again = build_reward_models(reward_models, MICRO_REWARDS)
     assert all(info.cache_hit for info in again)
 

@@ -10,9 +10,15 @@ the training pairs and on the held-out pairs (prompts never seen in training), a
 standard deviation of its raw scores on the training responses (the scorer standardizes with
 them, so the two rewards a user mixes share one scale).
 
-Builds are deterministic (seeded, single thread) and cached by recipe hash; each model is built
-in a temporary directory and renamed into place. Any other sequence-classification directory
-can replace a default (see `fedpersona.trainer.rlhf.scorer`). Knows nothing about LoRA or Flower.
+Builds are deterministic (seeded, single thread) on one machine and software stack, and cached by
+recipe hash; each model is built in a temporary directory and renamed into place. They are not
+bit-identical across machines: torch picks its CPU kernels by instruction set, and the held-out
+accuracy of the safety model turns on a handful of unseen phrases, so a rounding difference can
+move it far (the `small` safety model, same code, libraries and seed: 0.694 with AVX-512 kernels,
+0.859 with AVX2, 0.864 with plain ones; over recipe seeds 0-5, 0.69 to 0.99). The marker
+therefore records the library versions and torch's CPU capability of the build. Any other
+sequence-classification directory can replace a default (see `fedpersona.trainer.rlhf.scorer`).
+Knows nothing about LoRA or Flower.
 """
 
 from __future__ import annotations
@@ -86,7 +92,9 @@ MICRO_REWARDS = RewardRecipe(
 )
 # `fedpersona models rewards` (default): the micro size on twice the pairs, longer. A wider model
 # (hidden 128) fit the training pairs as well but generalized worse to held-out wording
-# (safety 0.58 vs 0.89 held-out pairwise accuracy).
+# (safety 0.58 vs 0.89 held-out pairwise accuracy on the machine of that build; 0.694 on an
+# AVX-512 one, see the module docstring: the safety number is as much the build's luck on six
+# unseen phrases as the recipe's).
 SMALL_REWARDS = dataclasses.replace(MICRO_REWARDS, name="small", per_persona=60, steps=100)
 REWARD_RECIPES: dict[str, RewardRecipe] = {r.name: r for r in (MICRO_REWARDS, SMALL_REWARDS)}
 
@@ -291,4 +299,20 @@ def _train(
         "heldout_accuracy": round(float((held_c > held_r).double().mean()), 4),
         "score_mean": float(raw.mean()),
         "score_std": float(raw.std()),
+        "environment": build_environment(),
+    }
+
+
+def build_environment() -> dict[str, str]:
+    """What besides the recipe decides a build's numbers: library versions and the CPU kernels
+    torch dispatches to (a different instruction set rounds differently)."""
+    import tokenizers
+    import torch
+    import transformers
+
+    return {
+        "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__),
+        "tokenizers": str(tokenizers.__version__),
+        "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
     }
