@@ -3,10 +3,13 @@ configuration): slow headers, slow bodies, abandoned requests, too many connecti
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 from gateway_process import LiveGateway, SlowEngine, live_gateway
@@ -92,3 +95,57 @@ def test_connections_above_the_cap_get_503(tmp_path: Path) -> None:
             s.close()
         time.sleep(0.3)
         assert httpx.get(f"{gw.root}/health").status_code == 200
+
+
+class StreamThenStall(SlowEngine):
+    """Streams a role chunk and one token, then stalls; counts streams closed early."""
+
+    closed_early: int = 0
+
+    async def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        self.started += 1
+        head = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+        for delta in ({"role": "assistant"}, {"content": "one"}):
+            chunk = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            yield b"data: " + json.dumps(chunk).encode()
+        try:
+            await asyncio.sleep(self.delay_s)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.closed_early += 1
+            raise
+        self.finished += 1
+        yield b"data: [DONE]"
+
+
+def test_a_client_leaving_mid_stream_ends_the_engine_stream_and_frees_its_slot(
+    tmp_path: Path,
+) -> None:
+    engine = StreamThenStall(delay_s=30)
+    with live_gateway(tmp_path, engine=engine, max_in_flight_per_user=1) as gw:
+        body = json.dumps(
+            {
+                "model": "security-base",
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": True,
+            }
+        ).encode()
+        for attempt in range(2):
+            sock = _connect(gw)
+            sock.sendall(_chat_request(gw, body))
+            seen = b""
+            while b'"one"' not in seen:  # the first token reached the client
+                data = sock.recv(4096)
+                assert data, seen
+                seen += data
+            assert b"200 OK" in seen.split(b"\r\n", 1)[0]
+            sock.close()
+            deadline = time.monotonic() + 10
+            while engine.closed_early <= attempt and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # Closed long before the engine's 30 s: the relay noticed and let go; the second
+            # attempt (one stream allowed per user) shows the slot was given back.
+            assert (engine.started, engine.closed_early, engine.finished) == (
+                attempt + 1,
+                attempt + 1,
+                0,
+            )
