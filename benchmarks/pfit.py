@@ -62,6 +62,8 @@ MIXES: dict[str, tuple[str, float]] = {
 # gradient moves every LoRA weight by about lr per step whatever the signal: the earlier 1e-2
 # drifted the micro policy by 4-6 nats of KL without raising its reward.
 DEFAULT_LR = 1e-3
+# Settings that say how a result file came about, not what was run: --merge ignores them.
+PROVENANCE = frozenset({"seconds", "merged_from", "rescored_from"})
 
 log = logging.getLogger("benchmarks.pfit")
 
@@ -114,7 +116,7 @@ def merge(args: argparse.Namespace) -> int:
     files = [json.loads(path.read_text()) for path in args.merge]
 
     def identity(result: dict[str, Any]) -> tuple[Any, ...]:
-        settings = {k: v for k, v in result["settings"].items() if k != "seconds"}
+        settings = {k: v for k, v in result["settings"].items() if k not in PROVENANCE}
         return result["split"], settings
 
     if any(identity(f) != identity(files[0]) for f in files[1:]):
