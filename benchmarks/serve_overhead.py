@@ -11,7 +11,10 @@ paths generate the same tokens, so the work is identical):
 - below saturation: Poisson arrivals at `--poisson-load` (default 50%) of the direct request
   rate measured at saturation: added TTFT p50/p95 and latency, where queues are short;
 - single requests, one at a time, direct and gateway alternating: the median of the paired TTFT
-  differences (target <= 2 ms), which load noise does not swamp.
+  differences (target <= 2 ms), which load noise does not swamp. With `--floor`, a bare relay
+  (`bare_relay.py`: uvicorn and the gateway's engine pool, nothing else) takes turns with them,
+  so the added time splits into one more Python HTTP hop on this machine and the gateway's own
+  work.
 
 Prints a table and writes `benchmarks/results/serve_overhead[_instant].json` and `.png`.
 
@@ -32,6 +35,9 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import subprocess
+from contextlib import contextmanager
+
 import harness
 from fedpersona.adapters.manifest import model_name
 from fedpersona.service.load.client import (
@@ -63,6 +69,24 @@ async def engine(args: argparse.Namespace, home: Path, model_dir: Path) -> Any:
             yield url, harness.ENGINE_KEY, model_name(model_dir)
 
 
+@contextmanager
+def bare_relay(engine_url: str, engine_key: str | None) -> Any:
+    """`bare_relay.py` in front of the engine: the floor of one more Python hop."""
+    port = harness.free_port()
+    command = [sys.executable, str(Path(__file__).with_name("bare_relay.py"))]
+    command += ["--engine-url", engine_url, "--port", str(port)]
+    if engine_key:
+        command += ["--engine-key", engine_key]
+    popen = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = harness.Proc(popen, "bare relay")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        harness.wait_healthy(url, proc, timeout=60)
+        yield url
+    finally:
+        proc.stop()
+
+
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     home = harness.temp_home("overhead")
     model_dir = harness.micro_model_dir() if args.model_dir is None else args.model_dir
@@ -85,6 +109,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         via_gateway = published.callers()
         direct = [Caller(u, engine_key, f"u-{u}-{published.versions[u].id}") for u in users]
         paths = {"direct": (engine_url, direct), "gateway": (gateway_url, via_gateway)}
+        floor_url = stack.enter_context(bare_relay(engine_url, engine_key)) if args.floor else None
         # Warm up: the gateway loads every adapter; both paths open their connections.
         for name in ("gateway", "direct"):
             url, callers = paths[name]
@@ -121,20 +146,27 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 poisson[name].append((await run_load(open_loop, callers, [url])).summary())
         print(f"paired single requests x {args.paired} ...", flush=True)
-        diffs = []
+        diffs: list[float] = []
+        floor_diffs: list[float] = []
+        single = dict(paths)
+        if floor_url is not None:
+            single["floor"] = (floor_url, direct)  # engine names, passed through untouched
+        names = list(single)
         body_of = Workload(duration_s=1, max_tokens=args.max_tokens)
         async with httpx.AsyncClient(timeout=120) as client:
             for i in range(args.paired):
-                order = ["direct", "gateway"] if i % 2 == 0 else ["gateway", "direct"]
+                order = names[i % len(names) :] + names[: i % len(names)]  # rotate who goes first
                 ttft = {}
                 for name in order:
-                    url, callers = paths[name]
+                    url, callers = single[name]
                     caller = callers[i % len(callers)]
                     record = await send(client, url, caller, chat_body(body_of, caller, i))
                     if record.ok and record.ttft_s is not None:
                         ttft[name] = record.ttft_s
-                if len(ttft) == 2:
+                if len(ttft) == len(names):
                     diffs.append((ttft["gateway"] - ttft["direct"]) * 1000)
+                    if "floor" in ttft:
+                        floor_diffs.append((ttft["floor"] - ttft["direct"]) * 1000)
 
     def med(table: dict[str, list[dict[str, Any]]], path: str, *keys: str) -> float:
         values = []
@@ -175,6 +207,12 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "n": len(diffs),
             "median": statistics.median(diffs) if diffs else None,
             "p90": percentile(diffs, 0.9),
+        },
+        # The bare relay's added TTFT in the same rounds (None without --floor).
+        "floor_added_ttft_ms": {
+            "n": len(floor_diffs),
+            "median": statistics.median(floor_diffs) if floor_diffs else None,
+            "p90": percentile(floor_diffs, 0.9) if floor_diffs else None,
         },
         "errors": sum(x["errors"] for t in (saturation, poisson) for v in t.values() for x in v),
         "targets": {
@@ -230,6 +268,12 @@ def report(result: dict[str, Any]) -> None:
         console.print(
             f"single requests ({paired['n']} pairs): added TTFT median {paired['median']:.2f} ms "
             f"(target <= 2), p90 {paired['p90']:.2f} ms"
+        )
+    floor = result.get("floor_added_ttft_ms") or {}
+    if floor.get("median") is not None:
+        console.print(
+            f"bare relay (one more Python hop, nothing else) in the same rounds: added TTFT "
+            f"median {floor['median']:.2f} ms, p90 {floor['p90']:.2f} ms"
         )
 
 
@@ -288,6 +332,9 @@ def main() -> int:
         "--gateway-nice", type=int, default=0, help="niceness of the gateway process"
     )
     parser.add_argument("--max-loras", type=int, default=4)
+    parser.add_argument(
+        "--floor", action="store_true", help="add a bare relay to the single requests"
+    )
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--name", help="result name (default serve_overhead[_instant])")
     args = parser.parse_args()
