@@ -60,6 +60,7 @@ class StreamConnection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
+        self.answered = False  # any byte of this request's answer arrived
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
@@ -76,6 +77,7 @@ class StreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -209,11 +211,30 @@ class StreamPool:
         self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
         self._idle: deque[tuple[StreamConnection, float]] = deque()
         self._closed = False
+        self.stale_retries = 0  # requests sent again after a reused connection was found closed
 
     async def open(self, body: bytes) -> StreamConnection:
-        """Send a chat request; return its connection once the status and headers are in."""
-        conn = self._take_idle() or await self._connect()
-        conn.start(self._head + b"%d\r\n\r\n" % len(body) + body)
+        """Send a chat request; return its connection once the status and headers are in.
+
+        A kept-alive connection can be closed by the engine just as it is reused (vLLM's idle
+        timer and this pool's expiry crossing, e.g. when this process was starved of CPU and
+        handed the connection back late). Then the engine closes it without a byte of answer:
+        its server never took the request, so it is sent once more on a new connection. Any
+        other failure, or one on a new connection, is raised.
+        """
+        request = self._head + b"%d\r\n\r\n" % len(body) + body
+        conn = self._take_idle()
+        if conn is not None:
+            try:
+                return await self._send(conn, request)
+            except (httpx.ReadError, httpx.WriteError):
+                if conn.answered:
+                    raise
+                self.stale_retries += 1
+        return await self._send(await self._connect(), request)
+
+    async def _send(self, conn: StreamConnection, request: bytes) -> StreamConnection:
+        conn.start(request)
         try:
             await conn.read_head(self.read_timeout_s)
         except BaseException:

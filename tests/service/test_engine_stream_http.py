@@ -263,3 +263,62 @@ def test_the_lean_path_only_where_httpx_would_not_do_more(monkeypatch: pytest.Mo
     assert not supported("http://vllm:8000")  # httpx would go through the proxy
     monkeypatch.setenv("NO_PROXY", "vllm")
     assert supported("http://vllm:8000")
+
+
+def _answer(writer: asyncio.StreamWriter) -> None:
+    writer.write(
+        OK_HEAD + _chunk(b'data: {"n":0}\n\n') + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+    )
+
+
+def test_a_kept_alive_connection_closed_as_it_is_reused_is_retried_once_on_a_new_one() -> None:
+    """The engine's idle timer closing a connection just as the pool reuses it: no byte of
+    answer came, the engine never took the request, so it goes once more on a new connection."""
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        served = 0
+        while await _read_request(reader) is not None:
+            if served == 1:
+                break  # the second request on this connection: closed unanswered
+            _answer(writer)
+            await writer.drain()
+            served += 1
+        writer.close()
+
+    async def main() -> tuple[list[list[bytes]], int]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        c = EngineClient(url)
+        try:
+            answers = [[line async for line in c.stream_chat({})] for _ in range(2)]
+            assert c._lean is not None  # the lean path is the one under test
+            return answers, c._lean.stale_retries
+        finally:
+            await c.aclose()
+            server.close()
+
+    answers, retries = asyncio.run(main())
+    assert answers == [[b'data: {"n":0}', b"data: [DONE]"]] * 2
+    assert retries == 1 and len(connections) == 2
+
+
+def test_a_new_connection_closed_unanswered_is_not_retried() -> None:
+    tries: list[int] = []
+
+    async def handler(request: bytes, writer: asyncio.StreamWriter) -> None:
+        tries.append(1)
+        writer.close()
+
+    async def main(url: str) -> None:
+        c = EngineClient(url)
+        try:
+            with pytest.raises(EngineUnavailable):
+                async for _ in c.stream_chat({}):
+                    pass
+        finally:
+            await c.aclose()
+
+    asyncio.run(_serve(handler, main))
+    assert tries == [1]
