@@ -252,7 +252,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--zipf-s", type=float, default=1.1)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--max-loras", type=int, default=4)
+    parser.add_argument("--max-loras", type=int, default=16, help="vLLM slots (gateway default)")
     parser.add_argument("--max-cpu-loras", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--home", type=Path, help="keep (and reuse) the published users here")

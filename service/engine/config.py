@@ -84,7 +84,10 @@ class EngineSettings(BaseModel):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8100, ge=1, le=65535)
-    max_loras: int = Field(default=4, ge=1, description="adapters in one batch (vLLM slots)")
+    # 16: about the distinct users one batch holds under load. vLLM batches at most this many
+    # different adapters; with 4, 16 streams of 1,000 users ran at 0.43-0.62 of one shared
+    # adapter's throughput, with 16 at 0.66-1.22 (benchmarks/thousand_users.py, docs/benchmarks.md).
+    max_loras: int = Field(default=16, ge=1, description="adapters in one batch (vLLM slots)")
     max_cpu_loras: int = Field(default=32, ge=1, description="vLLM's LRU cache above the slots")
     max_lora_rank: int = Field(
         default=MAX_LORA_RANK, description="--max-lora-rank; the store's limit may not exceed it"
