@@ -69,6 +69,8 @@ _OWNED_FLAGS = frozenset(
 _SECRET_ENV = frozenset({ENGINE_API_KEY_ENV})
 
 
+DEFAULT_MAX_LORAS = 16  # vLLM LoRA slots when not set (see `EngineSettings.max_loras`)
+
 class EngineSettings(BaseModel):
     """How to reach (or start) the vLLM server. Defaults suit the CPU build on one machine."""
 
@@ -84,10 +86,13 @@ class EngineSettings(BaseModel):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8100, ge=1, le=65535)
-    # 16: about the distinct users one batch holds under load. vLLM batches at most this many
-    # different adapters; with 4, 16 streams of 1,000 users ran at 0.43-0.62 of one shared
-    # adapter's throughput, with 16 at 0.66-1.22 (benchmarks/thousand_users.py, docs/benchmarks.md).
-    max_loras: int = Field(default=16, ge=1, description="adapters in one batch (vLLM slots)")
+    # None: 16, or max_cpu_loras if smaller. 16 is about the distinct users one batch holds
+    # under load: vLLM batches at most this many different adapters; with 4, 16 streams of
+    # 1,000 users ran at 0.43-0.62 of one shared adapter's throughput, with 16 at 0.66-1.22
+    # (benchmarks/thousand_users.py, docs/benchmarks.md).
+    max_loras: int | None = Field(
+        default=None, ge=1, description="adapters in one batch (vLLM slots); None: 16"
+    )
     max_cpu_loras: int = Field(default=32, ge=1, description="vLLM's LRU cache above the slots")
     max_lora_rank: int = Field(
         default=MAX_LORA_RANK, description="--max-lora-rank; the store's limit may not exceed it"
@@ -146,6 +151,8 @@ class EngineSettings(BaseModel):
 
     @model_validator(mode="after")
     def _cpu_cache_holds_slots(self) -> EngineSettings:
+        if self.max_loras is None:
+            self.max_loras = min(DEFAULT_MAX_LORAS, self.max_cpu_loras)
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras (vLLM refuses otherwise)")
         return self

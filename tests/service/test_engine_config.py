@@ -265,3 +265,11 @@ def test_proxy_store_dir_and_its_deprecated_name(
     assert ProxySettings().store_dir == tmp_path / "old"  # type: ignore[call-arg]
     monkeypatch.setenv("FEDPERSONA_STORE_DIR", str(tmp_path / "new"))
     assert ProxySettings().store_dir == tmp_path / "new"  # type: ignore[call-arg]
+
+
+def test_lora_slots_default_to_16_or_the_cpu_cache_if_smaller(home: Path) -> None:
+    assert EngineSettings().max_loras == 16
+    assert EngineSettings(max_cpu_loras=4).max_loras == 4  # a small cache alone still starts
+    assert EngineSettings(max_loras=2, max_cpu_loras=4).max_loras == 2
+    launch = build_launch(EngineSettings(), home=home, python="/venv/bin/python")
+    assert flag(launch.argv, "--max-loras") == "16"
