@@ -71,6 +71,7 @@ _SECRET_ENV = frozenset({ENGINE_API_KEY_ENV})
 
 DEFAULT_MAX_LORAS = 16  # vLLM LoRA slots when not set (see `EngineSettings.max_loras`)
 
+
 class EngineSettings(BaseModel):
     """How to reach (or start) the vLLM server. Defaults suit the CPU build on one machine."""
 

@@ -211,7 +211,6 @@ class StreamPool:
         self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
         self._idle: deque[tuple[StreamConnection, float]] = deque()
         self._closed = False
-        self.stale_retries = 0  # requests sent again after a reused connection was found closed
 
     async def open(self, body: bytes) -> StreamConnection:
         """Send a chat request; return its connection once the status and headers are in.
@@ -230,7 +229,6 @@ class StreamPool:
             except (httpx.ReadError, httpx.WriteError):
                 if conn.answered:
                     raise
-                self.stale_retries += 1
         return await self._send(await self._connect(), request)
 
     async def _send(self, conn: StreamConnection, request: bytes) -> StreamConnection:

@@ -62,19 +62,20 @@ class ServedLookup:
     def find(self, user: str, engine_name: str) -> Served:
         """The user's own served version, or (cold start) a global adapter's. A version that is
         neither any more was the user's own (superseded since)."""
+        served = self.own(user, engine_name)
+        if served is not None:
+            return served
         try:
             _, version_id = parse_engine_adapter_name(engine_name)
         except InvalidName:
             return Served(ServedKind.PERSONAL, engine_name)
-        own = Slot.user_served(user)
         try:
-            if self.store.current_id(own) != version_id:
-                slot = self._global_slot(version_id)
-                if slot is not None:
-                    return Served(ServedKind.GLOBAL, f"{slot.path}@{version_id}")
+            slot = self._global_slot(version_id)
+            if slot is not None:
+                return Served(ServedKind.GLOBAL, f"{slot.path}@{version_id}")
         except AdapterError as e:
             logger.warning("store: cannot tell which slot serves %s: %s", engine_name, e)
-        return Served(ServedKind.PERSONAL, f"{own.path}@{version_id}")
+        return Served(ServedKind.PERSONAL, f"{Slot.user_served(user).path}@{version_id}")
 
     def _global_slot(self, version_id: str) -> Slot | None:
         slot = self._global_versions.get(version_id)
