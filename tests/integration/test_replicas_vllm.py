@@ -30,7 +30,20 @@ from support.servers import free_port, serve_in_thread
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-USERS = ("alice", "bob", "carol", "dave", "erin", "frank")
+NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy")
+
+
+def users_on_both(urls: list[str], per_replica: int = 3) -> list[str]:
+    """`per_replica` users whose affinity replica is each of `urls` (the ports are random, so a
+    fixed list of names could all hash to one replica)."""
+    by_home: dict[str, list[str]] = {u: [] for u in urls}
+    for name in NAMES + tuple(f"user{i}" for i in range(64)):
+        home = by_home[owner(name, urls)]
+        if len(home) < per_replica:
+            home.append(name)
+    return [name for home in by_home.values() for name in home]
+
+
 KEY = "replica-test-engine-key-0123456789"
 BODY: dict[str, Any] = {
     "messages": [{"role": "user", "content": "Tell me about the sea."}],
@@ -101,10 +114,11 @@ def registered(url: str) -> list[str]:
 def test_two_gateways_two_replicas(replicas: Any, tmp_path: Path) -> None:
     loop, supervisors, models = replicas
     urls = [s.launch.base_url for s in supervisors]
+    users = users_on_both(urls)
     store_dir = tmp_path / "store"
     store = AdapterStore(store_dir, max_rank=16)
     names = {}
-    for seed, user in enumerate(USERS):
+    for seed, user in enumerate(users):
         adapter = strong_lora(models.large.path, models.large.name, seed + 1)
         version = store.publish_lora(Slot.user_served(user), adapter)
         names[user] = engine_adapter_name(user, version.id)
@@ -128,7 +142,7 @@ def test_two_gateways_two_replicas(replicas: Any, tmp_path: Path) -> None:
         )
         registry = Registry(settings.registry_file)
         keys = {}
-        for user in USERS:
+        for user in users:
             registry.create_user(user)
             keys[user] = registry.issue_key(user).api_key
         gateways.append((create_app(settings, registry=registry), keys))
@@ -138,27 +152,27 @@ def test_two_gateways_two_replicas(replicas: Any, tmp_path: Path) -> None:
         answers: dict[str, str] = {}
         for _ in range(2):
             for root, keys in roots:
-                for user in USERS:
+                for user in users:
                     response = ask(root, keys[user])
                     assert response.status_code == 200, response.text
                     text = response.json()["choices"][0]["message"]["content"]
                     assert answers.setdefault(user, text) == text
         # Each adapter lives on its user's affinity replica only, with vLLM's own answer.
-        for user in USERS:
+        for user in users:
             home = owner(user, urls)
             assert names[user] in registered(str(home))
             assert answers[user] == direct(str(home), names[user])
             other = next(u for u in urls if u != home)
             assert names[user] not in registered(other)
         assert len(set(answers.values())) > 1
-        assert all(u in {owner(x, urls) for x in USERS} for u in urls), "both replicas used"
+        assert all(u in {owner(x, urls) for x in users} for u in urls), "both replicas used"
 
         # Kill one replica: its users move to the other; no request fails.
         loop.run_until_complete(supervisors[0].stop(1.0))
         for root, keys in roots:
-            for user in USERS:
+            for user in users:
                 response = ask(root, keys[user])
                 assert response.status_code == 200, (user, response.text)
                 assert response.json()["choices"][0]["message"]["content"] == answers[user]
-        for user in USERS:
+        for user in users:
             assert names[user] in registered(urls[1])
