@@ -100,6 +100,7 @@ logger = logging.getLogger(__name__)
 
 STEP_DELAY_ENV = "FEDPERSONA_STORE_TEST_STEP_DELAY"
 CURRENT_FILE = "current.json"
+_MANIFEST_PATHS_KEPT = 100_000  # bounds `AdapterStore._manifests` (~200 bytes a slot)
 _FORMAT = 1
 _CURRENT_ATTEMPTS = 5
 
@@ -135,6 +136,9 @@ class AdapterStore:
         self.read_only = read_only
         # slot path -> (stat stamp of its current.json, the version id it named)
         self._current_ids: dict[str, tuple[tuple[int, int, int], str]] = {}
+        # Slot path -> its manifest's path as text: `current_id` is on the request path, and two
+        # `Path` joins cost it more than its `stat`.
+        self._manifests: dict[str, str] = {}
         if read_only:  # e.g. a serving pod with the volume mounted read-only: no writes at all
             return
         for directory in (self._slots, self._staging, self._trash, self._locks):
@@ -176,7 +180,11 @@ class AdapterStore:
         Cheaper than `current` (which also reads the version's record): use it to tell whether
         a version read earlier is still current, and call `current` only when the id changed.
         """
-        manifest = self._slot_dir(slot) / CURRENT_FILE
+        manifest = self._manifests.get(slot.path) if isinstance(slot, Slot) else None
+        if manifest is None:
+            manifest = str(self._slot_dir(slot) / CURRENT_FILE)
+            if len(self._manifests) < _MANIFEST_PATHS_KEPT:
+                self._manifests[slot.path] = manifest
         try:
             st = os.stat(manifest)
         except FileNotFoundError:
@@ -186,7 +194,7 @@ class AdapterStore:
         cached = self._current_ids.get(slot.path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        version_id = _read_manifest(manifest)
+        version_id = _read_manifest(Path(manifest))
         if version_id is None:
             return None
         try:

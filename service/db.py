@@ -104,6 +104,11 @@ class Database(ABC):
         with self.transaction(write=True) as tx:
             return tx.execute(sql, params).fetchone()
 
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run one reading statement (a snapshot of its own); its first row (or None)."""
+        with self.transaction() as tx:
+            return tx.execute(sql, params).fetchone()
+
     @abstractmethod
     def describe(self) -> str:
         """Where the data is, safe to log."""
@@ -274,6 +279,19 @@ class SqliteDatabase(Database):
                 clean = True
         finally:
             self._pool.checkin(db, identity, generation, reusable=clean)
+
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        # Without BEGIN/COMMIT: one statement reads one snapshot on its own, and two fewer
+        # statements matter on the request path (the key check). `fetchall` runs the statement
+        # to its end, so it holds no read lock on the WAL after this returns.
+        db, identity, generation = self._pool.checkout()
+        clean = False
+        try:
+            rows = db.execute(sql, params).fetchall()
+            clean = True
+        finally:
+            self._pool.checkin(db, identity, generation, reusable=clean)
+        return rows[0] if rows else None
 
     def describe(self) -> str:
         return f"SQLite file {self.path}"

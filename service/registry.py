@@ -373,13 +373,12 @@ class Registry:
         key_id = parse_key_id(api_key)
         if key_id is None:
             return None
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT k.key_sha256, u.name, u.created_at, u.proxy_alpha, u.user_id "
-                'FROM api_keys k JOIN users u ON u.name = k."user" '
-                "WHERE k.key_id = ? AND k.revoked_at IS NULL",
-                (key_id,),
-            ).fetchone()
+        row = self.database.query_one(
+            "SELECT k.key_sha256, u.name, u.created_at, u.proxy_alpha, u.user_id "
+            'FROM api_keys k JOIN users u ON u.name = k."user" '
+            "WHERE k.key_id = ? AND k.revoked_at IS NULL",
+            (key_id,),
+        )
         # Compare even when no row matched, so timing does not tell a known key id apart.
         stored = bytes(row[0]) if row is not None else b"\0" * 32
         if not hmac.compare_digest(stored, _digest(api_key)) or row is None:

@@ -139,6 +139,11 @@ class Settings(BaseSettings):
         default=8, ge=0, description="chat requests one user may have running at once; 0: no cap"
     )
 
+    access_log: bool = Field(
+        default=True,
+        description="log one line per request when its response ends (status, duration; no "
+        "query string)",
+    )
     docs: bool = Field(
         default=True, description="serve /docs and /openapi.json (the chart turns them off)"
     )

@@ -18,8 +18,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fedpersona.adapters import AdapterStore
 from fedpersona.adapters.manifest import model_name
@@ -185,8 +186,10 @@ def create_app(
     app.state.rounds = rounds_controller
     app.state.in_flight = InFlightLimiter(settings.max_in_flight_per_user)
     install_error_handlers(app)
-    for router in (chat.router, models.router, health.router, admin.router, rounds.router):
+    app.router.routes.append(chat.route())
+    for router in (models.router, health.router, admin.router, rounds.router):
         app.include_router(router)
+    _document(app, chat.documented)
     # Added innermost first: metrics see everything, credentials are checked before the body.
     app.add_middleware(
         BodyLimits, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s
@@ -198,8 +201,26 @@ def create_app(
         metrics_key=settings.metrics_key.get_secret_value(),
         authenticate_inline=registry.database.quick_reads,
     )
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, access_log=settings.access_log)
     return app
+
+
+def _document(app: FastAPI, *routers: APIRouter) -> None:
+    """Describe routes served as plain ASGI apps (which FastAPI's schema skips) in
+    `/openapi.json`, from routers that document them without being mounted."""
+    described = [route for router in routers for route in router.routes]
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                routes=[*app.routes, *described],
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _report_engine_start(supervisor: Any) -> None:
@@ -256,12 +277,17 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     return message, param
 
 
-class MetricsMiddleware:
-    """Counts requests by route template and status, and times them to the last body byte."""
+access_logger = logging.getLogger("fedpersona.access")
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+
+class MetricsMiddleware:
+    """Counts requests by route template and status, times them to the last body byte, and
+    writes the access log line then (path without its query string, status, duration)."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, access_log: bool = True) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -279,7 +305,19 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            seconds = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(template, scope.get("method", ""), str(status)).inc()
-            self.metrics.request_seconds.labels(template).observe(time.perf_counter() - started)
+            self.metrics.request_seconds.labels(template).observe(seconds)
+            if self.access_log and access_logger.isEnabledFor(logging.INFO):
+                client = scope.get("client")
+                access_logger.info(
+                    '%s - "%s %s HTTP/%s" %d %.1f ms',
+                    f"{client[0]}:{client[1]}" if client else "-",
+                    scope.get("method", ""),
+                    scope.get("path", ""),  # never the query string: it may hold a key
+                    scope.get("http_version", ""),
+                    status,
+                    seconds * 1000,
+                )

@@ -44,7 +44,12 @@ def bearer_token(request: Request) -> str | None:
 async def current_user(
     request: Request, services: Annotated[Services, Depends(get_services)]
 ) -> User:
-    # `AuthenticateFirst` already looked the key up for this request, before its body was read.
+    return await user_of(request, services)
+
+
+async def user_of(request: Request, services: Services) -> User:
+    """The caller: the user `AuthenticateFirst` found for this request before its body was
+    read, else (an app built without it) the key looked up again, in a worker thread."""
     checked = request.scope.get("state", {}).get(USER_STATE)
     if isinstance(checked, User):
         return checked
@@ -68,6 +73,12 @@ CurrentUser = Annotated[User, Depends(current_user)]
 async def rate_limited_user(
     user: CurrentUser, services: Annotated[Services, Depends(get_services)]
 ) -> User:
+    await charge_request(user, services)
+    return user
+
+
+async def charge_request(user: User, services: Services) -> None:
+    """Count one request against `user`'s rate limit; raises `RateLimited` (429) over it."""
     limiter = services.limiter
     if limiter is not None:
         if limiter.blocking:  # a database-backed limiter: a round trip
@@ -77,7 +88,6 @@ async def rate_limited_user(
         if retry_after is not None:
             services.metrics.rate_limited.inc()
             raise RateLimited(retry_after=retry_after)
-    return user
 
 
 LimitedUser = Annotated[User, Depends(rate_limited_user)]

@@ -3,8 +3,12 @@
 `uvicorn_config(app, settings)` is what `fedpersona serve` runs (and what the security tests
 start). It caps connections and requests at once (`limit_concurrency`: 503 above), closes
 connections that do not finish sending a request's headers within `header_timeout_s` (uvicorn
-has no such timeout: a client sending half a header line held a connection forever), and
-redacts query strings in the access log (`?api_key=...` would put a key in the log).
+has no such timeout: a client sending half a header line held a connection forever), and turns
+uvicorn's access log off: the gateway writes its own when a response ends
+(`fedpersona.service.http.app.MetricsMiddleware`), with the duration and without the query
+string (`?api_key=...` would put a key in the log). uvicorn's is written when the response
+starts, on the way to a stream's first token. `RedactQuery` still guards uvicorn's log for a
+caller who turns it back on.
 
 Knows uvicorn, not the routes. Body deadlines and sizes are ASGI middleware
 (`fedpersona.service.http.middleware`), so they hold under any server.
@@ -105,6 +109,7 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         "limit_concurrency": settings.max_connections,
         "http": protocol or "auto",
         "server_header": False,  # the server's name and version are nobody's business
+        "access_log": False,  # the app writes its own (see the module doc)
     }
     values.update(overrides)
     return uvicorn.Config(app, **values)

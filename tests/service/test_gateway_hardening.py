@@ -174,3 +174,24 @@ def test_access_log_never_holds_query_strings() -> None:
     assert "secret" not in record.getMessage()
     assert "/v1/models?<redacted>" in record.getMessage()
     assert json.dumps(record.args)  # still the shape uvicorn's formatter expects
+
+
+def test_access_log_line_when_the_response_ends(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = make_gateway()
+    with caplog.at_level(logging.INFO, logger="fedpersona.access"):
+        secret = gw.keys["alice"]
+        gw.client.get(f"/v1/models?api_key={secret}", headers=gw.auth("alice"))
+        assert gw.chat("alice", stream=True).status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedpersona.access"]
+    assert len(lines) == 2, lines
+    assert '"GET /v1/models HTTP/1.1" 200 ' in lines[0] and lines[0].endswith(" ms")
+    assert secret not in lines[0] and "?" not in lines[0]
+    assert '"POST /v1/chat/completions HTTP/1.1" 200 ' in lines[1]
+
+    quiet = make_gateway(access_log=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedpersona.access"):
+        assert quiet.chat("alice").status_code == 200
+    assert not [r for r in caplog.records if r.name == "fedpersona.access"]

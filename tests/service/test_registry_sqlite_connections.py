@@ -198,6 +198,21 @@ def test_every_write_is_in_the_main_file_at_rest(
     copied.close()
 
 
+def test_key_checks_leave_no_read_open_on_pooled_connections(
+    registry: Registry, path: Path
+) -> None:
+    # A key check is one statement without BEGIN/COMMIT: run to its end, it holds no snapshot,
+    # so a write right after it still empties the WAL into the main file.
+    key = _key(registry)
+    for _ in range(3):
+        assert registry.authenticate(key) is not None
+        assert registry.authenticate("fp-000000000000_nope") is None
+    registry.create_user("bob")
+    assert (path.parent / "registry.sqlite-wal").stat().st_size == 0
+    registry.revoke_user_keys("alice")
+    assert registry.authenticate(key) is None  # and it reads the write at once
+
+
 def test_a_database_error_drops_the_connection(registry: Registry, opens: list[int]) -> None:
     database = registry.database
     registry.check()
