@@ -141,7 +141,10 @@ class BodyLimits:
         deadline = loop.time() + self.timeout_s
         while True:
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                # Not `wait_for`: it runs `receive()` in a task of its own, one more pass of
+                # the event loop per request, and the body is almost always there already.
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
             except TimeoutError:
                 await send_error(send, RequestTimeout(), close=True)
                 return
