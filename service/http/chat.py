@@ -256,7 +256,10 @@ class ChatService:
         stack: AsyncExitStack,
         started: float,
     ) -> AsyncIterator[bytes]:
-        """The client's SSE events: what the engine sent in one read goes out as one write."""
+        """The client's SSE events: what the engine sent in one read goes out as one write,
+        except that the first token goes out as soon as it is renamed (an engine under load
+        sends many events per read: the rest of the read would delay the time to first
+        token)."""
         label = kind.value
         self.metrics.streams_in_flight.inc()
         rename = Renamer(engine_model, route.public_name)
@@ -266,17 +269,18 @@ class ChatService:
             batch: list[bytes] | None = first
             while batch is not None and not done:
                 out: list[bytes] = []
-                for line in batch:
+                for i, line in enumerate(batch):
                     # Content chunks (all but the last few) are renamed without a JSON round
                     # trip.
                     fast = rename(line)
                     if fast is not None:
+                        out.append(fast)
                         if not first_token_seen and chunk_has_content(line):
                             first_token_seen = True
-                            self.metrics.ttft_seconds.labels(label).observe(
-                                time.perf_counter() - started
-                            )
-                        out.append(fast)
+                            self._observe_ttft(label, started)
+                            if i + 1 < len(batch):  # the first token goes out before the rest
+                                yield b"".join(out)
+                                out = []
                         continue
                     payload = sse_payload(line)
                     if payload == b"[DONE]":
@@ -293,16 +297,17 @@ class ChatService:
                         return
                     if event.get("usage"):
                         self._count_usage(event["usage"], kind)
-                    if not first_token_seen and event_has_content(event):
-                        first_token_seen = True
-                        self.metrics.ttft_seconds.labels(label).observe(
-                            time.perf_counter() - started
-                        )
                     rewritten = _rewrite_chunk(
                         event, public_name=route.public_name, include_usage=include_usage
                     )
                     if rewritten is not None:
                         out.append(sse_event(rewritten))
+                    if not first_token_seen and event_has_content(event):
+                        first_token_seen = True
+                        self._observe_ttft(label, started)
+                        if out and i + 1 < len(batch):
+                            yield b"".join(out)
+                            out = []
                 if done:
                     out.append(DONE_EVENT)
                 if out:
@@ -322,6 +327,9 @@ class ChatService:
             self.metrics.streams_in_flight.dec()
             self.metrics.chat_seconds.labels(label, "true").observe(time.perf_counter() - started)
             await stack.aclose()
+
+    def _observe_ttft(self, label: str, started: float) -> None:
+        self.metrics.ttft_seconds.labels(label).observe(time.perf_counter() - started)
 
     def _engine_error(
         self, error: EngineRequestError, *, body: dict[str, Any] | None = None

@@ -214,6 +214,67 @@ def test_the_relay_writes_each_batch_once_and_says_the_same(gw: Gateway) -> None
     assert all(json.loads(e)["model"] == "personal" for e in expected[:-1])
 
 
+def test_the_first_token_goes_out_before_the_rest_of_its_batch(gw: Gateway) -> None:
+    """An engine that sends the whole answer in one read (a loaded engine, or a fast one): the
+    client's first token is written alone, not after the rest of the read is renamed."""
+    single = gw.engine.stream_chat
+
+    async def all_at_once(body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+        yield [line async for line in single(body)]
+
+    gw.engine.stream_chat_batches = all_at_once  # type: ignore[attr-defined]
+    request = {
+        "model": "personal",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+    }
+    raw = json.dumps(request).encode()
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in gw.auth("alice").items()]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+    writes: list[bytes] = []
+
+    async def call() -> None:
+        sent = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if not sent.is_set():
+                sent.set()
+                return {"type": "http.request", "body": raw, "more_body": False}
+            await asyncio.Event().wait()  # the client stays until the answer ends
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                writes.append(message["body"])
+
+        await gw.client.app(scope, receive, send)
+
+    asyncio.run(call())
+    contents = [
+        [c["delta"].get("content") for c in json.loads(e)["choices"]]
+        for e in sse_events(b"".join(writes).decode())[:-1]
+    ]
+    assert [c for c in contents if c and c[0]] != []  # the fake engine answered with text
+    first = sse_events(writes[0].decode())
+    assert [json.loads(e)["choices"][0]["delta"].get("content") for e in first] == ["", "hello"]
+    assert len(writes) == 2  # the first token, then everything else in one write
+
+
 def test_a_replica_set_hands_batches_on_and_fails_over_on_a_first_batch_error(
     tmp_path: Path,
 ) -> None:
