@@ -57,11 +57,33 @@ def test_bad_bodies_are_400_envelopes(gw: Gateway, body: Any, param: str | None)
     assert gw.engine.received == []
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b'{"model": "personal", '])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"",
+        b"\xff\xfe",
+        b'{"model": "personal", ',
+        b'{"model": "\xc3\x28"}',  # not UTF-8
+        b"[" * 100_000,  # nested deeper than the parser recurses
+    ],
+)
 def test_unparseable_json_is_400(gw: Gateway, raw: bytes) -> None:
     response = _post(gw, raw, raw=True)
     assert response.status_code == 400
     assert set(response.json()["error"]) == ENVELOPE_KEYS
+    assert gw.engine.received == []
+
+
+def test_a_body_that_is_not_json_by_its_content_type_is_400(gw: Gateway) -> None:
+    body = b'{"model": "personal", "messages": [{"role": "user", "content": "hi"}]}'
+    headers = {**gw.auth("alice"), "content-type": "text/plain"}
+    response = gw.client.post("/v1/chat/completions", content=body, headers=headers)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    headers["content-type"] = "application/vnd.api+json; charset=utf-8"
+    response = gw.client.post("/v1/chat/completions", content=body, headers=headers)
+    assert response.status_code == 200, response.text
 
 
 def test_auth_is_checked_before_the_body(gw: Gateway) -> None:

@@ -163,6 +163,8 @@ async def read_chat_request(request: Request) -> ChatCompletionRequest:
                 raise RequestValidationError([error]) from e
             except ValueError as e:  # bytes that are no Unicode text at all
                 raise BadRequest("The request body is not valid JSON text (UTF-8).") from e
+            except RecursionError as e:
+                raise BadRequest("The request body is nested too deeply.") from e
         else:
             data = raw
     if data is None:
