@@ -165,6 +165,21 @@ class Proc:
                 self.popen.wait()
 
 
+def pin_tree(pid: int, cpus: set[int]) -> int:
+    """Pin process `pid`, its children and every thread of them to `cpus`; returns how many
+    threads were pinned. (A thread started later inherits its creator's CPUs.)"""
+    root = psutil.Process(pid)
+    pinned = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            for thread in proc.threads():
+                os.sched_setaffinity(thread.id, cpus)
+                pinned += 1
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return pinned
+
+
 def this_process_cpu_s() -> float:
     t = psutil.Process().cpu_times()
     return t.user + t.system

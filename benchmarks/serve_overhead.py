@@ -16,6 +16,11 @@ paths generate the same tokens, so the work is identical):
   so the added time splits into one more Python HTTP hop on this machine and the gateway's own
   work.
 
+`--engine-cpus 0` keeps the engine on CPU 0 (vLLM's compute threads bound there, every thread
+of the engine pinned) and everything else (this client, the gateway, the bare relay) on the
+other CPUs, as a GPU engine would leave the gateway's cores alone: on a 2-core machine the
+gateway's work otherwise takes CPU from the engine's own compute, and that is not gateway cost.
+
 Prints a table and writes `benchmarks/results/serve_overhead[_instant].json` and `.png`.
 
     python benchmarks/serve_overhead.py                       # micro model, own vLLM
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -54,7 +60,8 @@ from fedpersona.service.load.client import (
 async def engine(args: argparse.Namespace, home: Path, model_dir: Path) -> Any:
     """(url, key for direct requests, model name) of the engine to measure against."""
     if args.instant_engine:
-        with harness.stub_engine("stub-base", tokens=args.max_tokens) as (url, _):
+        with harness.stub_engine("stub-base", tokens=args.max_tokens) as (url, proc):
+            pin_engine(args, proc.popen.pid)
             yield url, None, "stub-base"
     elif args.engine_url:
         yield args.engine_url.rstrip("/"), args.engine_key, model_name(model_dir)
@@ -65,8 +72,32 @@ async def engine(args: argparse.Namespace, home: Path, model_dir: Path) -> Any:
             max_loras=args.max_loras,
             max_cpu_loras=max(args.users, args.max_loras),
             max_model_len=args.max_model_len,
-        ) as (url, _):
+        ) as (url, supervisor):
+            pin_engine(args, supervisor.pid)
             yield url, harness.ENGINE_KEY, model_name(model_dir)
+
+
+def engine_cpus(args: argparse.Namespace) -> tuple[set[int], set[int]] | None:
+    """(the engine's CPUs, everyone else's) for `--engine-cpus`, or None."""
+    if not args.engine_cpus:
+        return None
+    mine = set(os.sched_getaffinity(0))
+    engine = {int(c) for c in args.engine_cpus.split(",")}
+    rest = mine - engine
+    if not engine <= mine or not rest:
+        raise SystemExit(f"--engine-cpus {args.engine_cpus}: needs a strict subset of {mine}")
+    return engine, rest
+
+
+def pin_engine(args: argparse.Namespace, pid: int | None) -> None:
+    """Pin the engine's process tree to its CPUs and this process (so the gateway and the relay
+    started after it) to the rest."""
+    cpus = engine_cpus(args)
+    if cpus is None or pid is None:
+        return
+    pinned = harness.pin_tree(pid, cpus[0])
+    os.sched_setaffinity(0, cpus[1])
+    print(f"engine: {pinned} threads on CPUs {sorted(cpus[0])}; the rest on {sorted(cpus[1])}")
 
 
 @contextmanager
@@ -88,6 +119,9 @@ def bare_relay(engine_url: str, engine_key: str | None) -> Any:
 
 
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    cpus = engine_cpus(args)
+    if cpus is not None:  # vLLM's CPU build binds its compute threads where this says
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(cpus[0])))
     home = harness.temp_home("overhead")
     model_dir = harness.micro_model_dir() if args.model_dir is None else args.model_dir
     async with AsyncExitStack() as stack:
@@ -336,6 +370,9 @@ def main() -> int:
         "--floor", action="store_true", help="add a bare relay to the single requests"
     )
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument(
+        "--engine-cpus", help="CPUs for the engine alone, e.g. 0 (the rest run everything else)"
+    )
     parser.add_argument("--name", help="result name (default serve_overhead[_instant])")
     args = parser.parse_args()
     name = args.name or ("serve_overhead_instant" if args.instant_engine else "serve_overhead")
