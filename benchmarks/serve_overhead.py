@@ -20,6 +20,9 @@ paths generate the same tokens, so the work is identical):
 of the engine pinned) and everything else (this client, the gateway, the bare relay) on the
 other CPUs, as a GPU engine would leave the gateway's cores alone: on a 2-core machine the
 gateway's work otherwise takes CPU from the engine's own compute, and that is not gateway cost.
+`--client-cpus 0` then moves this client, once the gateway and the bare relay have started, to
+CPU 0 beside the engine, so the gateway has a core of its own, as it would beside a GPU engine
+with the clients on other machines (the client waits on both paths alike).
 
 Prints a table and writes `benchmarks/results/serve_overhead[_instant].json` and `.png`.
 
@@ -144,6 +147,9 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         direct = [Caller(u, engine_key, f"u-{u}-{published.versions[u].id}") for u in users]
         paths = {"direct": (engine_url, direct), "gateway": (gateway_url, via_gateway)}
         floor_url = stack.enter_context(bare_relay(engine_url, engine_key)) if args.floor else None
+        if args.client_cpus:  # the gateway and the relay keep the CPUs they started on
+            os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
+            print(f"load client on CPUs {sorted(os.sched_getaffinity(0))}")
         # Warm up: the gateway loads every adapter; both paths open their connections.
         for name in ("gateway", "direct"):
             url, callers = paths[name]
@@ -372,6 +378,11 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument(
         "--engine-cpus", help="CPUs for the engine alone, e.g. 0 (the rest run everything else)"
+    )
+    parser.add_argument(
+        "--client-cpus",
+        help="CPUs for this load client once the gateway has started, e.g. 0 (with --engine-cpus 0:"
+        " the gateway alone on the other core)",
     )
     parser.add_argument("--name", help="result name (default serve_overhead[_instant])")
     args = parser.parse_args()
