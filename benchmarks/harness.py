@@ -180,6 +180,35 @@ def pin_tree(pid: int, cpus: set[int]) -> int:
     return pinned
 
 
+def split_cpus(spec: str | None) -> tuple[set[int], set[int]] | None:
+    """(the engine's CPUs, everyone else's) for an `--engine-cpus` value such as "0", or None."""
+    if not spec:
+        return None
+    mine = set(os.sched_getaffinity(0))
+    engine = {int(c) for c in spec.split(",")}
+    rest = mine - engine
+    if not engine <= mine or not rest:
+        raise SystemExit(f"--engine-cpus {spec}: needs a strict subset of {sorted(mine)}")
+    return engine, rest
+
+
+def bind_engine_threads(cpus: tuple[set[int], set[int]] | None) -> None:
+    """Before starting vLLM: its CPU build binds its compute threads where this says (pinning
+    the process alone is not enough, it binds them itself)."""
+    if cpus is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(cpus[0])))
+
+
+def place_engine(pid: int | None, cpus: tuple[set[int], set[int]] | None) -> None:
+    """Pin the engine's process tree to its CPUs and this process (so whatever it starts
+    later: gateways, relays) to the rest."""
+    if cpus is None or pid is None:
+        return
+    pinned = pin_tree(pid, cpus[0])
+    os.sched_setaffinity(0, cpus[1])
+    print(f"engine: {pinned} threads on CPUs {sorted(cpus[0])}; the rest on {sorted(cpus[1])}")
+
+
 def this_process_cpu_s() -> float:
     t = psutil.Process().cpu_times()
     return t.user + t.system

@@ -15,12 +15,17 @@ The gateway preloads (`adapter_preload`, default: vLLM's `--max-cpu-loras`): it 
 new version as soon as the store shows it, so the user's next request does not pay the load;
 `--preload 0` turns that off (every new version loaded by its first request, as before).
 It notices a publish through the store's publish stamp (every 0.02 s); `--publish-watch 0`
-leaves only the per-slot poll (every 0.2 s), for an A/B of the two.
+leaves only the per-slot poll (every 0.2 s), for an A/B of the two. `--engine-cpus 0` keeps
+vLLM on CPU 0 and the gateway and this client on the others, as beside a GPU engine: vLLM's CPU
+build binds its model compute to cores of its own (on 2 cores: CPU 0, CPU 1 left to its front
+end), but nothing keeps the gateway and the client off that core, and every time slice they take
+there stretches a model step, and with it every time to first token.
 
     python benchmarks/hot_swap.py                          # 8 users, 60 s, 20 versions each
     python benchmarks/hot_swap.py --seconds 20 --versions 5
     python benchmarks/hot_swap.py --preload 0 --name hot_swap_no_preload
     python benchmarks/hot_swap.py --publish-watch 0 --name hot_swap_poll_only
+    python benchmarks/hot_swap.py --engine-cpus 0 --name hot_swap_own_core
 """
 
 from __future__ import annotations
@@ -54,13 +59,16 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         env["FEDPERSONA_ADAPTER_PRELOAD"] = str(args.preload)
     if args.publish_watch is not None:
         env["FEDPERSONA_ADAPTER_PUBLISH_WATCH_S"] = str(args.publish_watch)
+    cpus = harness.split_cpus(args.engine_cpus)
+    harness.bind_engine_threads(cpus)
     async with harness.vllm(
         model_dir,
         home,
         max_loras=args.users,
         max_cpu_loras=max_cpu_loras,
         max_model_len=args.max_model_len,
-    ) as (engine_url, _):
+    ) as (engine_url, supervisor):
+        harness.place_engine(supervisor.pid, cpus)
         with harness.gateway(
             home,
             model=model,
@@ -274,6 +282,11 @@ def main() -> int:
         type=float,
         help="the gateway's adapter_publish_watch_s (default: its own, 0.02 s; 0: off, the "
         "0.2 s per-slot poll alone)",
+    )
+    parser.add_argument(
+        "--engine-cpus",
+        help="CPUs for vLLM alone, e.g. 0: its compute threads bound and every engine thread "
+        "pinned there, the gateway and this client on the rest (as beside a GPU engine)",
     )
     parser.add_argument("--name", default="hot_swap")
     args = parser.parse_args()

@@ -82,25 +82,13 @@ async def engine(args: argparse.Namespace, home: Path, model_dir: Path) -> Any:
 
 def engine_cpus(args: argparse.Namespace) -> tuple[set[int], set[int]] | None:
     """(the engine's CPUs, everyone else's) for `--engine-cpus`, or None."""
-    if not args.engine_cpus:
-        return None
-    mine = set(os.sched_getaffinity(0))
-    engine = {int(c) for c in args.engine_cpus.split(",")}
-    rest = mine - engine
-    if not engine <= mine or not rest:
-        raise SystemExit(f"--engine-cpus {args.engine_cpus}: needs a strict subset of {mine}")
-    return engine, rest
+    return harness.split_cpus(args.engine_cpus)
 
 
 def pin_engine(args: argparse.Namespace, pid: int | None) -> None:
     """Pin the engine's process tree to its CPUs and this process (so the gateway and the relay
     started after it) to the rest."""
-    cpus = engine_cpus(args)
-    if cpus is None or pid is None:
-        return
-    pinned = harness.pin_tree(pid, cpus[0])
-    os.sched_setaffinity(0, cpus[1])
-    print(f"engine: {pinned} threads on CPUs {sorted(cpus[0])}; the rest on {sorted(cpus[1])}")
+    harness.place_engine(pid, engine_cpus(args))
 
 
 @contextmanager
@@ -122,9 +110,7 @@ def bare_relay(engine_url: str, engine_key: str | None) -> Any:
 
 
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    cpus = engine_cpus(args)
-    if cpus is not None:  # vLLM's CPU build binds its compute threads where this says
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(cpus[0])))
+    harness.bind_engine_threads(engine_cpus(args))
     home = harness.temp_home("overhead")
     model_dir = harness.micro_model_dir() if args.model_dir is None else args.model_dir
     async with AsyncExitStack() as stack:
