@@ -32,6 +32,7 @@ from fedpersona.adapters.home import Home
 from fedpersona.adapters.manifest import manifest_path
 from fedpersona.service.db import DatabaseError
 from fedpersona.service.engine.config import EngineSettings
+from fedpersona.service.engine.placement import Placement, keep_gateway_off, plan
 from fedpersona.service.engine.supervisor import port_in_use
 from fedpersona.service.http.server import uvicorn_config
 from fedpersona.service.metrics import Metrics
@@ -152,14 +153,20 @@ def engine_fix(failure: str) -> str:
     return "read the engine log named above; `fedpersona engine` prints the exact command"
 
 
-def build_supervisor(settings: Settings) -> Any:
-    """The embedded engine's supervisor (None when an engine URL is configured)."""
+def build_supervisor(settings: Settings, placement: Placement | None = None) -> Any:
+    """The embedded engine's supervisor (None when an engine URL is configured); with a
+    `placement`, vLLM may use `placement.engine` whatever CPUs the gateway keeps to."""
     if not settings.engine.supervised:
         return None
     from fedpersona.service.engine.config import build_launch
     from fedpersona.service.engine.supervisor import EngineSupervisor
 
-    launch = build_launch(settings.engine, home=settings.home, store_dir=settings.store_path)
+    launch = build_launch(
+        settings.engine,
+        home=settings.home,
+        store_dir=settings.store_path,
+        cpus=placement.engine if placement is not None else None,
+    )
     return EngineSupervisor(
         launch,
         log_path=settings.engine_log,
@@ -222,8 +229,16 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         logger.error("%s", problem)
         return 2
+    placement = None
+    if settings.engine.supervised and settings.engine.cpu_cores is not None:
+        try:
+            placement = plan(settings.engine.cpu_cores)
+        except ValueError as e:
+            logger.error("%s", e)
+            return 2
+        keep_gateway_off(placement)  # before any thread starts: they inherit it
     try:
-        supervisor = build_supervisor(settings)
+        supervisor = build_supervisor(settings, placement)
         app = build_app(settings, rounds=not args.no_rounds, supervisor=supervisor)
     except (ValueError, DatabaseError) as e:
         logger.error("%s", e)

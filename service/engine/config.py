@@ -32,6 +32,7 @@ from fedpersona.adapters.home import Home
 from fedpersona.adapters.limits import MAX_LORA_RANK, VLLM_LORA_RANKS
 from fedpersona.adapters.manifest import read_model_manifest
 from fedpersona.service.engine.guard import ENGINE_API_KEY_ENV, GUARD_MIDDLEWARE
+from fedpersona.service.engine.placement import parse_cpu_list
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 DEFAULT_MAX_MODEL_LEN = 2048
@@ -109,6 +110,12 @@ class EngineSettings(BaseModel):
     gpu_memory_utilization: float | None = Field(
         default=None, gt=0, le=1, description="--gpu-memory-utilization; None: the model's hint"
     )
+    cpu_cores: str | None = Field(
+        default=None,
+        description="CPU build: the cores vLLM's model compute is bound to (e.g. 0 or 0-5; "
+        "VLLM_CPU_OMP_THREADS_BIND); an embedded engine's gateway keeps off them. None: vLLM's "
+        "own binding, the gateway anywhere (see fedpersona.service.engine.placement)",
+    )
     extra_args: list[str] = Field(default_factory=list)
     proxy_small_model: Path | None = Field(
         default=None, description="small base model dir; set: enable the FedPT logits processor"
@@ -130,6 +137,13 @@ class EngineSettings(BaseModel):
     def _known_rank(cls, value: int) -> int:
         if value not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {value}")
+        return value
+
+    @field_validator("cpu_cores")
+    @classmethod
+    def _cpu_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_cpu_list(value)  # ValueError: not a CPU list
         return value
 
     @field_validator("extra_args")
@@ -215,6 +229,9 @@ class EngineLaunch:
     base_url: str
     served_model_name: str
     unset_env: tuple[str, ...] = field(default=_RESOLVER_ENV)
+    # The CPUs the vLLM process may use (None: those of whoever starts it). Set where the
+    # gateway moves itself off the engine's compute cores: its child must not inherit that.
+    cpus: frozenset[int] | None = None
 
     @property
     def api_key(self) -> str:
@@ -292,6 +309,8 @@ def engine_env(settings: EngineSettings, *, store_dir: Path, api_key: str) -> di
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
+    if settings.cpu_cores is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_cores
     if settings.proxy_small_model is not None:
         env[PROXY_SMALL_MODEL_ENV] = str(settings.proxy_small_model)
         env[PROXY_STORE_ENV] = str(store_dir)
@@ -311,12 +330,14 @@ def build_launch(
     home: Path,
     store_dir: Path | None = None,
     python: str = sys.executable,
+    cpus: frozenset[int] | None = None,
 ) -> EngineLaunch:
     """Resolve defaults against `home` and build the launch the supervisor runs.
 
     The engine key is `settings.api_key`, else a fresh random one (embedded mode: the gateway
     reads it from the launch). Raises `InvalidManifest` (a `ValueError`) when no served name is
-    configured and the model directory has no valid `fedpersona.json`.
+    configured and the model directory has no valid `fedpersona.json`. `cpus`: the CPUs the
+    vLLM process may use (`placement.Placement.engine`; None: its starter's).
     """
     layout = Home(home)
     model_dir = (settings.model_dir or layout.large_model).resolve()
@@ -328,4 +349,5 @@ def build_launch(
         env=engine_env(settings, store_dir=store, api_key=engine_key(settings)),
         base_url=settings.base_url,
         served_model_name=served,
+        cpus=cpus,
     )

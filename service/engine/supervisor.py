@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import ctypes
 import enum
+import functools
 import logging
 import math
 import os
@@ -116,6 +117,13 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _child_setup(cpus: frozenset[int] | None) -> None:  # pragma: no cover - in the child
+    """`_die_with_parent`, and the CPUs the launch gives vLLM (not the gateway's own)."""
+    _die_with_parent()
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
 
 
 class EngineSupervisor:
@@ -316,7 +324,11 @@ class EngineSupervisor:
                 # Its own process group: a terminal's Ctrl-C reaches only the gateway, which
                 # stops vLLM in order; and the whole group can be killed at the end.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=(
+                    functools.partial(_child_setup, self.launch.cpus)
+                    if sys.platform == "linux"
+                    else None
+                ),
             )
         self._proc = proc
         logger.info("started vLLM (pid %d), log: %s", proc.pid, self.log_path)

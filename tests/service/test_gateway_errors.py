@@ -138,6 +138,42 @@ def test_health_and_readiness(gw: Gateway) -> None:
     assert "retry-after" in not_ready.headers
 
 
+class _Supervisor:
+    """An embedded engine's supervisor as the app sees it, in a state the test sets."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+
+    async def start(self) -> None:
+        pass
+
+    def on_restart(self, hook: Any) -> None:
+        pass
+
+    def check_available(self) -> None:
+        pass
+
+    async def stop(self, grace_s: float = 0.0, *, wait_idle: Any = None) -> None:
+        pass
+
+    class launch:  # mirrors EngineSupervisor.launch
+        base_url = "http://engine.invalid"
+
+
+def test_not_ready_until_the_supervisor_has_seen_its_engine_ready(
+    make_gateway: GatewayFactory,
+) -> None:
+    # vLLM's /health answers before the supervisor (which polls it) opens the gate for chat:
+    # /ready follows the gate, so a probe never routes clients to 503 "starting".
+    supervisor = _Supervisor("starting")
+    gw = make_gateway(supervisor=supervisor)
+    assert gw.client.get("/health").json() == {"status": "ok"}
+    starting = gw.client.get("/ready")
+    assert starting.status_code == 503 and starting.json()["checks"]["engine"] is False
+    supervisor.state = "ready"
+    assert gw.client.get("/ready").status_code == 200
+
+
 def test_readiness_fails_when_registry_unreadable(gw: Gateway) -> None:
     gw.registry.path.unlink()
     gw.registry.path.mkdir()  # sqlite cannot open a directory

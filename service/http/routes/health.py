@@ -30,11 +30,17 @@ async def health(services: ServicesDep) -> JSONResponse:
 @router.get("/ready", response_model=None)
 async def ready(services: ServicesDep) -> JSONResponse:
     checks: dict[str, bool] = {}
-    try:
-        checks["engine"] = await services.engine.health()
-    except Exception:  # a probe answers, whatever the engine client does
-        logger.exception("engine health check failed")
+    supervisor = services.supervisor
+    if supervisor is not None and str(supervisor.state) != "ready":
+        # vLLM's own /health can answer before the supervisor has seen it (it polls): until
+        # then chat answers 503 "starting", so this is not ready either.
         checks["engine"] = False
+    else:
+        try:
+            checks["engine"] = await services.engine.health()
+        except Exception:  # a probe answers, whatever the engine client does
+            logger.exception("engine health check failed")
+            checks["engine"] = False
     try:
         await asyncio.to_thread(services.registry.check)
         checks["registry"] = True
