@@ -8,10 +8,11 @@ every process free to run anywhere, and 28-35 ms with vLLM alone on one core
 (`benchmarks/hot_swap.py`, docs/benchmarks.md).
 
 `EngineSettings.cpu_cores` (`FEDPERSONA_ENGINE__CPU_CORES`, e.g. "0" or "0-5") names vLLM's
-compute cores: the engine's launch binds them, and an embedded engine's gateway (`fedpersona
-serve`) moves itself to the cores left (`Placement.gateway`) before it starts any thread, while
-the vLLM child it starts may use every core (its front end runs beside the gateway). A GPU
-engine computes on the GPU: leave it unset there.
+cores: the engine's launch binds its model compute there, an embedded engine (`fedpersona
+serve`) runs wholly on them (its front end too: measured, that beat leaving the front end to
+share the gateway's cores, `benchmarks/cpu_placement.py`), and the gateway moves itself to the
+cores left (`Placement.gateway`) before it starts any thread. A GPU engine computes on the GPU:
+leave it unset there.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def parse_cpu_list(text: str) -> frozenset[int]:
 @dataclass(frozen=True)
 class Placement:
     compute: frozenset[int]  # vLLM's model compute (VLLM_CPU_OMP_THREADS_BIND)
-    engine: frozenset[int]  # every CPU the vLLM process may use (its front end runs anywhere)
+    engine: frozenset[int]  # the CPUs the vLLM process runs on: the same
     gateway: frozenset[int]  # the gateway: the CPUs left
 
 
@@ -61,7 +62,7 @@ def plan(cpu_cores: str, allowed: set[int] | frozenset[int] | None = None) -> Pl
             f"FEDPERSONA_ENGINE__CPU_CORES={cpu_cores} leaves no CPU for the gateway (of "
             f"{sorted(allowed)}): name fewer, or leave it unset"
         )
-    return Placement(compute=compute, engine=allowed, gateway=frozenset(gateway))
+    return Placement(compute=compute, engine=compute, gateway=frozenset(gateway))
 
 
 def keep_gateway_off(placement: Placement) -> None:
