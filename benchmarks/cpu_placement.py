@@ -18,34 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 from fedpersona.adapters.manifest import model_name
 from fedpersona.service.engine import placement
 from fedpersona.service.load.client import Workload, run_load
-
-
-def wait_ready(url: str, proc: harness.Proc, timeout: float = 900.0) -> float:
-    """Seconds until the gateway's /ready (its own vLLM included) answers 200."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready in {timeout} s")
 
 
 async def one_run(
@@ -67,7 +48,7 @@ async def one_run(
     with harness.gateway(
         home, model=model_name(model_dir), max_model_len=args.max_model_len, env=env
     ) as (url, proc):
-        ready_s = wait_ready(url, proc)
+        ready_s = harness.wait_ready(url, proc)
         mine = os.sched_getaffinity(0)
         os.sched_setaffinity(0, client_cpus)
         try:
@@ -107,13 +88,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             runs[mode].append(run)
 
     def med(mode: str, *keys: str) -> float:
-        values = []
-        for run in runs[mode]:
-            value: Any = run["load"]
-            for key in keys:
-                value = value[key]
-            values.append(value)
-        return statistics.median(values)
+        return harness.median_at(runs[mode], "load", *keys)
 
     return {
         "benchmark": "cpu_placement",
@@ -147,10 +122,7 @@ def report(result: dict[str, Any]) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
     for i, runs in enumerate(result["runs"].values()):
@@ -176,9 +148,7 @@ def main() -> int:
     args = parser.parse_args()
     result = asyncio.run(benchmark(args))
     report(result)
-    path = harness.write_result(args.name, result)
-    plot(result, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    harness.save(args.name, result, plot)
     return 0
 
 

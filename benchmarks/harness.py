@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -209,6 +210,32 @@ def place_engine(pid: int | None, cpus: tuple[set[int], set[int]] | None) -> Non
     print(f"engine: {pinned} threads on CPUs {sorted(cpus[0])}; the rest on {sorted(cpus[1])}")
 
 
+def median_at(rows: Sequence[Any], *keys: str) -> float:
+    """The median over `rows` of `row[keys[0]][keys[1]]...`."""
+    values = []
+    for row in rows:
+        value: Any = row
+        for key in keys:
+            value = value[key]
+        values.append(value)
+    return statistics.median(values)
+
+
+def wait_ready(url: str, proc: Proc, timeout: float = 900.0) -> float:
+    """Seconds until `url`/ready answers 200 (a gateway with its own vLLM: once that is up)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready in {timeout} s")
+
+
 def this_process_cpu_s() -> float:
     t = psutil.Process().cpu_times()
     return t.user + t.system
@@ -378,6 +405,24 @@ def temp_home(prefix: str, reuse: Path | None = None) -> Path:
         reuse.mkdir(parents=True, exist_ok=True)
         return reuse
     return Path(tempfile.mkdtemp(prefix=f"fedpersona-{prefix}-"))
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot, drawing to files (no screen here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(name: str, result: dict[str, Any], plot: Any) -> Path:
+    """Write `result` as results/<name>.json and `plot(result, path)` beside it as .png."""
+    path = write_result(name, result)
+    plot(result, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return path
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:

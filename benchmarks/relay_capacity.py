@@ -186,10 +186,7 @@ def report(result: dict[str, Any]) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     summary = result["summary"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -217,9 +214,7 @@ def main() -> int:
     args = parser.parse_args()
     result = asyncio.run(benchmark(args))
     report(result)
-    path = harness.write_result(args.name, result)
-    plot(result, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    harness.save(args.name, result, plot)
     return 0
 
 

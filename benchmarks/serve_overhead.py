@@ -195,13 +195,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         floor_diffs.append((ttft["floor"] - ttft["direct"]) * 1000)
 
     def med(table: dict[str, list[dict[str, Any]]], path: str, *keys: str) -> float:
-        values = []
-        for row in table[path]:
-            value: Any = row
-            for key in keys:
-                value = value[key]
-            values.append(value)
-        return statistics.median(values)
+        return harness.median_at(table[path], *keys)
 
     return {
         "benchmark": "serve_overhead",
@@ -260,13 +254,7 @@ def report(result: dict[str, Any]) -> None:
         for path, runs in rows.items():
 
             def m(*keys: str, runs: list[dict[str, Any]] = runs) -> float:
-                values = []
-                for run in runs:
-                    value: Any = run
-                    for key in keys:
-                        value = value[key]
-                    values.append(value)
-                return statistics.median(values)
+                return harness.median_at(runs, *keys)
 
             table.add_row(
                 load,
@@ -304,10 +292,7 @@ def report(result: dict[str, Any]) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     for ax, (title, rows, key) in zip(
@@ -375,9 +360,7 @@ def main() -> int:
     name = args.name or ("serve_overhead_instant" if args.instant_engine else "serve_overhead")
     result = asyncio.run(benchmark(args))
     report(result)
-    path = harness.write_result(name, result)
-    plot(result, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    harness.save(name, result, plot)
     return 0
 
 

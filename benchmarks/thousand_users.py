@@ -223,10 +223,7 @@ def report(result: dict[str, Any]) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     phases = result["phases"]
@@ -274,9 +271,7 @@ def main() -> int:
         parser.error(f"--phases: 'shared' (the baseline) and any of {', '.join(PHASES)}")
     result = asyncio.run(benchmark(args))
     report(result)
-    path = harness.write_result(args.name, result)
-    plot(result, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    harness.save(args.name, result, plot)
     return 0
 
 

@@ -8,7 +8,6 @@ the other CPUs, every vLLM thread on CPU 0 (its compute bound there), and a chat
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from fedpersona.service.engine.config import EngineSettings, build_launch, engin
 from fedpersona.service.engine.placement import parse_cpu_list, plan
 from fedpersona.service.registry import Registry
 from pydantic import ValidationError
+from support.processes import started
 from support.servers import free_port
 
 
@@ -64,17 +64,11 @@ def test_the_launch_binds_vllms_compute_threads(tmp_path: Path) -> None:
     assert "VLLM_CPU_OMP_THREADS_BIND=0-2" in launch.shell()
 
 
-def _serve(home: Path, env: dict[str, str], log: Any) -> tuple[subprocess.Popen[bytes], str]:
+def _serve_argv(home: Path) -> tuple[list[str], str]:
     port = free_port()
     argv = [sys.executable, "-m", "fedpersona", "serve", "--home", str(home)]
     argv += ["--port", str(port), "--engine-port", str(free_port()), "--no-rounds"]
-    proc = subprocess.Popen(
-        argv,
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    return proc, f"http://127.0.0.1:{port}"
+    return argv, f"http://127.0.0.1:{port}"
 
 
 def test_serve_refuses_a_placement_that_leaves_the_gateway_nothing(
@@ -85,8 +79,8 @@ def test_serve_refuses_a_placement_that_leaves_the_gateway_nothing(
         "FEDPERSONA_ENGINE__MODEL_DIR": str(micro_models.large.path),
         "FEDPERSONA_ENGINE__CPU_CORES": cpus,
     }
-    with (tmp_path / "gateway.log").open("w") as log:
-        proc, _ = _serve(tmp_path, env, log)
+    argv, _ = _serve_argv(tmp_path)
+    with started(argv, env={**os.environ, **env}, log=tmp_path / "gateway.log") as proc:
         assert proc.wait(timeout=60) == 2
     assert "leaves no CPU for the gateway" in (tmp_path / "gateway.log").read_text()
 
@@ -107,52 +101,44 @@ def test_embedded_engine_computes_apart_from_the_gateway(micro_models: Any, tmp_
         "FEDPERSONA_ENGINE__CPU_CORES": str(compute),
     }
     log_path = tmp_path / "gateway.log"
-    with log_path.open("w") as log:
-        proc, base = _serve(tmp_path, env, log)
-        try:
-            deadline = time.monotonic() + 600
-            while True:
-                assert proc.poll() is None, log_path.read_text()
-                try:
-                    if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-                time.sleep(0.5)
-
-            gateway = psutil.Process(proc.pid)
-            assert set(gateway.cpu_affinity()) == allowed - {compute}
-            assert all(
-                set(os.sched_getaffinity(t.id)) == allowed - {compute} for t in gateway.threads()
-            )
-            engine = gateway.children()
-            assert engine, "the gateway started no vLLM"
-            vllm = [engine[0], *engine[0].children(recursive=True)]
-            threads = [t.id for p in vllm for t in p.threads()]
-            assert threads and all(set(os.sched_getaffinity(t)) == {compute} for t in threads), (
-                "a vLLM thread runs off its core"
-            )
-            vllm_log = (tmp_path / "logs" / "vllm.log").read_text()
-            assert f"VLLM_CPU_OMP_THREADS_BIND='{compute}'" in vllm_log
-
-            answer = httpx.post(
-                f"{base}/v1/chat/completions",
-                json={
-                    "model": "personal",
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "max_tokens": 4,
-                },
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=120,
-            )
-            assert answer.status_code == 200, answer.text
-            assert answer.json()["choices"][0]["message"]["content"] is not None
-        finally:
-            proc.terminate()
+    argv, base = _serve_argv(tmp_path)
+    with started(argv, env={**os.environ, **env}, log=log_path) as proc:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, log_path.read_text()
             try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+
+        gateway = psutil.Process(proc.pid)
+        assert set(gateway.cpu_affinity()) == allowed - {compute}
+        assert all(
+            set(os.sched_getaffinity(t.id)) == allowed - {compute} for t in gateway.threads()
+        )
+        engine = gateway.children()
+        assert engine, "the gateway started no vLLM"
+        vllm = [engine[0], *engine[0].children(recursive=True)]
+        threads = [t.id for p in vllm for t in p.threads()]
+        assert threads and all(set(os.sched_getaffinity(t)) == {compute} for t in threads), (
+            "a vLLM thread runs off its core"
+        )
+        vllm_log = (tmp_path / "logs" / "vllm.log").read_text()
+        assert f"VLLM_CPU_OMP_THREADS_BIND='{compute}'" in vllm_log
+
+        answer = httpx.post(
+            f"{base}/v1/chat/completions",
+            json={
+                "model": "personal",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+            },
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=120,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] is not None
     assert f"engine compute on CPUs {compute}" in log_path.read_text()
