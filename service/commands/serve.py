@@ -155,7 +155,7 @@ def engine_fix(failure: str) -> str:
 
 def build_supervisor(settings: Settings, placement: Placement | None = None) -> Any:
     """The embedded engine's supervisor (None when an engine URL is configured); with a
-    `placement`, vLLM may use `placement.engine` whatever CPUs the gateway keeps to."""
+    `placement`, vLLM runs on `placement.engine`, not on the CPUs the gateway keeps to."""
     if not settings.engine.supervised:
         return None
     from fedpersona.service.engine.config import build_launch

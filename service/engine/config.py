@@ -112,9 +112,9 @@ class EngineSettings(BaseModel):
     )
     cpu_cores: str | None = Field(
         default=None,
-        description="CPU build: the cores vLLM's model compute is bound to (e.g. 0 or 0-5; "
-        "VLLM_CPU_OMP_THREADS_BIND); an embedded engine's gateway keeps off them. None: vLLM's "
-        "own binding, the gateway anywhere (see fedpersona.service.engine.placement)",
+        description="CPU build: the cores vLLM runs on, its model compute bound there (e.g. 0 "
+        "or 0-5; VLLM_CPU_OMP_THREADS_BIND); an embedded engine's gateway keeps off them. None: "
+        "vLLM's own binding, every process anywhere (see fedpersona.service.engine.placement)",
     )
     extra_args: list[str] = Field(default_factory=list)
     proxy_small_model: Path | None = Field(
@@ -229,8 +229,8 @@ class EngineLaunch:
     base_url: str
     served_model_name: str
     unset_env: tuple[str, ...] = field(default=_RESOLVER_ENV)
-    # The CPUs the vLLM process may use (None: those of whoever starts it). Set where the
-    # gateway moves itself off the engine's compute cores: its child must not inherit that.
+    # The CPUs the vLLM process runs on (None: those of whoever starts it). Set where the
+    # gateway moves itself off the engine's cores: its child must not inherit the gateway's.
     cpus: frozenset[int] | None = None
 
     @property
@@ -337,7 +337,7 @@ def build_launch(
     The engine key is `settings.api_key`, else a fresh random one (embedded mode: the gateway
     reads it from the launch). Raises `InvalidManifest` (a `ValueError`) when no served name is
     configured and the model directory has no valid `fedpersona.json`. `cpus`: the CPUs the
-    vLLM process may use (`placement.Placement.engine`; None: its starter's).
+    vLLM process runs on (`placement.Placement.engine`; None: its starter's).
     """
     layout = Home(home)
     model_dir = (settings.model_dir or layout.large_model).resolve()

@@ -11,8 +11,9 @@ every process free to run anywhere, and 28-35 ms with vLLM alone on one core
 cores: the engine's launch binds its model compute there, an embedded engine (`fedpersona
 serve`) runs wholly on them (its front end too: measured, that beat leaving the front end to
 share the gateway's cores, `benchmarks/cpu_placement.py`), and the gateway moves itself to the
-cores left (`Placement.gateway`) before it starts any thread. A GPU engine computes on the GPU:
-leave it unset there.
+cores left (`Placement.gateway`) before it starts any thread; what it starts later (training
+rounds run in-process: child processes) shares the gateway's cores. A GPU engine computes on the
+GPU: leave it unset there.
 """
 
 from __future__ import annotations
