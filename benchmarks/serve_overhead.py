@@ -64,7 +64,7 @@ async def engine(args: argparse.Namespace, home: Path, model_dir: Path) -> Any:
     """(url, key for direct requests, model name) of the engine to measure against."""
     if args.instant_engine:
         with harness.stub_engine("stub-base", tokens=args.max_tokens) as (url, proc):
-            pin_engine(args, proc.popen.pid)
+            harness.place_engine(proc.popen.pid, harness.split_cpus(args.engine_cpus))
             yield url, None, "stub-base"
     elif args.engine_url:
         yield args.engine_url.rstrip("/"), args.engine_key, model_name(model_dir)
@@ -76,19 +76,8 @@ async def engine(args: argparse.Namespace, home: Path, model_dir: Path) -> Any:
             max_cpu_loras=max(args.users, args.max_loras),
             max_model_len=args.max_model_len,
         ) as (url, supervisor):
-            pin_engine(args, supervisor.pid)
+            harness.place_engine(supervisor.pid, harness.split_cpus(args.engine_cpus))
             yield url, harness.ENGINE_KEY, model_name(model_dir)
-
-
-def engine_cpus(args: argparse.Namespace) -> tuple[set[int], set[int]] | None:
-    """(the engine's CPUs, everyone else's) for `--engine-cpus`, or None."""
-    return harness.split_cpus(args.engine_cpus)
-
-
-def pin_engine(args: argparse.Namespace, pid: int | None) -> None:
-    """Pin the engine's process tree to its CPUs and this process (so the gateway and the relay
-    started after it) to the rest."""
-    harness.place_engine(pid, engine_cpus(args))
 
 
 @contextmanager
@@ -110,7 +99,7 @@ def bare_relay(engine_url: str, engine_key: str | None) -> Any:
 
 
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    harness.bind_engine_threads(engine_cpus(args))
+    harness.bind_engine_threads(harness.split_cpus(args.engine_cpus))
     home = harness.temp_home("overhead")
     model_dir = harness.micro_model_dir() if args.model_dir is None else args.model_dir
     async with AsyncExitStack() as stack:
